@@ -1,0 +1,177 @@
+"""LLMEngine: scheduler + model runner + tokenizer, stepped by one thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from engine.config import ModelArgs
+from engine.kv_cache import PagedKVCache, num_blocks_for_budget
+from engine.model import Mistral
+from engine.runner import ModelRunner
+from engine.tokenizer import Tokenizer
+from scheduler.kv_manager import KVCacheManager
+from scheduler.output import RequestOutput
+from scheduler.request import Request, SamplingParams, ValidationError
+from scheduler.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    """How to load the model and size the batch and the KV cache."""
+
+    model: Optional[str] = None  # local directory or hub id; None: the built-in demo model
+    dtype: Optional[str] = None  # float32 | float16 | bfloat16; None: the checkpoint's
+    block_size: int = 16
+    kv_cache_memory_gib: Optional[float] = None  # None: kv_cache_memory_fraction of free memory
+    kv_cache_memory_fraction: float = 0.5
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: Optional[int] = None  # None: the model's context (unbounded with a window)
+    enable_prefix_caching: bool = True
+    max_stop_strings: int = 16
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
+            raise ValueError("kv_cache_memory_gib must be positive")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; counters are totals since start."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_steps: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class LLMEngine:
+    """Owns every MLX array. Not thread-safe: see engine/loop.py for the threaded API."""
+
+    def __init__(self, model: Mistral, args: ModelArgs, tokenizer: Tokenizer,
+                 config: EngineConfig, model_path: Optional[Path] = None):
+        self.model = model
+        self.model_args = args
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_path = model_path
+        dtype = model.model.norm.weight.dtype
+        num_blocks = num_blocks_for_budget(args, dtype, config.block_size,
+                                           config.kv_cache_memory_gib,
+                                           config.kv_cache_memory_fraction)
+        self.kv_cache = PagedKVCache(args, num_blocks, config.block_size, dtype)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, args.sliding_window,
+                                         config.enable_prefix_caching)
+        self.max_model_len = config.max_model_len or args.max_context
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+        ), self.kv_manager)
+        self.runner = ModelRunner(model, args, self.kv_cache)
+        self.num_steps = 0
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, config.block_size,
+                 self.kv_cache.nbytes / (1 << 30), dtype)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """Load the model (or create the demo model) and build the engine."""
+        from engine.demo_model import ensure_demo_model
+        from engine.weights import load_model
+
+        source = config.model or str(ensure_demo_model())
+        t0 = time.perf_counter()
+        model, args, path = load_model(source, dtype=config.dtype)
+        tokenizer = Tokenizer.from_dir(path)
+        log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
+        return cls(model, args, tokenizer, config, model_path=path)
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValidationError when a request cannot be served; pure, safe from any thread."""
+        if not prompt_token_ids:
+            raise ValidationError("the prompt is empty")
+        vocab = self.model_args.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValidationError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValidationError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
+        if self.max_model_len is not None:
+            if len(prompt_token_ids) >= self.max_model_len:
+                raise ValidationError(
+                    f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                    f"{self.max_model_len} tokens, prompt plus at least one generated token")
+        if len(params.stop) > self.config.max_stop_strings:
+            raise ValidationError(f"at most {self.config.max_stop_strings} stop strings, "
+                                  f"got {len(params.stop)}")
+        if params.logprobs > self.config.max_logprobs:
+            raise ValidationError(f"logprobs must be <= {self.config.max_logprobs}, "
+                                  f"got {params.logprobs}")
+        self.scheduler.check_fits(len(prompt_token_ids), params)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0) -> Request:
+        if self.scheduler.get_request(request_id) is not None:
+            raise ValidationError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        request = Request(request_id, list(prompt_token_ids), params,
+                          eos_token_id=self.tokenizer.eos_token_id, priority=priority,
+                          detokenizer=self.tokenizer.detokenizer())
+        self.scheduler.add_request(request)
+        return request
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step: ONE forward pass over every scheduled token."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return self.scheduler.update(sched_out, None)
+        runner_out = self.runner.execute(sched_out)
+        self.num_steps += 1
+        return self.scheduler.update(sched_out, runner_out)
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_blocks_used=kv.num_used_blocks,
+            kv_blocks_total=kv.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_steps=self.num_steps,
+        )

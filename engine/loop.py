@@ -1,0 +1,161 @@
+"""The engine thread: the one thread that owns MLX, behind a thread-safe API.
+
+gRPC handlers call submit() / abort() from any thread; outputs come back through the
+per-request callback, called on the engine thread (it must be quick and never block:
+the service hands results to its asyncio loop with call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from engine.engine import EngineStats, LLMEngine
+from scheduler.output import RequestOutput
+from scheduler.request import FinishReason, SamplingParams
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests waiting; the service maps it to RESOURCE_EXHAUSTED."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served."""
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    on_output: OutputCallback
+    priority: int
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class EngineLoop:
+    """Runs schedule -> execute -> update -> publish on a dedicated thread."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = 1024):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._callbacks: dict[str, OutputCallback] = {}
+        self._lock = threading.Lock()  # guards _pending and _stats only, never held over a step
+        self._pending = 0  # submitted but not yet handed to the scheduler
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: Optional[BaseException] = None
+
+    # ---- thread-safe API -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop stepping; unfinished requests get a CANCELLED output."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+               on_output: OutputCallback, priority: int = 0) -> None:
+        """Queue a request. Raises ValidationError, QueueFullError or EngineDeadError at once."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        self.engine.validate(prompt_token_ids, sampling_params)
+        with self._lock:
+            if self._pending + self._stats.num_waiting >= self.max_waiting:
+                raise QueueFullError(f"too many requests waiting (limit {self.max_waiting}); retry later")
+            self._pending += 1
+        self._commands.put(_Submit(request_id, list(prompt_token_ids), sampling_params, on_output,
+                                   priority))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed on the engine thread before the next step."""
+        self._commands.put(_Abort(request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._publish_stats()
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self._publish(self.engine.step())
+                self._publish_stats()
+        except BaseException as e:  # a fault in the engine itself: fail every request, loudly
+            log.exception("engine loop crashed")
+            self.error = e
+            self._stop.set()
+            self._fail_all(f"engine failure: {type(e).__name__}: {e}")
+            return
+        self._drain_commands()
+        self._fail_all("server shutting down", FinishReason.CANCELLED)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Submit):
+                with self._lock:
+                    self._pending -= 1
+                self._callbacks[cmd.request_id] = cmd.on_output
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt_token_ids,
+                                            cmd.sampling_params, priority=cmd.priority)
+                except Exception as e:  # e.g. a duplicate id: answer this request only
+                    self._publish([RequestOutput(cmd.request_id, finished=True,
+                                                 finish_reason=FinishReason.ERROR, error=str(e))])
+            else:
+                self._publish(self.engine.abort(cmd.request_id))
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            cb = self._callbacks.pop(out.request_id) if out.finished else \
+                self._callbacks.get(out.request_id)
+            if cb is None:
+                continue
+            try:
+                cb(out)
+            except Exception:  # a broken consumer must not stop the engine
+                log.exception("output callback failed for %s", out.request_id)
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.stats()
+        with self._lock:
+            self._stats = stats
+
+    def _fail_all(self, message: str, reason: FinishReason = FinishReason.ERROR) -> None:
+        for request_id in list(self._callbacks):
+            out = RequestOutput(request_id, finished=True, finish_reason=reason,
+                                error=message if reason == FinishReason.ERROR else None)
+            self._publish([out])

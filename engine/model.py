@@ -1,0 +1,97 @@
+"""The Mistral architecture in MLX, over a flat batch of tokens and a paged KV cache.
+
+Module and parameter names follow Hugging Face (model.layers.N.self_attn.q_proj, ...), so
+checkpoint tensors load without renaming.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import ModelArgs
+from engine.kv_cache import PagedKVCache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.rope_theta = args.rope_theta
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array, positions: mx.array, cache: PagedKVCache, layer: int,
+                 meta: AttentionMetadata) -> mx.array:
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.n_heads, 1, self.head_dim)
+        k = self.k_proj(x).reshape(t, self.n_kv_heads, 1, self.head_dim)
+        v = self.v_proj(x).reshape(t, self.n_kv_heads, self.head_dim)
+        # Each token is its own "batch" row so RoPE takes a per-token position.
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
+                         offset=positions)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
+                         offset=positions)
+        out, cache.keys[layer], cache.values[layer] = paged_attention(
+            q.squeeze(2), k.squeeze(2), v, cache.keys[layer], cache.values[layer], meta,
+            cache.block_size, self.scale)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x, positions, cache, layer, meta):
+        h = x + self.self_attn(self.input_layernorm(x), positions, cache, layer, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MistralModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Mistral(nn.Module):
+    """Mistral-7B family: GQA, RoPE, SwiGLU, RMSNorm, optional sliding window, untied head."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = MistralModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, input_ids: mx.array, positions: mx.array, cache: PagedKVCache,
+                 meta: AttentionMetadata) -> mx.array:
+        """Hidden states after the final norm, (T, hidden), for a flat batch of T tokens."""
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, positions, cache, i, meta)
+        return self.model.norm(h)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return self.lm_head(hidden)

@@ -1,0 +1,145 @@
+"""ModelRunner: one SchedulerOutput -> ONE forward pass over every scheduled token -> samples.
+
+The runner never changes request state; it reads the plain SchedulerOutput, builds the
+flat token batch and the paged-attention metadata, runs the model, samples on the device,
+and syncs with the host once per step.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from engine.attention import AttentionGroup, AttentionMetadata
+from engine.config import ModelArgs
+from engine.kv_cache import PagedKVCache
+from engine.model import Mistral
+from engine.sampling import SamplingBatch, sample
+from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
+
+BLOCK_PAD = 4  # pad block-table widths to a multiple of this to limit distinct shapes
+
+
+class ModelRunner:
+    def __init__(self, model: Mistral, args: ModelArgs, kv_cache: PagedKVCache, seed: int = 0):
+        self.model = model
+        self.args = args
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.rng = random.Random(seed)
+        self.fault_hook = None  # tests: callable(SchedulerOutput) raising to inject faults
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step; every request in `sched` shares this single forward pass."""
+        if self.fault_hook is not None:
+            self.fault_hook(sched)
+        ordered, hidden = self._forward(sched)
+        # Only the last token of a request that reaches its end is turned into logits.
+        rows, last_index, offset = [], [], 0
+        for r in ordered:
+            offset += r.num_tokens
+            if r.sample:
+                rows.append(r)
+                last_index.append(offset - 1)
+        if not rows:
+            mx.eval(self.kv_cache.state())
+            return ModelRunnerOutput()
+        logits = self.model.logits(hidden[mx.array(last_index)]).astype(mx.float32)
+        out = sample(logits, SamplingBatch.build(rows, self.args.vocab_size, self.rng))
+        arrays = [a for a in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)
+                  if a is not None]
+        mx.eval(arrays + self.kv_cache.state())
+        return ModelRunnerOutput(sampled=_to_host(rows, out))
+
+    def all_logits(self, sched: SchedulerOutput) -> dict[str, np.ndarray]:
+        """Logits (num_tokens, V) of every scheduled token, by request (tests, scoring)."""
+        ordered, hidden = self._forward(sched)
+        logits = np.array(self.model.logits(hidden).astype(mx.float32))
+        result, offset = {}, 0
+        for r in ordered:
+            result[r.request_id] = logits[offset:offset + r.num_tokens]
+            offset += r.num_tokens
+        return result
+
+    def _forward(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], mx.array]:
+        # Decodes (one query) first, then prompt chunks: each kind is one attention group.
+        decodes = [r for r in sched.scheduled if r.num_tokens == 1]
+        chunks = [r for r in sched.scheduled if r.num_tokens > 1]
+        ordered = decodes + chunks
+        input_ids, positions, slots = self._flat_inputs(ordered)
+        groups = []
+        if decodes:
+            groups.append(self._group(decodes, 0, len(decodes)))
+        if chunks:
+            groups.append(self._group(chunks, len(decodes), len(input_ids) - len(decodes)))
+        meta = AttentionMetadata(slot_mapping=mx.array(slots), groups=groups)
+        hidden = self.model(mx.array(input_ids), mx.array(positions), self.kv_cache, meta)
+        return ordered, hidden
+
+    def _flat_inputs(self, reqs: Sequence[ScheduledRequest]):
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        for r in reqs:
+            p = np.arange(r.start_position, r.start_position + r.num_tokens, dtype=np.int64)
+            table = np.asarray(r.block_table, dtype=np.int64)
+            ids.extend(r.token_ids)
+            pos.append(p)
+            slots.append(table[p // bs - r.first_block_index] * bs + p % bs)
+        return (np.asarray(ids, np.int32), np.concatenate(pos).astype(np.int32),
+                np.concatenate(slots).astype(np.int32))
+
+    def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
+               num_tokens: int) -> AttentionGroup:
+        bs = self.block_size
+        g = len(reqs)
+        q_len = max(r.num_tokens for r in reqs)
+        n_blocks = max(len(r.block_table) for r in reqs)
+        n_blocks = -(-n_blocks // BLOCK_PAD) * BLOCK_PAD
+        tables = np.zeros((g, n_blocks), np.int32)
+        key_pos = np.full((g, n_blocks * bs), -1, np.int64)  # -1: no key there
+        q_pos = np.zeros((g, q_len), np.int64)
+        query_index = np.zeros((g, q_len), np.int32)
+        output_index = []
+        start = token_start
+        for i, r in enumerate(reqs):
+            nb = len(r.block_table)
+            tables[i, :nb] = r.block_table
+            key_pos[i, :nb * bs] = r.first_block_index * bs + np.arange(nb * bs)
+            # Padded query rows repeat the last real query, so no row is fully masked.
+            idx = np.minimum(np.arange(q_len), r.num_tokens - 1)
+            q_pos[i] = r.start_position + idx
+            query_index[i] = start + idx
+            output_index.append(i * q_len + np.arange(r.num_tokens))
+            start += r.num_tokens
+        visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])
+        window = self.args.sliding_window
+        if window:
+            visible &= key_pos[:, None, :] > q_pos[:, :, None] - window
+        padded = q_len > 1 and g * q_len != num_tokens
+        return AttentionGroup(
+            token_start=token_start,
+            num_tokens=num_tokens,
+            query_index=mx.array(query_index.reshape(-1)) if padded else None,
+            output_index=mx.array(np.concatenate(output_index).astype(np.int32)) if padded else None,
+            block_tables=mx.array(tables),
+            mask=mx.array(visible[:, None, :, :]),
+            num_seqs=g,
+            query_len=q_len,
+        )
+
+
+def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:
+    tokens = out.token_ids.tolist()
+    logprobs: Optional[list] = out.logprobs.tolist() if out.logprobs is not None else None
+    top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+    top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    result = {}
+    for i, r in enumerate(rows):
+        p = r.sampling_params
+        lp = logprobs[i] if logprobs is not None and (p.return_logprobs or p.logprobs) else None
+        top = tuple(zip(top_ids[i][:p.logprobs], top_lps[i][:p.logprobs])) if p.logprobs else ()
+        result[r.request_id] = SampledToken(tokens[i], lp, top)
+    return result

@@ -1,0 +1,174 @@
+"""Batched sampling on the device: one set of array ops for every row of the step.
+
+Randomness is a counter-based hash of (seed, output index, vocab id), so a row's sample
+depends only on its own logits, seed and position: the same seed gives the same tokens
+whatever else shares the batch, and there is no per-request RNG state to keep.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from scheduler.output import ScheduledRequest
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters for the rows that sample in this step (device arrays)."""
+
+    temperature: mx.array  # (R,) float32; 0 for greedy rows
+    top_k: mx.array  # (R,) int32; vocab size where disabled
+    top_p: mx.array  # (R,) float32
+    min_p: mx.array  # (R,) float32
+    seed: mx.array  # (R,) uint32
+    counter: mx.array  # (R,) uint32, the index of the token being sampled
+    all_greedy: bool
+    needs_sort: bool  # some row uses top-k or top-p
+    needs_min_p: bool
+    repetition_penalty: Optional[mx.array]  # (R,) or None when no row uses it
+    presence_penalty: Optional[mx.array]
+    frequency_penalty: Optional[mx.array]
+    prompt_and_output_ids: Optional[mx.array]  # (R, L) padded with vocab_size
+    output_ids: Optional[mx.array]  # (R, L) padded with vocab_size
+    num_logprobs: int  # max top-n asked by any row; 0: none
+    want_logprobs: bool
+
+    @classmethod
+    def build(cls, rows: Sequence[ScheduledRequest], vocab_size: int,
+              rng: random.Random) -> "SamplingBatch":
+        ps = [r.sampling_params for r in rows]
+        temp = np.array([p.temperature for p in ps], np.float32)
+        top_k = np.array([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps], np.int32)
+        top_p = np.array([p.top_p for p in ps], np.float32)
+        min_p = np.array([p.min_p for p in ps], np.float32)
+        # Unseeded rows draw a fresh seed every step: they need no reproducibility.
+        seed = np.array([p.seed & 0xFFFFFFFF if p.seed is not None else rng.getrandbits(32)
+                         for p in ps], np.uint32)
+        counter = np.array([r.num_output_tokens for r in rows], np.uint32)
+        sampled = temp > 0
+        rep = np.array([p.repetition_penalty for p in ps], np.float32)
+        pres = np.array([p.presence_penalty for p in ps], np.float32)
+        freq = np.array([p.frequency_penalty for p in ps], np.float32)
+        use_rep = bool((rep != 1).any())
+        use_out = bool((pres != 0).any() or (freq != 0).any())
+        return cls(
+            temperature=mx.array(temp), top_k=mx.array(top_k), top_p=mx.array(top_p),
+            min_p=mx.array(min_p), seed=mx.array(seed), counter=mx.array(counter),
+            all_greedy=not sampled.any(),
+            needs_sort=bool(((top_k < vocab_size) | (top_p < 1))[sampled].any()),
+            needs_min_p=bool((min_p > 0)[sampled].any()),
+            repetition_penalty=mx.array(rep) if use_rep else None,
+            presence_penalty=mx.array(pres) if use_out else None,
+            frequency_penalty=mx.array(freq) if use_out else None,
+            prompt_and_output_ids=_pad([r.prompt_token_ids + r.output_token_ids for r in rows],
+                                       vocab_size) if use_rep else None,
+            output_ids=_pad([r.output_token_ids for r in rows], vocab_size) if use_out else None,
+            num_logprobs=max(p.logprobs for p in ps),
+            want_logprobs=any(p.return_logprobs or p.logprobs for p in ps),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: mx.array  # (R,) int32
+    logprobs: Optional[mx.array]  # (R,) float32: the sampled token's, raw model distribution
+    top_ids: Optional[mx.array]  # (R, n) int32, best first
+    top_logprobs: Optional[mx.array]  # (R, n) float32
+
+
+def sample(logits: mx.array, batch: SamplingBatch) -> SamplerOutput:
+    """Sample one token per row of logits (R, V), float32."""
+    raw = logits
+    logits = _apply_penalties(logits, batch)
+    greedy_tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+    if batch.all_greedy:
+        tokens = greedy_tokens
+    else:
+        # Greedy rows divide by 1 here; their token comes from greedy_tokens below.
+        temp = mx.where(batch.temperature > 0, batch.temperature, 1.0)
+        scaled = logits / temp[:, None]
+        if batch.needs_sort:
+            scaled = _top_k_top_p(scaled, batch.top_k, batch.top_p)
+        if batch.needs_min_p:
+            probs = mx.softmax(scaled, axis=-1)
+            limit = batch.min_p[:, None] * mx.max(probs, axis=-1, keepdims=True)
+            scaled = mx.where(probs < limit, -mx.inf, scaled)
+        gumbel = -mx.log(-mx.log(_hash_uniform(batch.seed, batch.counter, logits.shape[-1])))
+        sampled = mx.argmax(scaled + gumbel, axis=-1).astype(mx.int32)
+        tokens = mx.where(batch.temperature > 0, sampled, greedy_tokens)
+
+    out = SamplerOutput(tokens, None, None, None)
+    if batch.want_logprobs:
+        logprobs = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
+        out.logprobs = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        n = batch.num_logprobs
+        if n:
+            top = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[:, :n]
+            top_lp = mx.take_along_axis(logprobs, top, axis=-1)
+            order = mx.argsort(-top_lp, axis=-1)
+            out.top_ids = mx.take_along_axis(top, order, axis=-1).astype(mx.int32)
+            out.top_logprobs = mx.take_along_axis(top_lp, order, axis=-1)
+    return out
+
+
+def _apply_penalties(logits: mx.array, b: SamplingBatch) -> mx.array:
+    vocab = logits.shape[-1]
+    if b.repetition_penalty is not None:
+        seen = _counts(b.prompt_and_output_ids, vocab) > 0
+        penalty = b.repetition_penalty[:, None]
+        penalized = mx.where(logits > 0, logits / penalty, logits * penalty)
+        logits = mx.where(seen, penalized, logits)
+    if b.presence_penalty is not None:
+        counts = _counts(b.output_ids, vocab)
+        logits = logits - b.frequency_penalty[:, None] * counts
+        logits = logits - b.presence_penalty[:, None] * (counts > 0)
+    return logits
+
+
+def _counts(ids: mx.array, vocab: int) -> mx.array:
+    """(R, L) ids padded with `vocab` -> (R, V) occurrence counts."""
+    rows = mx.arange(ids.shape[0])[:, None]
+    counts = mx.zeros((ids.shape[0], vocab + 1), mx.float32).at[rows, ids].add(1.0)
+    return counts[:, :vocab]
+
+
+def _top_k_top_p(logits: mx.array, top_k: mx.array, top_p: mx.array) -> mx.array:
+    """Mask logits outside each row's top-k, then outside its top-p nucleus."""
+    order = mx.argsort(-logits, axis=-1)
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)  # descending
+    rank = mx.arange(logits.shape[-1])[None, :]
+    sorted_logits = mx.where(rank < top_k[:, None], sorted_logits, -mx.inf)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    before = mx.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+    keep = (before < top_p[:, None]) & (rank < top_k[:, None])
+    num_kept = mx.maximum(keep.sum(axis=-1), 1)
+    cutoff = mx.take_along_axis(sorted_logits, (num_kept - 1)[:, None].astype(mx.int32), axis=-1)
+    return mx.where(logits < cutoff, -mx.inf, logits)
+
+
+def _hash_uniform(seed: mx.array, counter: mx.array, vocab: int) -> mx.array:
+    """(R, V) uniforms in (0, 1) from a murmur3-style mix of (seed, counter, column)."""
+    def fmix(x):
+        x = x ^ (x >> 16)
+        x = x * mx.array(0x85EBCA6B, mx.uint32)
+        x = x ^ (x >> 13)
+        x = x * mx.array(0xC2B2AE35, mx.uint32)
+        return x ^ (x >> 16)
+
+    row = fmix(seed ^ fmix(counter + mx.array(0x9E3779B9, mx.uint32)))  # (R,)
+    col = mx.arange(vocab, dtype=mx.uint32) * mx.array(0x27D4EB2F, mx.uint32)  # (V,)
+    x = fmix(row[:, None] ^ col[None, :])
+    return ((x >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _pad(seqs: list[tuple[int, ...]], pad: int) -> mx.array:
+    width = max(1, max(len(s) for s in seqs))
+    out = np.full((len(seqs), width), pad, np.int32)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return mx.array(out)

@@ -1,0 +1,34 @@
+"""Tiny random-weight models built in memory, for engine tests."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from engine.config import ModelArgs
+from engine.model import Mistral
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def tiny_model(seed: int = 0, **overrides) -> tuple[Mistral, ModelArgs, dict]:
+    """A float32 Mistral with random weights, scaled so logits are far from uniform."""
+    cfg = {**TINY, **overrides}
+    args = ModelArgs.from_dict(cfg)
+    model = Mistral(args)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, p in tree_flatten(model.parameters()):
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.1 * rng.standard_normal(p.shape)
+        else:
+            w = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
+            if name.endswith("embed_tokens.weight"):
+                w = rng.standard_normal(p.shape)
+        weights[name] = w.astype(np.float32)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    mx.eval(model.parameters())
+    return model, args, {**cfg, "head_dim": args.head_dim, "sliding_window": args.sliding_window}
