@@ -16,7 +16,7 @@ from engine.model import Mistral
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
 from scheduler.kv_manager import KVCacheManager
-from scheduler.output import RequestOutput
+from scheduler.output import ModelRunnerOutput, RequestOutput
 from scheduler.request import Request, SamplingParams, ValidationError
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -124,23 +124,20 @@ class LLMEngine:
         bad = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad is not None:
             raise ValidationError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
-        if self.max_model_len is not None:
-            if len(prompt_token_ids) >= self.max_model_len:
-                raise ValidationError(
-                    f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
-                    f"{self.max_model_len} tokens, prompt plus at least one generated token")
+        capacity = self.scheduler.max_tokens_capacity()  # the context, or what the KV pool holds
+        if capacity is not None and len(prompt_token_ids) >= capacity:
+            raise ValidationError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this server holds at most "
+                f"{capacity} tokens per sequence (prompt plus at least one generated token)")
         if len(params.stop) > self.config.max_stop_strings:
             raise ValidationError(f"at most {self.config.max_stop_strings} stop strings, "
                                   f"got {len(params.stop)}")
         if params.logprobs > self.config.max_logprobs:
             raise ValidationError(f"logprobs must be <= {self.config.max_logprobs}, "
                                   f"got {params.logprobs}")
-        self.scheduler.check_fits(len(prompt_token_ids), params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0) -> Request:
-        if self.scheduler.get_request(request_id) is not None:
-            raise ValidationError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
         request = Request(request_id, list(prompt_token_ids), params,
                           eos_token_id=self.tokenizer.eos_token_id, priority=priority,
@@ -148,7 +145,8 @@ class LLMEngine:
         self.scheduler.add_request(request)
         return request
 
-    def abort(self, request_id: str) -> list[RequestOutput]:
+    def abort(self, request_id: str) -> bool:
+        """Free the request's blocks now; its CANCELLED output comes from the next step()."""
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -157,8 +155,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step: ONE forward pass over every scheduled token."""
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return self.scheduler.update(sched_out, None)
+        if sched_out.is_empty:  # e.g. only aborts to report
+            return self.scheduler.update(sched_out, ModelRunnerOutput())
         runner_out = self.runner.execute(sched_out)
         self.num_steps += 1
         return self.scheduler.update(sched_out, runner_out)

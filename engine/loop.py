@@ -136,7 +136,7 @@ class EngineLoop:
                     self._publish([RequestOutput(cmd.request_id, finished=True,
                                                  finish_reason=FinishReason.ERROR, error=str(e))])
             else:
-                self._publish(self.engine.abort(cmd.request_id))
+                self.engine.abort(cmd.request_id)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

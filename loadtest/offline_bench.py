@@ -1,0 +1,182 @@
+"""Offline throughput: this engine vs mlx-lm's BatchGenerator, same model, same workload, one run.
+
+    python -m loadtest.offline_bench --model DIR --num-prompts 64 --input-len 256 --output-len 128
+    python -m loadtest.offline_bench --shape 7b --dtype bfloat16 ...   # random weights, no disk
+
+Every request gets random prompt ids and generates exactly --output-len tokens (EOS ignored),
+so both engines do the same work. Output tok/s = generated tokens / wall time from the
+first submission to the last token. Both are warmed up first (MLX compiles kernels on
+first use, slowly on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from engine.config import ModelArgs
+from engine.engine import DTYPES, EngineConfig, LLMEngine
+from engine.model import Mistral
+from scheduler.request import SamplingParams
+
+SHAPES = {
+    # Mistral-7B v0.1 / v0.3 shapes; "small" fits a CPU benchmark.
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+               rope_theta=1e6, max_position_embeddings=32768),
+    "small": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1536,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=32768,
+                  rope_theta=1e6, max_position_embeddings=32768),
+}
+
+
+@dataclass
+class Result:
+    engine: str
+    num_requests: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def random_weights(args: ModelArgs, dtype: mx.Dtype, bits: int | None, seed: int = 0):
+    """Random parameters for `args`, as (name, array) pairs with Hugging Face names."""
+    mx.random.seed(seed)
+    model = Mistral(args)
+    model.update(tree_map(lambda p: (mx.random.normal(p.shape) * p.shape[-1] ** -0.5).astype(dtype),
+                          model.parameters()))
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+    mx.eval(model.parameters())
+    return model, tree_flatten(model.parameters())
+
+
+def build_peer(args: ModelArgs, weights, bits: int | None):
+    """mlx-lm's own Mistral (its llama module) holding the very same arrays."""
+    from mlx_lm.models import llama
+
+    peer_args = llama.ModelArgs.from_dict({**asdict(args), "model_type": "mistral"})
+    peer = llama.Model(peer_args)
+    if bits:
+        nn.quantize(peer, group_size=64, bits=bits)
+    peer.load_weights(weights, strict=False)
+    return peer
+
+
+def run_ours(engine: LLMEngine, prompts, output_len: int) -> Result:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
+    tokens = 0
+    while engine.has_unfinished_requests():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    return Result("mistral-serve", len(prompts), tokens, time.perf_counter() - start)
+
+
+def run_peer(peer, prompts, output_len: int, batch_size: int) -> Result:
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(peer, max_tokens=output_len, completion_batch_size=batch_size,
+                         prefill_batch_size=min(8, batch_size))
+    start = time.perf_counter()
+    gen.insert(prompts, [output_len] * len(prompts))
+    tokens = 0
+    while responses := gen.next_generated():
+        tokens += len(responses)
+    seconds = time.perf_counter() - start
+    gen.close()
+    return Result(f"mlx-lm BatchGenerator (batch {batch_size})", len(prompts), tokens, seconds)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint directory (else random weights of --shape)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--bits", type=int, choices=[4, 8])
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--kv-cache-memory", type=float, default=None, help="GiB")
+    ap.add_argument("--peer-batch-sizes", default="64,128", help="mlx-lm completion batch sizes")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write results here")
+    a = ap.parse_args(argv)
+
+    if a.model:
+        from engine.weights import load_model
+        model, args, _ = load_model(a.model, dtype=a.dtype)
+        weights = tree_flatten(model.parameters())
+        bits = (args.quantization or {}).get("bits")
+    else:
+        args = ModelArgs.from_dict(SHAPES[a.shape])
+        model, weights = random_weights(args, DTYPES[a.dtype], a.bits, a.seed)
+        bits = a.bits
+    rng = np.random.default_rng(a.seed)
+    prompts = [rng.integers(0, args.vocab_size, a.input_len).tolist() for _ in range(a.num_prompts)]
+    warm = [rng.integers(0, args.vocab_size, a.input_len).tolist() for _ in range(4)]
+    kv_gib = a.kv_cache_memory or _kv_gib_for(args, DTYPES[a.dtype], a, 16)
+
+    engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
+        kv_cache_memory_gib=kv_gib, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=False))
+    results = []
+    run_ours(engine, warm, 8)
+    results.append(run_ours(engine, prompts, a.output_len))
+    if not a.no_peer:
+        peer = build_peer(args, weights, bits)
+        for bs in [int(x) for x in a.peer_batch_sizes.split(",")]:
+            run_peer(peer, warm, 8, bs)
+            results.append(run_peer(peer, prompts, a.output_len, bs))
+
+    device = str(mx.default_device())
+    print(f"\nworkload: {a.num_prompts} requests, {a.input_len} in / {a.output_len} out, "
+          f"{'checkpoint ' + a.model if a.model else a.shape + ' random weights'}, "
+          f"{a.dtype}{f', {bits}-bit' if bits else ''}, device {device}")
+    print(f"{'engine':<40} {'output tok/s':>14} {'seconds':>9}")
+    for r in results:
+        print(f"{r.engine:<40} {r.output_tok_s:>14.1f} {r.seconds:>9.2f}")
+    if len(results) > 1:
+        best_peer = max(results[1:], key=lambda r: r.output_tok_s)
+        print(f"ratio vs best peer ({best_peer.engine}): "
+              f"{results[0].output_tok_s / best_peer.output_tok_s:.2f}x")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "device": device,
+                       "results": [{**asdict(r), "output_tok_s": r.output_tok_s} for r in results]},
+                      f, indent=2)
+
+
+def _kv_gib_for(args, dtype, a, block_size) -> float:
+    """Enough KV for every request's full sequence at once, plus slack."""
+    from engine.kv_cache import kv_bytes_per_token
+    per_seq = (a.input_len + a.output_len + 2 * block_size) * kv_bytes_per_token(args, dtype)
+    return max(per_seq * min(a.num_prompts, a.max_num_seqs) * 1.1 / (1 << 30), 0.01)
+
+
+class _NoTokenizer:
+    """Random prompt ids need no text: only EOS and a do-nothing detokenizer."""
+
+    def __init__(self, args: ModelArgs):
+        self.eos_token_id = args.eos_token_id
+
+    def detokenizer(self):
+        return None
+
+
+if __name__ == "__main__":
+    main()
