@@ -54,8 +54,9 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._callbacks: dict[str, OutputCallback] = {}
-        self._lock = threading.Lock()  # guards _pending and _stats only, never held over a step
+        self._lock = threading.Lock()  # guards _pending, _stats, _closed; never held over a step
         self._pending = 0  # submitted but not yet handed to the scheduler
+        self._closed = False  # the thread is ending: submit() refuses (guarded by _lock)
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.error: Optional[BaseException] = None
@@ -82,11 +83,14 @@ class EngineLoop:
             raise EngineDeadError("the engine is not running")
         self.engine.validate(prompt_token_ids, sampling_params)
         with self._lock:
+            if self._closed:
+                raise EngineDeadError("the engine is not running")
             if self._pending + self._stats.num_waiting >= self.max_waiting:
                 raise QueueFullError(f"too many requests waiting (limit {self.max_waiting}); retry later")
             self._pending += 1
-        self._commands.put(_Submit(request_id, list(prompt_token_ids), sampling_params, on_output,
-                                   priority))
+            # Queued under the lock, so _close() either sees this request or refuses it above.
+            self._commands.put(_Submit(request_id, list(prompt_token_ids), sampling_params,
+                                       on_output, priority))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -114,10 +118,22 @@ class EngineLoop:
             log.exception("engine loop crashed")
             self.error = e
             self._stop.set()
-            self._fail_all(f"engine failure: {type(e).__name__}: {e}")
+            self._close(f"engine failure: {type(e).__name__}: {e}")
             return
-        self._drain_commands()
-        self._fail_all("server shutting down", FinishReason.CANCELLED)
+        self._close("server shutting down", FinishReason.CANCELLED)
+
+    def _close(self, message: str, reason: FinishReason = FinishReason.ERROR) -> None:
+        """Refuse new submits, then end every known or still-queued request (no engine call)."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Submit):
+                self._callbacks[cmd.request_id] = cmd.on_output
+        self._fail_all(message, reason)
 
     def _drain_commands(self) -> None:
         while True:

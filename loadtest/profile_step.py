@@ -1,0 +1,140 @@
+"""Where a decode step's time goes: scheduling, input building, graph building, device, update.
+
+    python -m loadtest.profile_step --shape 7b --dtype bfloat16 --batch 1,64,128 --context 256
+
+Each phase is timed with the device synchronized at its edges, so the phases add up to a
+step (the synchronizing itself removes any overlap the engine would otherwise get).
+Also times the attention pieces of one layer in isolation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import mlx.core as mx
+import numpy as np
+
+from engine.attention import paged_attention
+from engine.config import ModelArgs
+from engine.engine import DTYPES, EngineConfig, LLMEngine
+from engine.sampling import SamplingBatch, sample
+from loadtest.offline_bench import SHAPES, _NoTokenizer, random_weights
+from scheduler.request import SamplingParams
+
+
+def timed(acc, name, fn, *a):
+    mx.synchronize()
+    t = time.perf_counter()
+    out = fn(*a)
+    mx.synchronize()
+    acc[name].append(time.perf_counter() - t)
+    return out
+
+
+def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, vocab: int):
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"p{batch}-{i}", rng.integers(0, vocab, context).tolist(), params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) \
+            or engine.scheduler.waiting:
+        engine.step()
+    runner, acc = engine.runner, defaultdict(list)
+    for _ in range(steps):
+        so = timed(acc, "schedule", engine.scheduler.schedule)
+
+        def build():
+            return runner._forward(so)
+        ordered, hidden = timed(acc, "prepare+graph", build)
+        timed(acc, "forward (device)", mx.eval, hidden)
+        rows = [r for r in ordered if r.sample]
+
+        def samp():
+            logits = runner.model.logits(hidden[mx.arange(len(rows))]).astype(mx.float32)
+            out = sample(logits, SamplingBatch.build(rows, vocab, runner.rng))
+            mx.eval(out.token_ids)
+            return out
+        out = timed(acc, "lm_head+sample", samp)
+        from engine.runner import _to_host
+        from scheduler.output import ModelRunnerOutput
+        ro = ModelRunnerOutput(sampled=_to_host(rows, out))
+        timed(acc, "update", engine.scheduler.update, so, ro)
+    for r in list(engine.scheduler.running):
+        engine.abort(r.request_id)
+    engine.step()
+    total = sum(np.median(v) for v in acc.values())
+    print(f"\n-- decode step, batch {batch}, context ~{context}: {total * 1e3:.2f} ms/step "
+          f"({batch / total:.0f} tok/s)")
+    for k, v in acc.items():
+        print(f"   {k:<20} {np.median(v) * 1e3:8.2f} ms")
+
+
+def profile_attention(args: ModelArgs, dtype, batch: int, context: int, block_size=16, reps=20):
+    """One layer's paged attention vs SDPA on contiguous K/V of the same size."""
+    from engine.attention import AttentionGroup, AttentionMetadata
+    kvh, d, h = args.num_key_value_heads, args.head_dim, args.num_attention_heads
+    nblk = -(-context // block_size)
+    num_blocks = batch * nblk + 1
+    pool_k = mx.zeros((num_blocks * block_size, kvh, d), dtype)
+    pool_v = mx.zeros_like(pool_k)
+    tables = mx.arange(batch * nblk).reshape(batch, nblk).astype(mx.int32)
+    q = mx.random.normal((batch, h, d)).astype(dtype)
+    k = mx.random.normal((batch, kvh, d)).astype(dtype)
+    slots = (tables[:, -1] * block_size).astype(mx.int32)
+    mask = mx.ones((batch, 1, 1, nblk * block_size), mx.bool_)
+    meta = AttentionMetadata(slots, [AttentionGroup(0, batch, None, None, tables, mask, batch, 1)])
+    kc = mx.random.normal((batch, kvh, nblk * block_size, d)).astype(dtype)
+    mx.eval(pool_k, pool_v, q, k, kc)
+
+    def paged():
+        out, a, b = paged_attention(q, k, k, pool_k, pool_v, meta, block_size, d ** -0.5)
+        mx.eval(out, a, b)
+
+    def dense():
+        mx.eval(mx.fast.scaled_dot_product_attention(q[:, :, None], kc, kc, scale=d ** -0.5))
+
+    def dense_masked():
+        mx.eval(mx.fast.scaled_dot_product_attention(q[:, :, None], kc, kc, scale=d ** -0.5,
+                                                     mask=mask))
+
+    def gather_only():
+        mx.eval(pool_k.reshape(num_blocks, block_size, kvh, d)[tables])
+
+    print(f"\n-- one layer's attention, batch {batch}, context {nblk * block_size}")
+    for name, fn in [("paged (ours)", paged), ("dense sdpa", dense),
+                     ("dense sdpa + bool mask", dense_masked), ("gather K only", gather_only)]:
+        fn()
+        mx.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        mx.synchronize()
+        print(f"   {name:<24} {(time.perf_counter() - t) / reps * 1e3:8.3f} ms")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--bits", type=int, choices=[4, 8])
+    ap.add_argument("--batch", default="1,64")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    a = ap.parse_args(argv)
+    args = ModelArgs.from_dict(SHAPES[a.shape])
+    model, _ = random_weights(args, DTYPES[a.dtype], a.bits)
+    batches = [int(b) for b in a.batch.split(",")]
+    from engine.kv_cache import kv_bytes_per_token
+    gib = max(batches) * (a.context + a.steps + 64) * kv_bytes_per_token(args, DTYPES[a.dtype]) / (1 << 30)
+    engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
+        kv_cache_memory_gib=gib * 1.2, max_num_seqs=max(batches), max_num_batched_tokens=4096,
+        enable_prefix_caching=False))
+    for b in batches:
+        profile_decode(engine, b, a.context, a.steps, args.vocab_size)
+        profile_attention(args, DTYPES[a.dtype], b, a.context)
+
+
+if __name__ == "__main__":
+    main()
