@@ -19,7 +19,7 @@ from engine.model import Mistral
 from engine.tokenizer import Tokenizer
 from engine.weights import load_model as _load_weights
 from engine.weights import resolve_model_path
-from scheduler.request import SamplingParams
+from scheduler.request import FinishReason, SamplingParams
 
 _ids = itertools.count()
 
@@ -58,7 +58,11 @@ def generate(model: Mistral, tokenizer: Tokenizer, prompt_ids: list[int], *,
                     continue
                 if out.error:
                     raise RuntimeError(out.error)
-                yield from out.new_token_ids
+                tokens = out.new_token_ids
+                if out.finish_reason == FinishReason.STOP and tokens \
+                        and tokens[-1] == tokenizer.eos_token_id and not params.ignore_eos:
+                    tokens = tokens[:-1]  # EOS ends the answer; it is not part of it
+                yield from tokens
                 if out.finished:
                     return
     finally:

@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.engine import EngineConfig, LLMEngine
+from engine.kv_cache import kv_bytes_per_token
 from engine.tokenizer import Tokenizer
 from engine.weights import load_model
 from scheduler.request import SamplingParams
@@ -40,8 +41,11 @@ def run_bench(model: str, dtype: str | None = None, prompt_tokens: int = 512,
     m, args, path = load_model(model, dtype=dtype)
     load_seconds = time.perf_counter() - t0
     tokenizer = Tokenizer.from_dir(path)
+    if kv_cache_memory_gib is None:  # just what the batch needs, so peak memory means something
+        per_seq = (prompt_tokens + gen_tokens + 32) * kv_bytes_per_token(args, m.model.norm.weight.dtype)
+        kv_cache_memory_gib = batch_size * per_seq * 1.1 / (1 << 30)
     engine = LLMEngine(m, args, tokenizer, EngineConfig(
-        kv_cache_memory_gib=kv_cache_memory_gib, kv_cache_memory_fraction=0.3,
+        kv_cache_memory_gib=kv_cache_memory_gib,
         max_num_batched_tokens=max(prompt_tokens * batch_size, 512), max_num_seqs=batch_size,
         enable_prefix_caching=False))
     rng = np.random.default_rng(seed)

@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Callable, Optional
 
+from service.cli_tools import COMMANDS as TOOL_COMMANDS
 from service.config import LOG_LEVELS, ServerConfig
 
 log = logging.getLogger("mistral_serve")
@@ -95,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 # ---- entry point ---------------------------------------------------------------------------
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_serve]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_serve, *TOOL_COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
