@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
+
+from engine.paged_decode import paged_decode_attention
 
 
 @dataclass
@@ -23,9 +26,12 @@ class AttentionGroup:
     query_index: Optional[mx.array]  # (G * Lq,) step token index of each padded query; None: no padding
     output_index: Optional[mx.array]  # (num_tokens,) row of G * Lq where each real query lands
     block_tables: mx.array  # (G, max_blocks) physical block ids, padding points at block 0
-    mask: mx.array  # (G, 1, Lq, max_blocks * block_size) bool: key visible to query
+    mask: Optional[mx.array]  # (G, 1, Lq, max_blocks * block_size) bool; None with the kernel
     num_seqs: int
     query_len: int
+    # Decode groups on the CUDA kernel path only (the kernel masks by position itself):
+    key_start: Optional[mx.array] = None  # (G,) position of the first live key
+    query_positions: Optional[mx.array] = None  # (G,)
 
 
 @dataclass
@@ -34,6 +40,7 @@ class AttentionMetadata:
 
     slot_mapping: mx.array  # (T,) flat slot (block * block_size + offset) of each token
     groups: list[AttentionGroup]
+    sliding_window: Optional[int] = None
 
 
 def paged_attention(
@@ -59,6 +66,11 @@ def paged_attention(
             q_g = q[g.token_start:g.token_start + g.num_tokens]
         else:
             q_g = q[g.query_index]
+        if g.key_start is not None:  # decode group on the CUDA kernel
+            out = paged_decode_attention(q_g, k_pool, v_pool, g.block_tables, g.key_start,
+                                         g.query_positions, block_size, meta.sliding_window)
+            outputs.append(out.reshape(g.num_seqs, -1))
+            continue
         # (G, Lq, H, D) -> (G, H, Lq, D)
         q_g = q_g.reshape(g.num_seqs, g.query_len, *q.shape[1:]).transpose(0, 2, 1, 3)
         keys = _gather(k_blocks, g.block_tables)
@@ -77,3 +89,42 @@ def _gather(blocks: mx.array, block_tables: mx.array) -> mx.array:
     _, block_size, kv_heads, head_dim = blocks.shape
     x = blocks[block_tables]  # (G, n, block_size, KVH, D)
     return x.reshape(g, n * block_size, kv_heads, head_dim).transpose(0, 2, 1, 3)  # (G, KVH, L, D)
+
+
+def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, block_size: int,
+                                   window: Optional[int], dtype: mx.Dtype, seed: int = 0) -> bool:
+    """Run the CUDA decode kernel and the portable path on the same random paged cache.
+
+    Sequences of assorted lengths (some past the window, some starting mid-table as after
+    window freeing) over scrambled blocks; True when every output agrees.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = [1, 5, block_size, 3 * block_size + 7, 40 * block_size + 3]
+    max_blocks = max(-(-n // block_size) for n in lengths) + 1
+    num_blocks = len(lengths) * max_blocks + 1
+    perm = rng.permutation(num_blocks - 1) + 1
+    tables = np.zeros((len(lengths), max_blocks), np.int32)
+    key_pos = np.full((len(lengths), max_blocks * block_size), -1, np.int64)
+    q_pos = np.array([n - 1 for n in lengths])
+    first = np.array([(max(0, n - window) // block_size) if window else 0 for n in lengths])
+    for i, n in enumerate(lengths):
+        nb = -(-n // block_size) - first[i]
+        tables[i, :nb] = perm[i * max_blocks:i * max_blocks + nb]
+        key_pos[i, :nb * block_size] = first[i] * block_size + np.arange(nb * block_size)
+    visible = (key_pos >= 0) & (key_pos <= q_pos[:, None])
+    if window:
+        visible &= key_pos > q_pos[:, None] - window
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    q = mx.array(rng.standard_normal((len(lengths), n_heads, head_dim)).astype(np.float32)).astype(dtype)
+    bt = mx.array(tables)
+    keys = _gather(k_pool.reshape(num_blocks, block_size, kv_heads, head_dim), bt)
+    values = _gather(v_pool.reshape(num_blocks, block_size, kv_heads, head_dim), bt)
+    ref = mx.fast.scaled_dot_product_attention(q[:, :, None], keys, values, scale=head_dim ** -0.5,
+                                               mask=mx.array(visible[:, None, None, :]))[:, :, 0]
+    got = paged_decode_attention(q, k_pool, v_pool, bt,
+                                 mx.array((first * block_size).astype(np.int32)),
+                                 mx.array(q_pos.astype(np.int32)), block_size, window)
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    return bool(mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol))

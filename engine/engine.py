@@ -16,7 +16,7 @@ from engine.model import Mistral
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
 from scheduler.kv_manager import KVCacheManager
-from scheduler.output import ModelRunnerOutput, RequestOutput
+from scheduler.output import ModelRunnerOutput, RequestOutput, SchedulerOutput
 from scheduler.request import Request, SamplingParams, ValidationError
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -40,6 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_stop_strings: int = 16
     max_logprobs: int = 20
+    attention_backend: str = "auto"  # auto: the CUDA decode kernel where it passes its self-check
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -94,7 +95,8 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
         ), self.kv_manager)
-        self.runner = ModelRunner(model, args, self.kv_cache)
+        self.runner = ModelRunner(model, args, self.kv_cache,
+                                  attention_backend=config.attention_backend)
         self.num_steps = 0
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, config.block_size,
                  self.kv_cache.nbytes / (1 << 30), dtype)
@@ -157,9 +159,29 @@ class LLMEngine:
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:  # e.g. only aborts to report
             return self.scheduler.update(sched_out, ModelRunnerOutput())
-        runner_out = self.runner.execute(sched_out)
+        try:
+            runner_out = self.runner.execute(sched_out)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            runner_out = self._fail_step(sched_out, e)
         self.num_steps += 1
         return self.scheduler.update(sched_out, runner_out)
+
+    def _fail_step(self, sched_out: SchedulerOutput, error: Exception) -> ModelRunnerOutput:
+        """Every request of the failed step ends with ERROR (update frees its blocks).
+
+        The step may have queued KV writes, only into its own requests' slots; they are
+        evaluated now so the pools are plain arrays again. If even that fails, the pools are
+        unusable and the error propagates: the engine loop stops and health turns NOT_SERVING.
+        """
+        ids = [s.request_id for s in sched_out.scheduled]
+        log.error("step %d failed (%s: %s); failing its %d request(s)", sched_out.step,
+                  type(error).__name__, error, len(ids), exc_info=error)
+        try:
+            mx.eval(self.kv_cache.state())
+        except Exception as kv_error:
+            raise RuntimeError("the KV cache is unusable after a failed step") from kv_error
+        message = f"the model step failed ({type(error).__name__}: {error})"
+        return ModelRunnerOutput(errors={rid: message for rid in ids})
 
     def stats(self) -> EngineStats:
         kv = self.kv_manager

@@ -6,12 +6,27 @@ checkpoint tensors load without renaming.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
+
+
+def project(layer: nn.Module, x: mx.array, dequant_min_rows: Optional[int]) -> mx.array:
+    """layer(x), but a quantized layer fed many rows may run as dequantize + dense matmul.
+
+    MLX's CUDA quantized matmul is fast for a few rows and slow for many; dequantizing the
+    weight once per step and using the dense GEMM is much faster there for batched steps.
+    """
+    if dequant_min_rows is not None and isinstance(layer, nn.QuantizedLinear) \
+            and x.shape[0] >= dequant_min_rows:
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        return x @ w.astype(x.dtype).T
+    return layer(x)
 
 
 class Attention(nn.Module):
@@ -28,11 +43,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array, positions: mx.array, cache: PagedKVCache, layer: int,
-                 meta: AttentionMetadata) -> mx.array:
+                 meta: AttentionMetadata, dq: Optional[int]) -> mx.array:
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.n_heads, 1, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.n_kv_heads, 1, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.n_kv_heads, self.head_dim)
+        q = project(self.q_proj, x, dq).reshape(t, self.n_heads, 1, self.head_dim)
+        k = project(self.k_proj, x, dq).reshape(t, self.n_kv_heads, 1, self.head_dim)
+        v = project(self.v_proj, x, dq).reshape(t, self.n_kv_heads, self.head_dim)
         # Each token is its own "batch" row so RoPE takes a per-token position.
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
                          offset=positions)
@@ -41,7 +56,7 @@ class Attention(nn.Module):
         out, cache.keys[layer], cache.values[layer] = paged_attention(
             q.squeeze(2), k.squeeze(2), v, cache.keys[layer], cache.values[layer], meta,
             cache.block_size, self.scale)
-        return self.o_proj(out)
+        return project(self.o_proj, out, dq)
 
 
 class MLP(nn.Module):
@@ -51,8 +66,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: mx.array, dq: Optional[int]) -> mx.array:
+        h = nn.silu(project(self.gate_proj, x, dq)) * project(self.up_proj, x, dq)
+        return project(self.down_proj, h, dq)
 
 
 class DecoderLayer(nn.Module):
@@ -63,9 +79,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, positions, cache, layer, meta):
-        h = x + self.self_attn(self.input_layernorm(x), positions, cache, layer, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, x, positions, cache, layer, meta, dq):
+        h = x + self.self_attn(self.input_layernorm(x), positions, cache, layer, meta, dq)
+        return h + self.mlp(self.post_attention_layernorm(h), dq)
 
 
 class MistralModel(nn.Module):
@@ -84,14 +100,17 @@ class Mistral(nn.Module):
         self.args = args
         self.model = MistralModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Quantized layers fed at least this many rows run as dequantize + dense matmul
+        # (set by the runner where that is faster: MLX's CUDA backend); None: never.
+        self.dequant_min_rows: Optional[int] = None
 
     def __call__(self, input_ids: mx.array, positions: mx.array, cache: PagedKVCache,
                  meta: AttentionMetadata) -> mx.array:
         """Hidden states after the final norm, (T, hidden), for a flat batch of T tokens."""
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, cache, i, meta)
+            h = layer(h, positions, cache, i, meta, self.dequant_min_rows)
         return self.model.norm(h)
 
     def logits(self, hidden: mx.array) -> mx.array:
-        return self.lm_head(hidden)
+        return project(self.lm_head, hidden, self.dequant_min_rows)

@@ -7,8 +7,9 @@ and syncs with the host once per step.
 
 from __future__ import annotations
 
+import logging
 import random
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -20,22 +21,32 @@ from engine.model import Mistral
 from engine.sampling import SamplingBatch, sample
 from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 
+log = logging.getLogger(__name__)
+
 BLOCK_PAD = 4  # pad block-table widths to a multiple of this to limit distinct shapes
+# Measured on an H200 (loadtest/RESULTS.md): MLX's CUDA 4-bit matmul loses to
+# dequantize + bf16 GEMM from a handful of rows on.
+DEQUANT_MIN_ROWS_CUDA = 8
 
 
 class ModelRunner:
-    def __init__(self, model: Mistral, args: ModelArgs, kv_cache: PagedKVCache, seed: int = 0):
+    def __init__(self, model: Mistral, args: ModelArgs, kv_cache: PagedKVCache, seed: int = 0,
+                 attention_backend: str = "auto"):
         self.model = model
         self.args = args
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.rng = random.Random(seed)
-        self.fault_hook = None  # tests: callable(SchedulerOutput) raising to inject faults
+        # Tests only (see engine/faults.py): fault_hook(sched) may raise, failing the whole
+        # step, or return {request_id: message} to fail those requests alone.
+        self.fault_hook: Optional[Callable[[SchedulerOutput], Optional[dict[str, str]]]] = None
+        self.decode_kernel = _choose_decode_kernel(attention_backend, args, kv_cache)
+        if mx.cuda.is_available() and mx.default_device() == mx.gpu:
+            model.dequant_min_rows = DEQUANT_MIN_ROWS_CUDA
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step; every request in `sched` shares this single forward pass."""
-        if self.fault_hook is not None:
-            self.fault_hook(sched)
+        errors = dict(self.fault_hook(sched) or {}) if self.fault_hook is not None else {}
         ordered, hidden = self._forward(sched)
         # Only the last token of a request that reaches its end is turned into logits.
         rows, last_index, offset = [], [], 0
@@ -46,13 +57,13 @@ class ModelRunner:
                 last_index.append(offset - 1)
         if not rows:
             mx.eval(self.kv_cache.state())
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(errors=errors)
         logits = self.model.logits(hidden[mx.array(last_index)]).astype(mx.float32)
         out = sample(logits, SamplingBatch.build(rows, self.args.vocab_size, self.rng))
         arrays = [a for a in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)
                   if a is not None]
         mx.eval(arrays + self.kv_cache.state())
-        return ModelRunnerOutput(sampled=_to_host(rows, out))
+        return ModelRunnerOutput(sampled=_to_host(rows, out), errors=errors)
 
     def all_logits(self, sched: SchedulerOutput) -> dict[str, np.ndarray]:
         """Logits (num_tokens, V) of every scheduled token, by request (tests, scoring)."""
@@ -72,10 +83,12 @@ class ModelRunner:
         input_ids, positions, slots = self._flat_inputs(ordered)
         groups = []
         if decodes:
-            groups.append(self._group(decodes, 0, len(decodes)))
+            make = self._kernel_group if self.decode_kernel else self._group
+            groups.append(make(decodes, 0, len(decodes)))
         if chunks:
             groups.append(self._group(chunks, len(decodes), len(input_ids) - len(decodes)))
-        meta = AttentionMetadata(slot_mapping=mx.array(slots), groups=groups)
+        meta = AttentionMetadata(slot_mapping=mx.array(slots), groups=groups,
+                                 sliding_window=self.args.sliding_window)
         hidden = self.model(mx.array(input_ids), mx.array(positions), self.kv_cache, meta)
         return ordered, hidden
 
@@ -90,6 +103,19 @@ class ModelRunner:
             slots.append(table[p // bs - r.first_block_index] * bs + p % bs)
         return (np.asarray(ids, np.int32), np.concatenate(pos).astype(np.int32),
                 np.concatenate(slots).astype(np.int32))
+
+    def _kernel_group(self, reqs: Sequence[ScheduledRequest], token_start: int,
+                      num_tokens: int) -> AttentionGroup:
+        """A decode group for the CUDA kernel: block tables and positions, no mask."""
+        n_blocks = -(-max(len(r.block_table) for r in reqs) // BLOCK_PAD) * BLOCK_PAD
+        tables = np.zeros((len(reqs), n_blocks), np.int32)
+        for i, r in enumerate(reqs):
+            tables[i, :len(r.block_table)] = r.block_table
+        return AttentionGroup(
+            token_start=token_start, num_tokens=num_tokens, query_index=None, output_index=None,
+            block_tables=mx.array(tables), mask=None, num_seqs=len(reqs), query_len=1,
+            key_start=mx.array([r.first_block_index * self.block_size for r in reqs], mx.int32),
+            query_positions=mx.array([r.start_position for r in reqs], mx.int32))
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                num_tokens: int) -> AttentionGroup:
@@ -129,6 +155,28 @@ class ModelRunner:
             num_seqs=g,
             query_len=q_len,
         )
+
+
+def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache) -> bool:
+    """Use the CUDA decode kernel only where it runs and matches the portable path here."""
+    if backend == "portable":
+        return False
+    if backend not in ("auto", "cuda"):
+        raise ValueError(f"attention backend must be auto, portable or cuda, got {backend!r}")
+    from engine import paged_decode
+    from engine.attention import decode_kernel_matches_portable
+    try:
+        ok = paged_decode.supported(args.head_dim, kv_cache.dtype) and \
+            decode_kernel_matches_portable(args.num_attention_heads, args.num_key_value_heads,
+                                           args.head_dim, kv_cache.block_size,
+                                           args.sliding_window, kv_cache.dtype)
+    except Exception:  # e.g. the kernel does not compile with this CUDA toolkit
+        log.exception("the CUDA decode attention kernel failed to run")
+        ok = False
+    if not ok and backend == "cuda":
+        raise RuntimeError("the CUDA decode attention kernel is unavailable or failed its self-check")
+    log.info("decode attention: %s", "CUDA paged kernel" if ok else "portable gather + SDPA")
+    return ok
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:

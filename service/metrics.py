@@ -111,9 +111,9 @@ class _EngineCollector(Collector):
                     stats.kv_usage)
         yield counter("num_preemptions", "Requests preempted for lack of KV blocks.",
                       stats.num_preemptions)
-        yield counter("prefix_cache_queries", "Prompt blocks looked up in the prefix cache.",
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       stats.prefix_cache_queries)
-        yield counter("prefix_cache_hits", "Prompt blocks found in the prefix cache.",
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       stats.prefix_cache_hits)
         yield counter("engine_steps", "Forward passes run.", stats.num_steps)
         for metric, doc, value in _mlx_memory():

@@ -1,0 +1,134 @@
+"""Paged decode attention as one CUDA kernel (mx.fast.cuda_kernel), for MLX's CUDA backend.
+
+The portable path (engine/attention.py) gathers every sequence's live KV blocks into a
+contiguous copy before SDPA, so each step reads the KV cache three times and builds a mask
+on the host. This kernel reads K and V straight from the pools through the block table,
+once: one thread block per (sequence, KV head) serves that head's whole GQA group of query
+heads, warps split the keys, and an online softmax merges them. It is used only where
+`self_check()` has shown it to match the portable path on this machine; everywhere else
+the portable path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import mlx.core as mx
+
+log = logging.getLogger(__name__)
+
+NUM_WARPS = 4
+
+_SOURCE = r"""
+    constexpr int DPL = D / 32;  // head dims per lane
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int b = blockIdx.x / KVH;
+    const int g = blockIdx.x % KVH;
+    const int qpos = q_pos[b];
+    const int kstart = key_start[b];
+    int lo = kstart;
+    if (WINDOW > 0) lo = max(lo, qpos - WINDOW + 1);
+    const int first_block = kstart / BS;
+    const float scale = rsqrtf((float)D);
+
+    float qv[GQA][DPL], acc[GQA][DPL], m[GQA], l[GQA];
+    #pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        const T* qrow = queries + ((long)b * (KVH * GQA) + g * GQA + h) * D + lane * DPL;
+        #pragma unroll
+        for (int i = 0; i < DPL; ++i) { qv[h][i] = static_cast<float>(qrow[i]) * scale; acc[h][i] = 0.f; }
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+    }
+
+    for (int p = lo + warp; p <= qpos; p += NUM_WARPS) {
+        const long blk = block_tables[(long)b * block_tables_shape[1] + (p / BS - first_block)];
+        const long base = ((blk * BS + p % BS) * KVH + g) * D + lane * DPL;
+        float kv[DPL], vv[DPL];
+        #pragma unroll
+        for (int i = 0; i < DPL; ++i) { kv[i] = static_cast<float>(k_pool[base + i]);
+                                         vv[i] = static_cast<float>(v_pool[base + i]); }
+        #pragma unroll
+        for (int h = 0; h < GQA; ++h) {
+            float s = 0.f;
+            #pragma unroll
+            for (int i = 0; i < DPL; ++i) s += qv[h][i] * kv[i];
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+            const float m_new = fmaxf(m[h], s);
+            const float corr = __expf(m[h] - m_new);
+            const float e = __expf(s - m_new);
+            l[h] = l[h] * corr + e;
+            #pragma unroll
+            for (int i = 0; i < DPL; ++i) acc[h][i] = acc[h][i] * corr + e * vv[i];
+            m[h] = m_new;
+        }
+    }
+
+    // Merge the warps' partial softmaxes.
+    __shared__ float sm_m[NUM_WARPS][GQA];
+    __shared__ float sm_l[NUM_WARPS][GQA];
+    __shared__ float sm_acc[NUM_WARPS][GQA][D];
+    #pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        if (lane == 0) { sm_m[warp][h] = m[h]; sm_l[warp][h] = l[h]; }
+        #pragma unroll
+        for (int i = 0; i < DPL; ++i) sm_acc[warp][h][lane * DPL + i] = acc[h][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < GQA * D; idx += blockDim.x) {
+        const int h = idx / D;
+        const int d = idx % D;
+        float mx_ = NEG_INF;
+        #pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) mx_ = fmaxf(mx_, sm_m[w][h]);
+        float num = 0.f, den = 0.f;
+        #pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) {
+            const float c = (sm_m[w][h] == NEG_INF) ? 0.f : __expf(sm_m[w][h] - mx_);
+            num += sm_acc[w][h][d] * c;
+            den += sm_l[w][h] * c;
+        }
+        out[((long)b * (KVH * GQA) + g * GQA + h) * D + d] = static_cast<T>(num / den);
+    }
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="paged_decode_attention",
+        input_names=["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos"],
+        output_names=["out"],
+        source=_SOURCE,
+    )
+
+
+def supported(head_dim: int, dtype: mx.Dtype) -> bool:
+    """True where the kernel can run: MLX's CUDA backend, a head_dim that splits over a warp."""
+    return (mx.cuda.is_available() and mx.default_device() == mx.gpu and head_dim % 32 == 0
+            and dtype in (mx.float32, mx.float16, mx.bfloat16))
+
+
+def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
+                           block_tables: mx.array, key_start: mx.array, q_pos: mx.array,
+                           block_size: int, window: int | None) -> mx.array:
+    """One query per sequence: q (G, H, D) -> (G, H, D), reading K/V through block tables.
+
+    block_tables (G, max_blocks) hold the live blocks from logical block key_start // block_size;
+    q_pos (G,) is each query's position, and its own K/V must already be in the pools.
+    """
+    g, h, d = q.shape
+    kvh = k_pool.shape[1]
+    return _kernel()(
+        inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos],
+        template=[("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", h // kvh),
+                  ("WINDOW", window or 0), ("NUM_WARPS", NUM_WARPS)],
+        grid=(g * kvh * 32 * NUM_WARPS, 1, 1),
+        threadgroup=(32 * NUM_WARPS, 1, 1),
+        output_shapes=[q.shape],
+        output_dtypes=[q.dtype],
+    )[0]
