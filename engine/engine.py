@@ -13,7 +13,7 @@ import mlx.core as mx
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache, num_blocks_for_budget
 from engine.model import Mistral
-from engine.runner import ModelRunner
+from engine.runner import LaunchedStep, ModelRunner
 from engine.tokenizer import Tokenizer
 from scheduler.kv_manager import KVCacheManager
 from scheduler.output import ModelRunnerOutput, RequestOutput, SchedulerOutput
@@ -98,6 +98,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, args, self.kv_cache,
                                   attention_backend=config.attention_backend)
         self.num_steps = 0
+        self._inflight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None  # launched, unread
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, config.block_size,
                  self.kv_cache.nbytes / (1 << 30), dtype)
 
@@ -152,18 +153,47 @@ class LLMEngine:
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._inflight is not None or self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling step: ONE forward pass over every scheduled token."""
+        """Launch the next step (ONE forward pass), then finish the one before it.
+
+        Step N+1 is scheduled and queued on the device before step N's samples are read, so
+        host work (scheduling, input building, graph building, detokenizing) overlaps the
+        device. The outputs returned are therefore those of the previous step.
+        """
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and not self._can_overlap():
+            outputs += self._finish_inflight()
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:  # e.g. only aborts to report
-            return self.scheduler.update(sched_out, ModelRunnerOutput())
+        launched, failed = None, None
+        if not sched_out.is_empty:
+            try:
+                launched = self.runner.launch(sched_out)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+                failed = self._fail_step(sched_out, e)
+            self.num_steps += 1
+        if self._inflight is not None:
+            outputs += self._finish_inflight()
+        if launched is not None:
+            self._inflight = (sched_out, launched)
+        else:  # nothing launched: report aborts, or the failed step's requests
+            outputs += self.scheduler.update(sched_out, failed or ModelRunnerOutput())
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Penalties need every output token on the host, so those steps run one at a time."""
+        return not any(r.sampling_params.repetition_penalty != 1
+                       or r.sampling_params.presence_penalty or r.sampling_params.frequency_penalty
+                       for r in self.scheduler.running)
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        sched_out, launched = self._inflight
+        self._inflight = None
         try:
-            runner_out = self.runner.execute(sched_out)
-        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            runner_out = self.runner.collect(launched)
+        except Exception as e:  # noqa: BLE001
             runner_out = self._fail_step(sched_out, e)
-        self.num_steps += 1
         return self.scheduler.update(sched_out, runner_out)
 
     def _fail_step(self, sched_out: SchedulerOutput, error: Exception) -> ModelRunnerOutput:

@@ -1,14 +1,16 @@
 """ModelRunner: one SchedulerOutput -> ONE forward pass over every scheduled token -> samples.
 
 The runner never changes request state; it reads the plain SchedulerOutput, builds the
-flat token batch and the paged-attention metadata, runs the model, samples on the device,
-and syncs with the host once per step.
+flat token batch and the paged-attention metadata, runs the model and samples on the
+device. launch() returns as soon as the step is queued on the device and collect() waits
+for it, so the engine can build step N+1 while step N runs: one host sync per step.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
@@ -18,7 +20,8 @@ from engine.attention import AttentionGroup, AttentionMetadata
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
 from engine.model import Mistral
-from engine.sampling import SamplingBatch, sample
+from engine.sampling import SamplerOutput, SamplingBatch, sample
+from scheduler.scheduler import INFLIGHT_TOKEN
 from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -41,11 +44,21 @@ class ModelRunner:
         # step, or return {request_id: message} to fail those requests alone.
         self.fault_hook: Optional[Callable[[SchedulerOutput], Optional[dict[str, str]]]] = None
         self.decode_kernel = _choose_decode_kernel(attention_backend, args, kv_cache)
+        # (request id -> row, token ids) sampled by the last launched step
+        self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
         if mx.cuda.is_available() and mx.default_device() == mx.gpu:
             model.dequant_min_rows = DEQUANT_MIN_ROWS_CUDA
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step; every request in `sched` shares this single forward pass."""
+        """Run one step and wait for it; every request in `sched` shares one forward pass."""
+        return self.collect(self.launch(sched))
+
+    def launch(self, sched: SchedulerOutput) -> "LaunchedStep":
+        """Build the step's graph and start it on the device; returns without waiting.
+
+        Input tokens still in flight (scheduler.INFLIGHT_TOKEN) are taken from the sampled
+        tokens of the previously launched step, on the device, with no host sync.
+        """
         errors = dict(self.fault_hook(sched) or {}) if self.fault_hook is not None else {}
         ordered, hidden = self._forward(sched)
         # Only the last token of a request that reaches its end is turned into logits.
@@ -56,14 +69,22 @@ class ModelRunner:
                 rows.append(r)
                 last_index.append(offset - 1)
         if not rows:
-            mx.eval(self.kv_cache.state())
-            return ModelRunnerOutput(errors=errors)
+            mx.async_eval(self.kv_cache.state())
+            return LaunchedStep(rows, None, errors)
         logits = self.model.logits(hidden[mx.array(last_index)]).astype(mx.float32)
         out = sample(logits, SamplingBatch.build(rows, self.args.vocab_size, self.rng))
         arrays = [a for a in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)
                   if a is not None]
-        mx.eval(arrays + self.kv_cache.state())
-        return ModelRunnerOutput(sampled=_to_host(rows, out), errors=errors)
+        mx.async_eval(arrays + self.kv_cache.state())
+        self._last_sampled = ({r.request_id: i for i, r in enumerate(rows)}, out.token_ids)
+        return LaunchedStep(rows, out, errors)
+
+    def collect(self, step: "LaunchedStep") -> ModelRunnerOutput:
+        """Wait for a launched step and bring its samples to the host."""
+        if step.out is None:
+            mx.eval(self.kv_cache.state())
+            return ModelRunnerOutput(errors=step.errors)
+        return ModelRunnerOutput(sampled=_to_host(step.rows, step.out), errors=step.errors)
 
     def all_logits(self, sched: SchedulerOutput) -> dict[str, np.ndarray]:
         """Logits (num_tokens, V) of every scheduled token, by request (tests, scoring)."""
@@ -81,6 +102,13 @@ class ModelRunner:
         chunks = [r for r in sched.scheduled if r.num_tokens > 1]
         ordered = decodes + chunks
         input_ids, positions, slots = self._flat_inputs(ordered)
+        ids = mx.array(np.maximum(input_ids, 0))
+        if (input_ids == INFLIGHT_TOKEN).any():
+            at = np.flatnonzero(input_ids == INFLIGHT_TOKEN)
+            owner = np.searchsorted(np.cumsum([r.num_tokens for r in ordered]), at, side="right")
+            row_of, tokens = self._last_sampled
+            rows = [row_of[ordered[k].request_id] for k in owner]
+            ids[mx.array(at)] = tokens[mx.array(rows)]
         groups = []
         if decodes:
             make = self._kernel_group if self.decode_kernel else self._group
@@ -89,7 +117,7 @@ class ModelRunner:
             groups.append(self._group(chunks, len(decodes), len(input_ids) - len(decodes)))
         meta = AttentionMetadata(slot_mapping=mx.array(slots), groups=groups,
                                  sliding_window=self.args.sliding_window)
-        hidden = self.model(mx.array(input_ids), mx.array(positions), self.kv_cache, meta)
+        hidden = self.model(ids, mx.array(positions), self.kv_cache, meta)
         return ordered, hidden
 
     def _flat_inputs(self, reqs: Sequence[ScheduledRequest]):
@@ -155,6 +183,15 @@ class ModelRunner:
             num_seqs=g,
             query_len=q_len,
         )
+
+
+@dataclass
+class LaunchedStep:
+    """A step running on the device: its sampling rows and lazy outputs."""
+
+    rows: list[ScheduledRequest]
+    out: Optional[SamplerOutput]
+    errors: dict[str, str]
 
 
 def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache) -> bool:

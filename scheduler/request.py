@@ -97,7 +97,10 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # advanced when a step is scheduled, not when it returns
+    # Tokens sampled by steps already launched but not yet seen by update(): with async
+    # scheduling the next step feeds them straight from the device (see engine/engine.py).
+    num_inflight_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
     num_preemptions: int = 0
     finish_reason: Optional[FinishReason] = None

@@ -11,6 +11,10 @@ Choices:
 - A request longer than the KV cache can hold alone is capped: add_request rejects a prompt
   over max_tokens_capacity() with ValidationError; generation stops there with LENGTH.
 - Priority orders the waiting queue only; a running request is never preempted for priority.
+- schedule() advances num_computed_tokens (the step's KV will exist once it runs) and counts
+  the token a sampling step will produce as in flight, so the next schedule() may run before
+  this step's update(): a decode whose input token is still on the device is fed the
+  placeholder INFLIGHT_TOKEN, which the runner replaces with the previous step's sample.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from scheduler.kv_manager import KVCacheManager
 from scheduler.output import (ModelRunnerOutput, RequestOutput, SampledToken, ScheduledRequest,
                               SchedulerOutput, TokenLogprob)
 from scheduler.request import FinishReason, Request, RequestStatus, ValidationError
+
+INFLIGHT_TOKEN = -1  # input token sampled by the previous step, not yet on the host
 
 
 @dataclass
@@ -68,6 +74,9 @@ class Scheduler:
         self._pending: list[RequestOutput] = []  # aborts, returned by the next update()
         self._finished_ids: list[str] = []  # told to the runner in the next SchedulerOutput
         self._step = 0
+        # step -> the Request objects it scheduled, until update(): with a step in flight an
+        # id may be aborted and reused, and the old step's token must not reach the new one.
+        self._launched: dict[int, dict[str, Request]] = {}
         self.num_preemptions = 0
 
     def _key(self, request: Request) -> tuple:
@@ -125,8 +134,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget, self._max_chunk)
-            if self._allocate_or_preempt(request, n, preempted):
+            n = min(_length(request) - request.num_computed_tokens, budget, self._max_chunk)
+            if n <= 0 or self._ends_with_inflight(request):
+                i += 1  # nothing to feed until its in-flight token lands
+            elif self._allocate_or_preempt(request, n, preempted):
                 num_new[request.request_id] = n
                 budget -= n
                 i += 1
@@ -136,7 +147,7 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             cached = self.kv.get_computed_blocks(request)
-            n = min(request.num_tokens - cached, budget, self._max_chunk)
+            n = min(_length(request) - cached, budget, self._max_chunk)
             if not self.kv.allocate_slots(request, n, cached):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.pop(0)
@@ -151,9 +162,13 @@ class Scheduler:
 
         decodes, chunks = [], []
         for request_id, n in num_new.items():
-            s = self._scheduled_request(self._requests[request_id], n)
+            request = self._requests[request_id]
+            s = self._scheduled_request(request, n)
             (decodes if s.sample and n == 1 else chunks).append(s)
+            request.num_computed_tokens += n
+            request.num_inflight_tokens += s.sample
         self._step += 1
+        self._launched[self._step] = {rid: self._requests[rid] for rid in num_new}
         finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(step=self._step, scheduled=tuple(decodes + chunks),
                                num_batched_tokens=sum(num_new.values()),
@@ -175,24 +190,33 @@ class Scheduler:
                 return False
         return True
 
+    def _ends_with_inflight(self, request: Request) -> bool:
+        """Its in-flight token is certainly its last (max_tokens or the length cap)."""
+        if not request.num_inflight_tokens:
+            return False
+        n_out = len(request.output_token_ids) + request.num_inflight_tokens
+        return n_out >= request.sampling_params.max_tokens or (
+            self._max_len is not None and _length(request) >= self._max_len)
+
     def _scheduled_request(self, request: Request, n: int) -> ScheduledRequest:
         start, end = request.num_computed_tokens, request.num_computed_tokens + n
         prompt, output = request.prompt_token_ids, request.output_token_ids
-        p = len(prompt)
+        p, known = len(prompt), request.num_tokens
         if end <= p:
             token_ids = prompt[start:end]
         elif start >= p:
-            token_ids = output[start - p:end - p]
+            token_ids = output[start - p:min(end, known) - p]
         else:
-            token_ids = prompt[start:] + output[:end - p]
+            token_ids = prompt[start:] + output[:min(end, known) - p]
+        token_ids = token_ids + [INFLIGHT_TOKEN] * (end - max(start, known))
         sp = request.sampling_params
         needs_output = sp.repetition_penalty != 1 or sp.presence_penalty or sp.frequency_penalty
         return ScheduledRequest(
             request_id=request.request_id, token_ids=tuple(token_ids), start_position=start,
             block_table=self.kv.block_table(request.request_id),
             first_block_index=self.kv.first_block_index(request.request_id),
-            sample=end == request.num_tokens, sampling_params=sp,
-            num_output_tokens=len(output),
+            sample=end == _length(request), sampling_params=sp,
+            num_output_tokens=len(output) + request.num_inflight_tokens,
             prompt_token_ids=tuple(prompt) if sp.repetition_penalty != 1 else (),
             output_token_ids=tuple(output) if needs_output else ())
 
@@ -201,26 +225,35 @@ class Scheduler:
                runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         """Apply one step's results; one RequestOutput per request that got a token or finished."""
         outputs, self._pending = self._pending, []
+        requests = self._launched.pop(scheduler_output.step, {})
         for request_id, message in runner_output.errors.items():
-            request = self._requests.get(request_id)
-            if request is not None:
+            request = requests.get(request_id)
+            if request is not None and not request.is_finished:
                 outputs.append(self._finish(request, FinishReason.ERROR, error=message))
         for s in scheduler_output.scheduled:
-            request = self._requests.get(s.request_id)
-            if request is None:  # aborted or failed since schedule()
+            request = requests.get(s.request_id)
+            if request is None or request.is_finished:  # aborted or failed since schedule()
                 continue
-            request.num_computed_tokens += s.num_tokens
-            self.kv.cache_full_blocks(request)
-            self.kv.free_outside_window(request)
             if not s.sample:
+                self._after_step(request)
                 continue
+            request.num_inflight_tokens -= 1
             sampled = runner_output.sampled.get(s.request_id)
             if sampled is None:
                 outputs.append(self._finish(request, FinishReason.ERROR,
                                             error="the model runner returned no token"))
             else:
                 outputs.append(self._append_token(request, sampled))
+                if not request.is_finished:
+                    self._after_step(request)
         return outputs
+
+    def _after_step(self, request: Request) -> None:
+        # The hashes need the tokens on the host; freeing blocks a step still in flight reads
+        # is safe because a new owner's writes come from a later step, run after it in order.
+        if request.status == RequestStatus.RUNNING:
+            self.kv.cache_full_blocks(request)
+            self.kv.free_outside_window(request)
 
     def _append_token(self, request: Request, sampled: SampledToken) -> RequestOutput:
         request.output_token_ids.append(sampled.token_id)
@@ -283,6 +316,11 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids),
             num_cached_tokens=request.num_cached_tokens, error=error, queue_time=queue_time)
+
+
+def _length(request: Request) -> int:
+    """Tokens the sequence will have once its in-flight samples land."""
+    return request.num_tokens + request.num_inflight_tokens
 
 
 def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
