@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -54,6 +55,9 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._callbacks: dict[str, OutputCallback] = {}
+        # Aborted requests whose CANCELLED output the next step brings, oldest first: it goes
+        # to their callback even when a new request reuses the id meanwhile.
+        self._aborted: dict[str, deque[Optional[OutputCallback]]] = {}
         self._lock = threading.Lock()  # guards _pending, _stats, _closed; never held over a step
         self._pending = 0  # submitted but not yet handed to the scheduler
         self._closed = False  # the thread is ending: submit() refuses (guarded by _lock)
@@ -126,44 +130,64 @@ class EngineLoop:
         """Refuse new submits, then end every known or still-queued request (no engine call)."""
         with self._lock:
             self._closed = True
+        queued = []
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
             if isinstance(cmd, _Submit):
-                self._callbacks[cmd.request_id] = cmd.on_output
+                queued.append(cmd)
         self._fail_all(message, reason)
+        for cmd in queued:
+            self._answer(cmd.on_output, _final(cmd.request_id, message, reason))
 
     def _drain_commands(self) -> None:
+        handed_over = 0
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(cmd, _Submit):
-                with self._lock:
-                    self._pending -= 1
-                self._callbacks[cmd.request_id] = cmd.on_output
+                handed_over += 1
                 try:
                     self.engine.add_request(cmd.request_id, cmd.prompt_token_ids,
                                             cmd.sampling_params, priority=cmd.priority)
                 except Exception as e:  # e.g. a duplicate id: answer this request only
-                    self._publish([RequestOutput(cmd.request_id, finished=True,
-                                                 finish_reason=FinishReason.ERROR, error=str(e))])
-            else:
-                self.engine.abort(cmd.request_id)
+                    self._answer(cmd.on_output, _final(cmd.request_id, str(e)))
+                else:  # only now: a refused duplicate must not take the running one's callback
+                    self._callbacks[cmd.request_id] = cmd.on_output
+            elif self.engine.abort(cmd.request_id):
+                self._aborted.setdefault(cmd.request_id, deque()).append(
+                    self._callbacks.pop(cmd.request_id, None))
+        if handed_over:
+            # In one go: submit() must never see them gone from _pending yet missing from
+            # num_waiting, or a burst would overfill the queue while a step runs.
+            stats = self.engine.stats()
+            with self._lock:
+                self._pending -= handed_over
+                self._stats = stats
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            cb = self._callbacks.pop(out.request_id) if out.finished else \
-                self._callbacks.get(out.request_id)
-            if cb is None:
-                continue
-            try:
-                cb(out)
-            except Exception:  # a broken consumer must not stop the engine
-                log.exception("output callback failed for %s", out.request_id)
+            rid = out.request_id
+            aborted = self._aborted.get(rid)
+            if aborted and out.finish_reason == FinishReason.CANCELLED:
+                cb = aborted.popleft()
+                if not aborted:
+                    del self._aborted[rid]
+            else:
+                cb = self._callbacks.pop(rid, None) if out.finished else self._callbacks.get(rid)
+            if cb is not None:
+                self._answer(cb, out)
+
+    @staticmethod
+    def _answer(cb: OutputCallback, out: RequestOutput) -> None:
+        try:
+            cb(out)
+        except Exception:  # a broken consumer must not stop the engine
+            log.exception("output callback failed for %s", out.request_id)
 
     def _publish_stats(self) -> None:
         stats = self.engine.stats()
@@ -171,7 +195,17 @@ class EngineLoop:
             self._stats = stats
 
     def _fail_all(self, message: str, reason: FinishReason = FinishReason.ERROR) -> None:
+        for request_id, callbacks in self._aborted.items():  # their CANCELLED never came
+            for cb in callbacks:
+                if cb is not None:
+                    self._answer(cb, _final(request_id, message, FinishReason.CANCELLED))
+        self._aborted.clear()
         for request_id in list(self._callbacks):
-            out = RequestOutput(request_id, finished=True, finish_reason=reason,
-                                error=message if reason == FinishReason.ERROR else None)
-            self._publish([out])
+            self._publish([_final(request_id, message, reason)])
+
+
+def _final(request_id: str, message: str,
+           reason: FinishReason = FinishReason.ERROR) -> RequestOutput:
+    """A last output made by the loop itself (the engine never saw or can no longer step it)."""
+    return RequestOutput(request_id, finished=True, finish_reason=reason,
+                         error=message if reason == FinishReason.ERROR else None)

@@ -17,11 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine import faults
 from engine.engine import EngineConfig, LLMEngine
 from engine.loop import EngineLoop
 from mistral_serve.v1 import generation_pb2_grpc as pb_grpc
 from service.auth import ApiKeyInterceptor
 from service.config import ServerConfig
+from service.decode import DecodeErrorInterceptor
 from service.metrics import ServiceMetrics
 from service.servicer import SERVICE_NAME, GenerationServicer
 
@@ -64,7 +66,9 @@ class Server:
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
+        # The API key check wraps the decode check: an unauthenticated call is UNAUTHENTICATED.
         interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+        interceptors.append(DecodeErrorInterceptor())
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -99,6 +103,10 @@ class Server:
         if not future.done():
             return False
         engine = future.result()  # raises the load error
+        if faults.enabled_by_env():  # tests only: request ids with @fail- marks fail on purpose
+            log.warning("%s=1: FAULT INJECTION IS ON (for tests; never in production)",
+                        faults.ENV_VAR)
+            engine.runner.fault_hook = faults.request_id_faults
         self.engine_loop = EngineLoop(engine, max_waiting=self.config.max_waiting)
         self.engine_loop.start()
         self.servicer.attach(engine, self.engine_loop)

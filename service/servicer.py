@@ -343,7 +343,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise ValidationError("chat has no messages")
         for i, m in enumerate(chat.messages):
             if m.role not in CHAT_ROLES:
-                raise ValidationError(f"chat message {i} has role {m.role!r}; expected one of "
+                # Clipped: a huge role echoed back would overflow gRPC's status trailer and
+                # flood the log with user text.
+                role = m.role if len(m.role) <= 32 else m.role[:32] + "..."
+                raise ValidationError(f"chat message {i} has role {role!r}; expected one of "
                                       f"{', '.join(CHAT_ROLES)}")
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         try:

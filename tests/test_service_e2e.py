@@ -742,7 +742,8 @@ def test_bad_model_or_flags_exit_nonzero_with_a_reason(tmp_path):
 
 
 def test_engine_fault_is_internal_then_unavailable(model_dir):
-    """In process, so the runner can be made to fail: INTERNAL for the request it was running,
+    """In process, so the engine can be made to fail outside a model step (a failed step only
+    fails its requests: tests/test_faults.py): INTERNAL for the request it was running,
     UNAVAILABLE afterwards, and health goes NOT_SERVING."""
     from engine.engine import EngineConfig
     from service.config import ServerConfig
@@ -759,10 +760,10 @@ def test_engine_fault_is_internal_then_unavailable(model_dir):
                 stub = pb_grpc.GenerationStub(ch)
                 assert len((await stub.Generate(request(max_tokens=2))).token_ids) == 2
 
-                def fail(_):
-                    raise RuntimeError("injected runner fault")
+                def fail():
+                    raise RuntimeError("injected scheduler fault")
 
-                srv.servicer.engine.runner.fault_hook = fail
+                srv.servicer.engine.scheduler.schedule = fail
                 errors = []
                 for _ in range(2):
                     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -781,6 +782,6 @@ def test_engine_fault_is_internal_then_unavailable(model_dir):
             await srv.shutdown()
 
     errors, status = asyncio.run(main())
-    assert errors[0].code() == Code.INTERNAL and "injected runner fault" in errors[0].details()
+    assert errors[0].code() == Code.INTERNAL and "injected scheduler fault" in errors[0].details()
     assert errors[1].code() == Code.UNAVAILABLE and "restarted" in errors[1].details()
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
