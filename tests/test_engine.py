@@ -116,3 +116,42 @@ def test_eos_and_max_tokens_finish(tokenizer):
     assert finish["r0"].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
     assert finish["r0"].num_output_tokens <= 3
     assert engine.kv_manager.num_used_blocks == 0
+
+
+def test_penalties_follow_the_reference_through_the_engine(tokenizer):
+    """Greedy with repetition / frequency / presence penalties == a NumPy reference loop.
+
+    The penalties see every output token up to the previous one, so this also checks that
+    steps with penalties are not overlapped (an in-flight token would be missed).
+    """
+    engine, cfg = make_engine(tokenizer, window=None)
+    weights = {k: np.array(v) for k, v in tree_flatten(engine.model.parameters())}
+    cases = {"p": (prompts_of([12], seed=11)["r0"], 1.0, 0.0, 1.5),
+             "q": (prompts_of([5], seed=4)["r0"], 1.0, 1.2, 0.0),
+             "r": (prompts_of([9], seed=6)["r0"], 1.8, 0.0, 0.0)}
+    params = {rid: SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                  repetition_penalty=rep, frequency_penalty=freq,
+                                  presence_penalty=pres)
+              for rid, (_, rep, freq, pres) in cases.items()}
+    launch, seen_by_runner = engine.runner.launch, []
+
+    def spy(sched):
+        seen_by_runner.extend((s.num_output_tokens, len(s.output_token_ids))
+                              for s in sched.scheduled if s.sample)
+        return launch(sched)
+    engine.runner.launch = spy
+    tokens, _, _ = run(engine, {rid: c[0] for rid, c in cases.items()}, params)
+    # Every step that samples sees all earlier output tokens: none is still in flight.
+    assert seen_by_runner and all(n == m for n, m in seen_by_runner)
+    for rid, (prompt, rep, freq, pres) in cases.items():
+        seq, out = list(prompt), []
+        for _ in range(16):
+            logits = reference_logits(weights, cfg, seq)[-1]
+            seen = np.zeros(len(logits), bool)
+            seen[seq] = True
+            logits = np.where(seen, np.where(logits > 0, logits / rep, logits * rep), logits)
+            counts = np.bincount(out, minlength=len(logits))[:len(logits)]
+            logits = logits - freq * counts - pres * (counts > 0)
+            out.append(int(logits.argmax()))
+            seq.append(out[-1])
+        assert tokens[rid] == out, rid
