@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
+DEMO_KV_CACHE_GIB = 1.0
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -82,9 +84,13 @@ class LLMEngine:
         self.config = config
         self.model_path = model_path
         dtype = model.model.norm.weight.dtype
+        per_seq = [n for n in (config.max_model_len or args.max_context,
+                               args.sliding_window and args.sliding_window
+                               + config.max_num_batched_tokens + config.block_size) if n]
         num_blocks = num_blocks_for_budget(args, dtype, config.block_size,
                                            config.kv_cache_memory_gib,
-                                           config.kv_cache_memory_fraction)
+                                           config.kv_cache_memory_fraction,
+                                           max_useful_tokens=config.max_num_seqs * min(per_seq))
         self.kv_cache = PagedKVCache(args, num_blocks, config.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, args.sliding_window,
                                          config.enable_prefix_caching)
@@ -109,6 +115,9 @@ class LLMEngine:
         from engine.weights import load_model
 
         source = config.model or str(ensure_demo_model())
+        if config.model is None and config.kv_cache_memory_gib is None:
+            # The demo model is for trying the plumbing: a small pool starts in a blink.
+            config = dataclasses.replace(config, kv_cache_memory_gib=DEMO_KV_CACHE_GIB)
         t0 = time.perf_counter()
         model, args, path = load_model(source, dtype=config.dtype)
         tokenizer = Tokenizer.from_dir(path)

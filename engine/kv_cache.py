@@ -15,14 +15,21 @@ def kv_bytes_per_token(args: ModelArgs, dtype: mx.Dtype) -> int:
 
 def num_blocks_for_budget(args: ModelArgs, dtype: mx.Dtype, block_size: int,
                           memory_gib: Optional[float] = None,
-                          memory_fraction: float = 0.5) -> int:
-    """How many blocks fit in memory_gib, or else in memory_fraction of what MLX can still use."""
+                          memory_fraction: float = 0.5,
+                          max_useful_tokens: Optional[int] = None) -> int:
+    """How many blocks fit in memory_gib, or else in memory_fraction of what MLX can still use.
+
+    Without an explicit memory_gib the pool is also capped at max_useful_tokens (what the
+    batch limits let all sequences hold at once): more would only cost memory and start-up.
+    """
+    per_block = kv_bytes_per_token(args, dtype) * block_size
     if memory_gib is not None:
         budget = memory_gib * (1 << 30)
     else:
         limit = _device_memory_bytes()
         budget = max(0, limit - mx.get_active_memory()) * memory_fraction
-    per_block = kv_bytes_per_token(args, dtype) * block_size
+        if max_useful_tokens is not None:
+            budget = min(budget, (-(-max_useful_tokens // block_size) + 1) * per_block)
     num_blocks = int(budget // per_block)
     if num_blocks < 2:
         raise ValueError(f"KV cache budget of {budget / (1 << 30):.3f} GiB holds fewer than 2 blocks "
