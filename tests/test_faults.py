@@ -286,12 +286,6 @@ def test_memory_pressure_preempts_and_every_request_matches_alone(tokenizer, win
 
 
 # ---- through a real server -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from engine.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("model") / "tiny", layers=2, hidden=64,
-                            heads=4, kv_heads=2, intermediate=128, dtype="float32")
 
 
 async def _outcome(stub, req):

@@ -188,12 +188,8 @@ CALLS = st.one_of(st.tuples(GENERATE, valid_generate_requests()),
 
 # ---- server --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from engine.demo_model import write_demo_model
-
-    model = write_demo_model(tmp_path_factory.mktemp("model") / "tiny", layers=2, hidden=64,
-                             heads=4, kv_heads=2, intermediate=128, dtype="float32")
-    s = start_server(model, tmp_path_factory.mktemp("fuzz"), "--max-tokens-cap",
+def server(model_dir, tmp_path_factory):
+    s = start_server(model_dir, tmp_path_factory.mktemp("fuzz"), "--max-tokens-cap",
                      str(MAX_TOKENS_CAP), "--default-max-tokens", "8", "--max-prompt-tokens",
                      str(MAX_PROMPT_TOKENS))
     yield s

@@ -45,21 +45,6 @@ RECORD_KEYS = {"index", "request_id", "success", "error", "start_s", "prompt_len
 
 
 # ---- a real server -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from engine.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("model") / "tiny", layers=2, hidden=64,
-                            heads=4, kv_heads=2, intermediate=128, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    s = start_server(model_dir, tmp_path_factory.mktemp("server"))
-    yield s
-    assert s.stop() == 0, s.log()
-
-
 def bench_args(server, *extra: str) -> list[str]:
     return ["--target", server.target, "--no-progress",
             "--metrics-url", f"http://127.0.0.1:{server.metrics_port}/metrics",

@@ -32,15 +32,6 @@ from tests.test_service_e2e import (REPO, ServerProcess, free_port, launch, requ
 LONG = os.environ.get("MISTRAL_SERVE_LONG") == "1"
 Code = grpc.StatusCode
 API_KEY = "k3y-for-security-tests-5e1f"
-SMALL_DEMO = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from engine.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("model") / "tiny", **SMALL_DEMO,
-                            dtype="float32")
 
 
 def launch_on(ports: tuple[int, int], model_dir: Optional[Path], workdir: Path, *extra: str,

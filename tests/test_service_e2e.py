@@ -148,25 +148,10 @@ def start_server(model_dir: Optional[Path], workdir: Path, *extra: str,
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from engine.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("model") / "tiny", layers=2, hidden=64,
-                            heads=4, kv_heads=2, intermediate=128, dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def tokenizer(model_dir):
     from engine.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    s = start_server(model_dir, tmp_path_factory.mktemp("server"))
-    yield s
-    assert s.stop() == 0, s.log()
 
 
 @pytest.fixture(scope="module")

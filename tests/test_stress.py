@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mistral_serve.v1 import generation_pb2 as pb
@@ -26,21 +25,6 @@ from tests.test_service_e2e import ServerProcess, joined, request, start_server,
 LONG = os.environ.get("MISTRAL_SERVE_LONG") == "1"
 Code = grpc.StatusCode
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from engine.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("model") / "tiny", layers=2, hidden=64,
-                            heads=4, kv_heads=2, intermediate=128, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    s = start_server(model_dir, tmp_path_factory.mktemp("stress"))
-    yield s
-    assert s.stop() == 0, s.log()
 
 
 # ---- process figures -----------------------------------------------------------------------
