@@ -43,6 +43,9 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     m.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse KV blocks of identical prompt prefixes")
+    m.add_argument("--attention-backend", choices=("auto", "portable", "cuda"), default="auto",
+                   help="decode attention: the CUDA paged kernel where it passes its self-check "
+                        "(auto), always the portable gather + SDPA path, or the kernel or fail")
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
@@ -88,7 +91,8 @@ def run_serve(args: argparse.Namespace) -> int:
             model=args.model, dtype=args.dtype, block_size=args.block_size,
             kv_cache_memory_gib=args.kv_cache_memory, max_num_batched_tokens=
             args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+            max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+            attention_backend=args.attention_backend)
     except ValueError as e:
         print(f"mistral-serve serve: error: {e}", file=sys.stderr)
         return 2
