@@ -272,7 +272,8 @@ def save_model(out_dir: str | Path, weights: dict[str, mx.array], config: dict, 
         raise FileExistsError(f"{out} exists and is not a checkpoint directory; "
                               f"choose another output directory or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale_temp_dirs(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         _write_shards(tmp, weights, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -307,6 +308,29 @@ def _write_shards(out: Path, weights: dict[str, mx.array], max_shard_bytes: int)
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """Delete temporary directories that killed writers of `out` left behind.
+
+    Their names carry the writer's pid; one whose process is gone is never renamed into
+    place, so it is only wasted disk. A live writer's directory is left alone.
+    """
+    for d in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = d.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
     if out.exists() and not any(out.iterdir()):
         out.rmdir()
@@ -321,7 +345,7 @@ def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
     if not replace:
         return
     # rename() cannot replace a non-empty directory: move the old one aside first.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rename(out, old / "model")
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

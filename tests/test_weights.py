@@ -473,3 +473,25 @@ def test_we_read_mlx_lm_quantized_checkpoints(demo_dir, tmp_path, bits):
     assert args.quantization["bits"] == bits
     expected = np.array(model(mx.array([TOKENS]))[0])
     np.testing.assert_allclose(engine_logits(ours, args, TOKENS), expected, atol=2e-4, rtol=2e-4)
+
+
+def test_temp_dirs_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from engine.demo_model import write_demo_model
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "m"
+    stale = tmp_path / f".m.tmp-{dead.pid}-abc"
+    live = tmp_path / f".m.tmp-{os.getpid()}-def"
+    other = tmp_path / f".other.tmp-{dead.pid}-ghi"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    write_demo_model(out, layers=1, hidden=64, heads=4, kv_heads=2, intermediate=128)
+    assert not stale.exists()  # its writer is dead: nothing will ever finish it
+    assert live.exists() and other.exists()  # a live writer's, and another model's
+    assert (out / "config.json").is_file()
+    assert not [d for d in tmp_path.iterdir() if d.name.startswith(".m.") and d != live]
