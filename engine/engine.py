@@ -84,9 +84,11 @@ class LLMEngine:
         self.config = config
         self.model_path = model_path
         dtype = model.model.norm.weight.dtype
-        per_seq = [n for n in (config.max_model_len or args.max_context,
-                               args.sliding_window and args.sliding_window
-                               + config.max_num_batched_tokens + config.block_size) if n]
+        self.max_model_len = config.max_model_len or args.max_context  # None: window-bounded
+        # The most KV one sequence can hold: its context, or the window plus one prompt chunk.
+        per_seq = [self.max_model_len] if self.max_model_len else []
+        if args.sliding_window:
+            per_seq.append(args.sliding_window + config.max_num_batched_tokens + config.block_size)
         num_blocks = num_blocks_for_budget(args, dtype, config.block_size,
                                            config.kv_cache_memory_gib,
                                            config.kv_cache_memory_fraction,
@@ -94,7 +96,6 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(args, num_blocks, config.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, args.sliding_window,
                                          config.enable_prefix_caching)
-        self.max_model_len = config.max_model_len or args.max_context
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
