@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.engine import EngineConfig, LLMEngine
-from engine.kv_cache import kv_bytes_per_token
+from engine.kv_cache import kv_cache_gib
 from engine.tokenizer import Tokenizer
 from engine.weights import load_model
 from scheduler.request import SamplingParams
@@ -42,8 +42,8 @@ def run_bench(model: str, dtype: str | None = None, prompt_tokens: int = 512,
     load_seconds = time.perf_counter() - t0
     tokenizer = Tokenizer.from_dir(path)
     if kv_cache_memory_gib is None:  # just what the batch needs, so peak memory means something
-        per_seq = (prompt_tokens + gen_tokens + 32) * kv_bytes_per_token(args, m.model.norm.weight.dtype)
-        kv_cache_memory_gib = batch_size * per_seq * 1.1 / (1 << 30)
+        kv_cache_memory_gib = kv_cache_gib(args, m.model.norm.weight.dtype, batch_size,
+                                           prompt_tokens + gen_tokens)
     engine = LLMEngine(m, args, tokenizer, EngineConfig(
         kv_cache_memory_gib=kv_cache_memory_gib,
         max_num_batched_tokens=max(prompt_tokens * batch_size, 512), max_num_seqs=batch_size,

@@ -13,6 +13,13 @@ def kv_bytes_per_token(args: ModelArgs, dtype: mx.Dtype) -> int:
     return args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 2 * dtype.size
 
 
+def kv_cache_gib(args: ModelArgs, dtype: mx.Dtype, num_seqs: int, tokens_per_seq: int,
+                 block_size: int = 16) -> float:
+    """A pool just big enough for num_seqs sequences of tokens_per_seq (benchmarks size by it)."""
+    per_seq = (tokens_per_seq + 2 * block_size) * kv_bytes_per_token(args, dtype)
+    return max(num_seqs * per_seq * 1.1 / (1 << 30), 0.01)
+
+
 def num_blocks_for_budget(args: ModelArgs, dtype: mx.Dtype, block_size: int,
                           memory_gib: Optional[float] = None,
                           memory_fraction: float = 0.5,

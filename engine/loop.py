@@ -130,25 +130,22 @@ class EngineLoop:
         """Refuse new submits, then end every known or still-queued request (no engine call)."""
         with self._lock:
             self._closed = True
-        queued = []
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(cmd, _Submit):
-                queued.append(cmd)
+        queued = [cmd for cmd in self._take_commands() if isinstance(cmd, _Submit)]
         self._fail_all(message, reason)
         for cmd in queued:
             self._answer(cmd.on_output, _final(cmd.request_id, message, reason))
 
-    def _drain_commands(self) -> None:
-        handed_over = 0
+    def _take_commands(self):
+        """Every command queued so far, oldest first."""
         while True:
             try:
-                cmd = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
-                break
+                return
+
+    def _drain_commands(self) -> None:
+        handed_over = 0
+        for cmd in self._take_commands():
             if isinstance(cmd, _Submit):
                 handed_over += 1
                 try:

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from engine.config import ModelArgs
 from engine.engine import DTYPES, EngineConfig, LLMEngine
+from engine.kv_cache import kv_cache_gib
 from engine.model import Mistral
 from scheduler.request import SamplingParams
 
@@ -129,7 +130,8 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(a.seed)
     prompts = [rng.integers(0, args.vocab_size, a.input_len).tolist() for _ in range(a.num_prompts)]
     warm = [rng.integers(0, args.vocab_size, a.input_len).tolist() for _ in range(4)]
-    kv_gib = a.kv_cache_memory or _kv_gib_for(args, DTYPES[a.dtype], a, 16)
+    kv_gib = a.kv_cache_memory or kv_cache_gib(args, DTYPES[a.dtype], min(a.num_prompts, a.max_num_seqs),
+                                               a.input_len + a.output_len)
 
     engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
         kv_cache_memory_gib=kv_gib, max_num_seqs=a.max_num_seqs,
@@ -159,13 +161,6 @@ def main(argv=None) -> None:
             json.dump({"args": vars(a), "device": device,
                        "results": [{**asdict(r), "output_tok_s": r.output_tok_s} for r in results]},
                       f, indent=2)
-
-
-def _kv_gib_for(args, dtype, a, block_size) -> float:
-    """Enough KV for every request's full sequence at once, plus slack."""
-    from engine.kv_cache import kv_bytes_per_token
-    per_seq = (a.input_len + a.output_len + 2 * block_size) * kv_bytes_per_token(args, dtype)
-    return max(per_seq * min(a.num_prompts, a.max_num_seqs) * 1.1 / (1 << 30), 0.01)
 
 
 class _NoTokenizer:

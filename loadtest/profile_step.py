@@ -19,6 +19,7 @@ import numpy as np
 from engine.attention import paged_attention
 from engine.config import ModelArgs
 from engine.engine import DTYPES, EngineConfig, LLMEngine
+from engine.kv_cache import kv_cache_gib
 from engine.sampling import SamplingBatch, sample
 from loadtest.offline_bench import SHAPES, _NoTokenizer, random_weights
 from scheduler.request import SamplingParams
@@ -126,10 +127,9 @@ def main(argv=None):
     args = ModelArgs.from_dict(SHAPES[a.shape])
     model, _ = random_weights(args, DTYPES[a.dtype], a.bits)
     batches = [int(b) for b in a.batch.split(",")]
-    from engine.kv_cache import kv_bytes_per_token
-    gib = max(batches) * (a.context + a.steps + 64) * kv_bytes_per_token(args, DTYPES[a.dtype]) / (1 << 30)
+    gib = kv_cache_gib(args, DTYPES[a.dtype], max(batches), a.context + a.steps)
     engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
-        kv_cache_memory_gib=gib * 1.2, max_num_seqs=max(batches), max_num_batched_tokens=4096,
+        kv_cache_memory_gib=gib, max_num_seqs=max(batches), max_num_batched_tokens=4096,
         enable_prefix_caching=False))
     for b in batches:
         profile_decode(engine, b, a.context, a.steps, args.vocab_size)
