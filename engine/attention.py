@@ -32,6 +32,7 @@ class AttentionGroup:
     # Decode groups on the CUDA kernel path only (the kernel masks by position itself):
     key_start: Optional[mx.array] = None  # (G,) position of the first live key
     query_positions: Optional[mx.array] = None  # (G,)
+    splits: int = 1  # thread blocks per (sequence, KV head) on the kernel (flash-decoding)
 
 
 @dataclass
@@ -68,7 +69,8 @@ def paged_attention(
             q_g = q[g.query_index]
         if g.key_start is not None:  # decode group on the CUDA kernel
             out = paged_decode_attention(q_g, k_pool, v_pool, g.block_tables, g.key_start,
-                                         g.query_positions, block_size, meta.sliding_window)
+                                         g.query_positions, block_size, meta.sliding_window,
+                                         g.splits)
             outputs.append(out.reshape(g.num_seqs, -1))
             continue
         # (G, Lq, H, D) -> (G, H, Lq, D)
@@ -92,11 +94,13 @@ def _gather(blocks: mx.array, block_tables: mx.array) -> mx.array:
 
 
 def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, block_size: int,
-                                   window: Optional[int], dtype: mx.Dtype, seed: int = 0) -> bool:
+                                   window: Optional[int], dtype: mx.Dtype, seed: int = 0,
+                                   splits: tuple[int, ...] = (1, 4)) -> bool:
     """Run the CUDA decode kernel and the portable path on the same random paged cache.
 
     Sequences of assorted lengths (some past the window, some starting mid-table as after
-    window freeing) over scrambled blocks; True when every output agrees.
+    window freeing, some shorter than the number of splits) over scrambled blocks; True when
+    every output agrees, for each number of key splits.
     """
     rng = np.random.default_rng(seed)
     lengths = [1, 5, block_size, 3 * block_size + 7, 40 * block_size + 3]
@@ -123,8 +127,11 @@ def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, b
     values = _gather(v_pool.reshape(num_blocks, block_size, kv_heads, head_dim), bt)
     ref = mx.fast.scaled_dot_product_attention(q[:, :, None], keys, values, scale=head_dim ** -0.5,
                                                mask=mx.array(visible[:, None, None, :]))[:, :, 0]
-    got = paged_decode_attention(q, k_pool, v_pool, bt,
-                                 mx.array((first * block_size).astype(np.int32)),
-                                 mx.array(q_pos.astype(np.int32)), block_size, window)
     tol = 1e-4 if dtype == mx.float32 else 2e-2
-    return bool(mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol))
+    for n in splits:
+        got = paged_decode_attention(q, k_pool, v_pool, bt,
+                                     mx.array((first * block_size).astype(np.int32)),
+                                     mx.array(q_pos.astype(np.int32)), block_size, window, n)
+        if not mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol):
+            return False
+    return True

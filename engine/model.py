@@ -29,6 +29,23 @@ def project(layer: nn.Module, x: mx.array, dequant_min_rows: Optional[int]) -> m
     return layer(x)
 
 
+def concat_linear(layers: list[nn.Module]) -> nn.Module:
+    """One Linear (or QuantizedLinear) computing every layer's output side by side.
+
+    Rows of a weight are output features, and quantization groups run along the input
+    dimension, so weights, scales and biases all concatenate along axis 0.
+    """
+    first = layers[0]
+    fused = type(first).__new__(type(first))
+    nn.Module.__init__(fused)
+    for name, value in vars(first).items():  # group_size, bits, mode, ...
+        if not hasattr(fused, name):
+            object.__setattr__(fused, name, value)
+    for name in first.keys():
+        fused[name] = mx.concatenate([layer[name] for layer in layers], axis=0)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -42,12 +59,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        """Replace q_proj, k_proj, v_proj by one qkv_proj: one matmul instead of three."""
+        self.qkv_proj = concat_linear([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
     def __call__(self, x: mx.array, positions: mx.array, cache: PagedKVCache, layer: int,
                  meta: AttentionMetadata, dq: Optional[int]) -> mx.array:
         t = x.shape[0]
-        q = project(self.q_proj, x, dq).reshape(t, self.n_heads, 1, self.head_dim)
-        k = project(self.k_proj, x, dq).reshape(t, self.n_kv_heads, 1, self.head_dim)
-        v = project(self.v_proj, x, dq).reshape(t, self.n_kv_heads, self.head_dim)
+        if "qkv_proj" in self:
+            q_end = self.n_heads * self.head_dim
+            k_end = q_end + self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(project(self.qkv_proj, x, dq), [q_end, k_end], axis=-1)
+        else:
+            q, k, v = (project(p, x, dq) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(t, self.n_heads, 1, self.head_dim)
+        k = k.reshape(t, self.n_kv_heads, 1, self.head_dim)
+        v = v.reshape(t, self.n_kv_heads, self.head_dim)
         # Each token is its own "batch" row so RoPE takes a per-token position.
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
                          offset=positions)
@@ -66,9 +94,23 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        """Replace gate_proj and up_proj by one gate_up_proj: one matmul instead of two."""
+        self.gate_up_proj = concat_linear([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def __call__(self, x: mx.array, dq: Optional[int]) -> mx.array:
-        h = nn.silu(project(self.gate_proj, x, dq)) * project(self.up_proj, x, dq)
-        return project(self.down_proj, h, dq)
+        if "gate_up_proj" in self:
+            gate, up = mx.split(project(self.gate_up_proj, x, dq), 2, axis=-1)
+        else:
+            gate, up = project(self.gate_proj, x, dq), project(self.up_proj, x, dq)
+        return project(self.down_proj, _swiglu(gate, up), dq)
+
+
+@mx.compile
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    # Compiled: one fused elementwise kernel instead of sigmoid, two multiplies.
+    return nn.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -111,6 +153,18 @@ class Mistral(nn.Module):
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, cache, i, meta, self.dequant_min_rows)
         return self.model.norm(h)
+
+    def fuse_projections(self) -> None:
+        """Fuse q|k|v and gate|up in every layer (fewer, larger matmuls; same numbers).
+
+        Done by the engine once the weights are loaded; checkpoints keep Hugging Face names.
+        Each layer is evaluated as it goes, so the unfused weights are freed layer by layer.
+        """
+        for layer in self.model.layers:
+            if "qkv_proj" not in layer.self_attn:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+                mx.eval(layer.parameters())
 
     def logits(self, hidden: mx.array) -> mx.array:
         return project(self.lm_head, hidden, self.dequant_min_rows)

@@ -3,10 +3,12 @@
 The portable path (engine/attention.py) gathers every sequence's live KV blocks into a
 contiguous copy before SDPA, so each step reads the KV cache three times and builds a mask
 on the host. This kernel reads K and V straight from the pools through the block table,
-once: one thread block per (sequence, KV head) serves that head's whole GQA group of query
-heads, warps split the keys, and an online softmax merges them. It is used only where
-`self_check()` has shown it to match the portable path on this machine; everywhere else
-the portable path runs.
+once: a thread block per (sequence, KV head) serves that head's whole GQA group of query
+heads, warps split the keys, and an online softmax merges them. When the batch is small or
+the contexts long, each sequence's keys are also split over several blocks (flash-decoding)
+and a second kernel merges the splits, so a few long sequences still fill the GPU. It is
+used only where engine.attention.decode_kernel_matches_portable has shown it to match the
+portable path on this machine; everywhere else the portable path runs.
 """
 
 from __future__ import annotations
@@ -19,19 +21,29 @@ import mlx.core as mx
 log = logging.getLogger(__name__)
 
 NUM_WARPS = 4
+MAX_SPLITS = 32
+MIN_KEYS_PER_SPLIT = 128
+TARGET_BLOCKS = 1024  # a few waves over an H100's 132 SMs
 
-_SOURCE = r"""
+# One thread block per (sequence, KV head, split). Each split walks its share of the keys
+# with NUM_WARPS warps (lanes split the head dims) and an online softmax per query head.
+_BODY = r"""
     constexpr int DPL = D / 32;  // head dims per lane
     const float NEG_INF = -__int_as_float(0x7f800000);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int b = blockIdx.x / KVH;
-    const int g = blockIdx.x % KVH;
+    const int split = blockIdx.x % SPLITS;
+    const int b = blockIdx.x / (SPLITS * KVH);
+    const int g = (blockIdx.x / SPLITS) % KVH;
     const int qpos = q_pos[b];
     const int kstart = key_start[b];
     int lo = kstart;
     if (WINDOW > 0) lo = max(lo, qpos - WINDOW + 1);
     const int first_block = kstart / BS;
+    // This split's keys: [lo + split * per, min(qpos, lo + (split + 1) * per - 1)].
+    const int per = (qpos - lo + SPLITS) / SPLITS;
+    const int hi = min(qpos, lo + (split + 1) * per - 1);
+    lo += split * per;
     const float scale = rsqrtf((float)D);
 
     float qv[GQA][DPL], acc[GQA][DPL], m[GQA], l[GQA];
@@ -44,7 +56,7 @@ _SOURCE = r"""
         l[h] = 0.f;
     }
 
-    for (int p = lo + warp; p <= qpos; p += NUM_WARPS) {
+    for (int p = lo + warp; p <= hi; p += NUM_WARPS) {
         const long blk = block_tables[(long)b * block_tables_shape[1] + (p / BS - first_block)];
         const long base = ((blk * BS + p % BS) * KVH + g) * D + lane * DPL;
         float kv[DPL], vv[DPL];
@@ -92,19 +104,52 @@ _SOURCE = r"""
             num += sm_acc[w][h][d] * c;
             den += sm_l[w][h] * c;
         }
-        out[((long)b * (KVH * GQA) + g * GQA + h) * D + d] = static_cast<T>(num / den);
+        EPILOGUE
     }
 """
+# One split: normalize and write the output. Several: write this split's unnormalized
+# numerator, its max and its denominator for _MERGE (an empty split has den == 0).
+_FINAL = "out[((long)b * (KVH * GQA) + g * GQA + h) * D + d] = static_cast<T>(num / den);"
+_PARTIAL = """const long row = (long)blockIdx.x * GQA + h;
+        part_acc[row * D + d] = num;
+        if (d == 0) { part_m[row] = mx_; part_l[row] = den; }"""
+
+# Merge the splits of one (sequence, query head): one thread per head dim.
+_MERGE = r"""
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const int bg = blockIdx.x / GQA;  // sequence * KVH + kv head
+    const int h = blockIdx.x % GQA;
+    const int d = threadIdx.x;
+    float mx_ = NEG_INF;
+    for (int s = 0; s < SPLITS; ++s) mx_ = fmaxf(mx_, part_m[((long)bg * SPLITS + s) * GQA + h]);
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < SPLITS; ++s) {
+        const long row = ((long)bg * SPLITS + s) * GQA + h;
+        const float ms = part_m[row];
+        const float c = (ms == NEG_INF) ? 0.f : __expf(ms - mx_);
+        num += part_acc[row * D + d] * c;
+        den += part_l[row] * c;
+    }
+    out[(long)blockIdx.x * D + d] = static_cast<T>(num / den);
+"""
+
+_INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos"]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(split: bool):
+    if split:
+        return mx.fast.cuda_kernel(name="paged_decode_attention_split", input_names=_INPUTS,
+                                   output_names=["part_acc", "part_m", "part_l"],
+                                   source=_BODY.replace("EPILOGUE", _PARTIAL))
+    return mx.fast.cuda_kernel(name="paged_decode_attention", input_names=_INPUTS,
+                               output_names=["out"], source=_BODY.replace("EPILOGUE", _FINAL))
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
-    return mx.fast.cuda_kernel(
-        name="paged_decode_attention",
-        input_names=["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos"],
-        output_names=["out"],
-        source=_SOURCE,
-    )
+def _merge_kernel():
+    return mx.fast.cuda_kernel(name="paged_decode_merge", input_names=["part_acc", "part_m", "part_l"],
+                               output_names=["out"], source=_MERGE)
 
 
 def supported(head_dim: int, dtype: mx.Dtype) -> bool:
@@ -113,22 +158,42 @@ def supported(head_dim: int, dtype: mx.Dtype) -> bool:
             and dtype in (mx.float32, mx.float16, mx.bfloat16))
 
 
+def num_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
+    """How many thread blocks share one (sequence, KV head)'s keys (flash-decoding).
+
+    One block per (sequence, KV head) leaves most of the GPU idle when the batch is small
+    and walks long contexts serially; splitting the keys fills ~TARGET_BLOCKS blocks while
+    giving each split at least MIN_KEYS_PER_SPLIT keys. Powers of two keep shapes few.
+    """
+    splits = 1
+    while (splits < MAX_SPLITS and num_seqs * kv_heads * splits * 2 <= TARGET_BLOCKS
+           and max_keys >= 2 * splits * MIN_KEYS_PER_SPLIT):
+        splits *= 2
+    return splits
+
+
 def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
                            block_tables: mx.array, key_start: mx.array, q_pos: mx.array,
-                           block_size: int, window: int | None) -> mx.array:
+                           block_size: int, window: int | None, splits: int = 1) -> mx.array:
     """One query per sequence: q (G, H, D) -> (G, H, D), reading K/V through block tables.
 
     block_tables (G, max_blocks) hold the live blocks from logical block key_start // block_size;
     q_pos (G,) is each query's position, and its own K/V must already be in the pools.
+    splits > 1 divides each sequence's keys over that many thread blocks, merged after.
     """
     g, h, d = q.shape
     kvh = k_pool.shape[1]
-    return _kernel()(
-        inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos],
-        template=[("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", h // kvh),
-                  ("WINDOW", window or 0), ("NUM_WARPS", NUM_WARPS)],
-        grid=(g * kvh * 32 * NUM_WARPS, 1, 1),
-        threadgroup=(32 * NUM_WARPS, 1, 1),
-        output_shapes=[q.shape],
-        output_dtypes=[q.dtype],
-    )[0]
+    gqa = h // kvh
+    template = [("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", gqa),
+                ("WINDOW", window or 0), ("NUM_WARPS", NUM_WARPS), ("SPLITS", splits)]
+    launch = dict(inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos], template=template,
+                  grid=(g * kvh * splits * 32 * NUM_WARPS, 1, 1), threadgroup=(32 * NUM_WARPS, 1, 1))
+    if splits == 1:
+        return _kernel(False)(**launch, output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+    rows = g * kvh * splits * gqa
+    parts = _kernel(True)(**launch, output_shapes=[(rows, d), (rows,), (rows,)],
+                          output_dtypes=[mx.float32] * 3)
+    return _merge_kernel()(
+        inputs=parts, template=[("T", q.dtype), ("D", d), ("GQA", gqa), ("SPLITS", splits)],
+        grid=(g * h * d, 1, 1), threadgroup=(d, 1, 1),
+        output_shapes=[q.shape], output_dtypes=[q.dtype])[0]

@@ -36,6 +36,7 @@ class ModelRunner:
     def __init__(self, model: Mistral, args: ModelArgs, kv_cache: PagedKVCache, seed: int = 0,
                  attention_backend: str = "auto"):
         self.model = model
+        model.fuse_projections()
         self.args = args
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -135,6 +136,8 @@ class ModelRunner:
     def _kernel_group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                       num_tokens: int) -> AttentionGroup:
         """A decode group for the CUDA kernel: block tables and positions, no mask."""
+        from engine.paged_decode import num_splits
+        max_keys = max(r.start_position + 1 - r.first_block_index * self.block_size for r in reqs)
         n_blocks = -(-max(len(r.block_table) for r in reqs) // BLOCK_PAD) * BLOCK_PAD
         tables = np.zeros((len(reqs), n_blocks), np.int32)
         for i, r in enumerate(reqs):
@@ -143,7 +146,8 @@ class ModelRunner:
             token_start=token_start, num_tokens=num_tokens, query_index=None, output_index=None,
             block_tables=mx.array(tables), mask=None, num_seqs=len(reqs), query_len=1,
             key_start=mx.array([r.first_block_index * self.block_size for r in reqs], mx.int32),
-            query_positions=mx.array([r.start_position for r in reqs], mx.int32))
+            query_positions=mx.array([r.start_position for r in reqs], mx.int32),
+            splits=num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                num_tokens: int) -> AttentionGroup:

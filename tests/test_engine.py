@@ -27,6 +27,12 @@ def make_engine(tokenizer, window=8, blocks_gib=0.01, **cfg):
     return LLMEngine(model, args, tokenizer, config), ref_cfg
 
 
+def hf_weights(window):
+    """make_engine's weights under their checkpoint names, taken before the engine fuses them."""
+    model = tiny_model(seed=1, vocab_size=VOCAB, sliding_window=window)[0]
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
 def run(engine, prompts: dict, params: dict):
     for rid, ids in prompts.items():
         engine.add_request(rid, ids, params[rid] if isinstance(params, dict) else params)
@@ -53,7 +59,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, return_log
 @pytest.mark.parametrize("window", [None, 8])
 def test_greedy_tokens_match_reference(tokenizer, window):
     engine, cfg = make_engine(tokenizer, window=window, max_num_batched_tokens=16)
-    weights = {k: np.array(v) for k, v in tree_flatten(engine.model.parameters())}
+    weights = hf_weights(window)
     prompts = prompts_of([3, 21, 9, 30])  # 21 and 30 > window, chunked by the 16-token budget
     tokens, logprobs, _ = run(engine, prompts, GREEDY)
     for rid, ids in prompts.items():
@@ -125,7 +131,7 @@ def test_penalties_follow_the_reference_through_the_engine(tokenizer):
     steps with penalties are not overlapped (an in-flight token would be missed).
     """
     engine, cfg = make_engine(tokenizer, window=None)
-    weights = {k: np.array(v) for k, v in tree_flatten(engine.model.parameters())}
+    weights = hf_weights(None)
     cases = {"p": (prompts_of([12], seed=11)["r0"], 1.0, 0.0, 1.5),
              "q": (prompts_of([5], seed=4)["r0"], 1.0, 1.2, 0.0),
              "r": (prompts_of([9], seed=6)["r0"], 1.8, 0.0, 0.0)}

@@ -16,7 +16,25 @@ pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's 
     (32, 8, 128, 16), (4, 2, 32, 4), (8, 8, 64, 32)])
 def test_kernel_matches_portable(dtype, window, heads, kv_heads, head_dim, block_size):
     assert paged_decode.supported(head_dim, dtype)
-    assert decode_kernel_matches_portable(heads, kv_heads, head_dim, block_size, window, dtype)
+    # 1: one block per (sequence, KV head); 5: keys split over blocks, then merged.
+    assert decode_kernel_matches_portable(heads, kv_heads, head_dim, block_size, window, dtype,
+                                          splits=(1, 5))
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_many_splits_match_portable(window):
+    # 32 splits leave some splits of the short sequences empty: they must merge as nothing.
+    assert decode_kernel_matches_portable(32, 8, 128, 16, window, mx.bfloat16, splits=(2, 8, 32))
+
+
+def test_num_splits_fills_the_gpu_and_keeps_splits_long():
+    assert paged_decode.num_splits(128, 8, 300) == 1  # 1,024 blocks already
+    assert paged_decode.num_splits(1, 8, 4096) == paged_decode.MAX_SPLITS
+    assert paged_decode.num_splits(1, 8, 100) == 1  # too few keys to share
+    for seqs, keys in [(1, 256), (32, 4096), (64, 1024), (8, 1024)]:
+        s = paged_decode.num_splits(seqs, 8, keys)
+        assert s & (s - 1) == 0 and keys >= s * paged_decode.MIN_KEYS_PER_SPLIT
+        assert seqs * 8 * s <= paged_decode.TARGET_BLOCKS
 
 
 @pytest.mark.parametrize("window", [None, 8])
@@ -29,7 +47,8 @@ def test_engine_tokens_same_with_and_without_kernel(window, tmp_path):
     write_tokenizer_files(tmp_path, version="v3")
     tok = Tokenizer.from_dir(tmp_path)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(10, 32768, n).tolist() for n in (3, 17, 30, 9)]
+    # 700 tokens: without a window the kernel splits that sequence's keys over blocks.
+    prompts = [rng.integers(10, 32768, n).tolist() for n in (3, 17, 30, 9, 700)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, return_logprobs=True)
     results = {}
     for backend in ("portable", "cuda"):

@@ -1,0 +1,142 @@
+"""Device time of each kind of op in a decode step, summed over all layers.
+
+    python -m loadtest.op_profile --shape 7b --dtype bfloat16 --batch 1,64,128 --context 1024
+
+Each op kind (the q/k/v projections, the MLP matmuls, norms, RoPE, KV writes, attention,
+the LM head) runs once per layer on that layer's own weights, so weights stream from
+memory as in a real step, and is timed as one evaluated batch after a warm-up. The rows
+show what a step spends where, and what fused variants (one q|k|v matmul, one gate|up
+matmul, dequantize + GEMM for 4-bit) would save. Also prints the memory-traffic floor of
+the step: (weight bytes + KV bytes read) / --bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from engine.config import ModelArgs
+from engine.engine import DTYPES
+from engine.paged_decode import paged_decode_attention, supported
+from loadtest.offline_bench import SHAPES
+
+
+def _time(fn, reps: int = 5) -> float:
+    """Median seconds of fn() with everything it builds evaluated."""
+    mx.eval(fn())
+    times = []
+    for _ in range(reps):
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _weights(n_layers: int, shape: tuple[int, int], dtype, bits):
+    ws = [(mx.random.normal(shape) * shape[1] ** -0.5).astype(dtype) for _ in range(n_layers)]
+    if bits:
+        ws = [mx.quantize(w, group_size=64, bits=bits) for w in ws]
+    mx.eval(ws)
+    return ws
+
+
+def _matmul(x, w, bits, dequant: bool):
+    if not bits:
+        return x @ w.T
+    wq, scales, biases = w
+    if dequant:
+        return x @ mx.dequantize(wq, scales, biases, 64, bits).astype(x.dtype).T
+    return mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=bits)
+
+
+def profile(args: ModelArgs, dtype, bits, batch: int, context: int, bandwidth: float,
+            block_size: int = 16) -> None:
+    L, hid, inter = args.num_hidden_layers, args.hidden_size, args.intermediate_size
+    h, kvh, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    x = mx.random.normal((batch, hid)).astype(dtype)
+    w = {name: _weights(L, shape, dtype, bits) for name, shape in [
+        ("q", (h * d, hid)), ("k", (kvh * d, hid)), ("v", (kvh * d, hid)), ("o", (hid, h * d)),
+        ("gate", (inter, hid)), ("up", (inter, hid)), ("down", (hid, inter)),
+        ("qkv", ((h + 2 * kvh) * d, hid)), ("gate_up", (2 * inter, hid))]}
+    head = _weights(1, (args.vocab_size, hid), dtype, bits)[0]
+    norm_w = mx.ones((hid,), dtype)
+    nblk = -(-(context + 1) // block_size)
+    pools = [mx.random.normal((batch * nblk * block_size, kvh, d)).astype(dtype) for _ in range(2)]
+    tables = mx.arange(batch * nblk).reshape(batch, nblk).astype(mx.int32)
+    slots = tables[:, -1] * block_size
+    qd = mx.random.normal((batch, h, d)).astype(dtype)
+    kd = mx.random.normal((batch, kvh, d)).astype(dtype)
+    inter_act = mx.random.normal((batch, inter)).astype(dtype)
+    attn_out = mx.random.normal((batch, h * d)).astype(dtype)
+    pos = mx.full((batch,), context, mx.int32)
+    mx.eval(x, norm_w, pools, tables, qd, kd, inter_act, attn_out, pos)
+
+    def per_layer(op):
+        return lambda: [op(i) for i in range(L)]
+
+    rows = []
+    for dq in ([False, True] if bits else [False]):
+        tag = " (dequant+GEMM)" if dq else ""
+        mm = lambda n, inp, dq=dq: per_layer(lambda i: _matmul(inp, w[n][i], bits, dq))
+        rows += [(f"q+k+v separate{tag}", lambda mm=mm: [mm(n, x)() for n in "qkv"]),
+                 (f"qkv fused{tag}", mm("qkv", x)),
+                 (f"o_proj{tag}", mm("o", attn_out)),
+                 (f"gate+up separate{tag}", lambda mm=mm: [mm(n, x)() for n in ("gate", "up")]),
+                 (f"gate_up fused{tag}", mm("gate_up", x)),
+                 (f"down{tag}", mm("down", inter_act))]
+    rows += [
+        ("rms_norm x2", per_layer(lambda i: [mx.fast.rms_norm(x, norm_w, 1e-5) for _ in range(2)])),
+        ("rope q,k", per_layer(lambda i: [
+            mx.fast.rope(t.reshape(batch, -1, 1, d), d, traditional=False, base=1e6, scale=1.0,
+                         offset=pos) for t in (qd, kd)])),
+        ("silu(gate)*up", per_layer(lambda i: nn.silu(inter_act) * inter_act)),
+        ("residual adds x2", per_layer(lambda i: [x + x for _ in range(2)])),
+        ("lm_head (once)", lambda: _matmul(x, head, bits, False)),
+    ]
+    if supported(d, dtype):
+        rows.append(("paged decode attention", per_layer(lambda i: paged_decode_attention(
+            qd, pools[0], pools[1], tables, mx.zeros((batch,), mx.int32), pos, block_size,
+            args.sliding_window))))
+
+    def scatter():
+        for p in pools:
+            p[slots] = kd
+        return pools
+    rows.append(("KV scatter x2 (per layer)", lambda: [scatter() for _ in range(L)]))
+
+    print(f"\n-- batch {batch}, context {context}, {dtype}{f', {bits}-bit' if bits else ''}"
+          f" (sum over {L} layers)")
+    for name, fn in rows:
+        print(f"   {name:<34} {_time(fn) * 1e3:8.3f} ms")
+    weight_bytes = sum(p.nbytes for ws in (w[n] for n in ("q", "k", "v", "o", "gate", "up", "down"))
+                       for p in (ws if not bits else [a for t in ws for a in t]))
+    weight_bytes += sum(a.nbytes for a in (head if bits else [head]))
+    kv_bytes = 2 * L * batch * (context + 1) * kvh * d * pools[0].itemsize
+    floor = (weight_bytes + kv_bytes) / bandwidth
+    print(f"   memory floor: ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.2f} GB KV) "
+          f"/ {bandwidth / 1e12:.2f} TB/s = {floor * 1e3:.2f} ms")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--bits", type=int, choices=[4, 8])
+    ap.add_argument("--batch", default="1,64")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100: 3.35e12)")
+    a = ap.parse_args(argv)
+    args = ModelArgs.from_dict(SHAPES[a.shape])
+    for b in (int(x) for x in a.batch.split(",")):
+        profile(args, DTYPES[a.dtype], a.bits, b, a.context, a.bandwidth)
+
+
+if __name__ == "__main__":
+    main()
