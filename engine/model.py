@@ -104,13 +104,9 @@ class MLP(nn.Module):
             gate, up = mx.split(project(self.gate_up_proj, x, dq), 2, axis=-1)
         else:
             gate, up = project(self.gate_proj, x, dq), project(self.up_proj, x, dq)
-        return project(self.down_proj, _swiglu(gate, up), dq)
-
-
-@mx.compile
-def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    # Compiled: one fused elementwise kernel instead of sigmoid, two multiplies.
-    return nn.silu(gate) * up
+        # Written out rather than nn.silu (an mx.compile'd function): gate and up are strided
+        # views of one matmul output here. See loadtest/gpu_diag.py.
+        return project(self.down_proj, gate * mx.sigmoid(gate) * up, dq)
 
 
 class DecoderLayer(nn.Module):

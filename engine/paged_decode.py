@@ -21,27 +21,35 @@ import mlx.core as mx
 log = logging.getLogger(__name__)
 
 NUM_WARPS = 4
+UNROLL = 4  # keys each warp loads before using them
 MAX_SPLITS = 32
 MIN_KEYS_PER_SPLIT = 128
 TARGET_BLOCKS = 1024  # a few waves over an H100's 132 SMs
 
 # One thread block per (sequence, KV head, split). Each split walks its share of the keys
 # with NUM_WARPS warps (lanes split the head dims) and an online softmax per query head.
+# Each warp loads UNROLL keys before using any of them, so several loads are in flight at
+# once: one key at a time left the kernel latency-bound at about half the HBM bandwidth.
+_HEADER = r"""
+template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
+"""
 _BODY = r"""
     constexpr int DPL = D / 32;  // head dims per lane
     const float NEG_INF = -__int_as_float(0x7f800000);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int split = blockIdx.x % SPLITS;
-    const int b = blockIdx.x / (SPLITS * KVH);
-    const int g = (blockIdx.x / SPLITS) % KVH;
+    const int groups = q_pos_shape[0] * KVH;  // (sequence, KV head) pairs
+    const int splits = gridDim.x / groups;
+    const int split = blockIdx.x % splits;
+    const int b = blockIdx.x / (splits * KVH);
+    const int g = (blockIdx.x / splits) % KVH;
     const int qpos = q_pos[b];
     const int kstart = key_start[b];
     int lo = kstart;
-    if (WINDOW > 0) lo = max(lo, qpos - WINDOW + 1);
+    if (window[0] > 0) lo = max(lo, qpos - window[0] + 1);
     const int first_block = kstart / BS;
     // This split's keys: [lo + split * per, min(qpos, lo + (split + 1) * per - 1)].
-    const int per = (qpos - lo + SPLITS) / SPLITS;
+    const int per = (qpos - lo + splits) / splits;
     const int hi = min(qpos, lo + (split + 1) * per - 1);
     lo += split * per;
     const float scale = rsqrtf((float)D);
@@ -56,27 +64,36 @@ _BODY = r"""
         l[h] = 0.f;
     }
 
-    for (int p = lo + warp; p <= hi; p += NUM_WARPS) {
-        const long blk = block_tables[(long)b * block_tables_shape[1] + (p / BS - first_block)];
-        const long base = ((blk * BS + p % BS) * KVH + g) * D + lane * DPL;
-        float kv[DPL], vv[DPL];
+    const int* table = block_tables + (long)b * block_tables_shape[1];
+    for (int p0 = lo + warp * UNROLL; p0 <= hi; p0 += NUM_WARPS * UNROLL) {
+        Vec<T, DPL> kv[UNROLL], vv[UNROLL];
         #pragma unroll
-        for (int i = 0; i < DPL; ++i) { kv[i] = static_cast<float>(k_pool[base + i]);
-                                         vv[i] = static_cast<float>(v_pool[base + i]); }
+        for (int u = 0; u < UNROLL; ++u) {
+            const int p = min(p0 + u, hi);  // past hi: a duplicate load, never used
+            const long base = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D
+                              + lane * DPL;
+            kv[u] = *reinterpret_cast<const Vec<T, DPL>*>(k_pool + base);
+            vv[u] = *reinterpret_cast<const Vec<T, DPL>*>(v_pool + base);
+        }
         #pragma unroll
-        for (int h = 0; h < GQA; ++h) {
-            float s = 0.f;
+        for (int u = 0; u < UNROLL; ++u) {
+            if (p0 + u > hi) break;  // the same for every lane of the warp
             #pragma unroll
-            for (int i = 0; i < DPL; ++i) s += qv[h][i] * kv[i];
-            #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
-            const float m_new = fmaxf(m[h], s);
-            const float corr = __expf(m[h] - m_new);
-            const float e = __expf(s - m_new);
-            l[h] = l[h] * corr + e;
-            #pragma unroll
-            for (int i = 0; i < DPL; ++i) acc[h][i] = acc[h][i] * corr + e * vv[i];
-            m[h] = m_new;
+            for (int h = 0; h < GQA; ++h) {
+                float s = 0.f;
+                #pragma unroll
+                for (int i = 0; i < DPL; ++i) s += qv[h][i] * static_cast<float>(kv[u].v[i]);
+                #pragma unroll
+                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+                const float m_new = fmaxf(m[h], s);
+                const float corr = __expf(m[h] - m_new);
+                const float e = __expf(s - m_new);
+                l[h] = l[h] * corr + e;
+                #pragma unroll
+                for (int i = 0; i < DPL; ++i)
+                    acc[h][i] = acc[h][i] * corr + e * static_cast<float>(vv[u].v[i]);
+                m[h] = m_new;
+            }
         }
     }
 
@@ -117,14 +134,15 @@ _PARTIAL = """const long row = (long)blockIdx.x * GQA + h;
 # Merge the splits of one (sequence, query head): one thread per head dim.
 _MERGE = r"""
     const float NEG_INF = -__int_as_float(0x7f800000);
+    const int splits = part_m_shape[0] / gridDim.x;
     const int bg = blockIdx.x / GQA;  // sequence * KVH + kv head
     const int h = blockIdx.x % GQA;
     const int d = threadIdx.x;
     float mx_ = NEG_INF;
-    for (int s = 0; s < SPLITS; ++s) mx_ = fmaxf(mx_, part_m[((long)bg * SPLITS + s) * GQA + h]);
+    for (int s = 0; s < splits; ++s) mx_ = fmaxf(mx_, part_m[((long)bg * splits + s) * GQA + h]);
     float num = 0.f, den = 0.f;
-    for (int s = 0; s < SPLITS; ++s) {
-        const long row = ((long)bg * SPLITS + s) * GQA + h;
+    for (int s = 0; s < splits; ++s) {
+        const long row = ((long)bg * splits + s) * GQA + h;
         const float ms = part_m[row];
         const float c = (ms == NEG_INF) ? 0.f : __expf(ms - mx_);
         num += part_acc[row * D + d] * c;
@@ -133,7 +151,7 @@ _MERGE = r"""
     out[(long)blockIdx.x * D + d] = static_cast<T>(num / den);
 """
 
-_INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos"]
+_INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos", "window"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,9 +159,10 @@ def _kernel(split: bool):
     if split:
         return mx.fast.cuda_kernel(name="paged_decode_attention_split", input_names=_INPUTS,
                                    output_names=["part_acc", "part_m", "part_l"],
-                                   source=_BODY.replace("EPILOGUE", _PARTIAL))
+                                   source=_BODY.replace("EPILOGUE", _PARTIAL), header=_HEADER)
     return mx.fast.cuda_kernel(name="paged_decode_attention", input_names=_INPUTS,
-                               output_names=["out"], source=_BODY.replace("EPILOGUE", _FINAL))
+                               output_names=["out"], source=_BODY.replace("EPILOGUE", _FINAL),
+                               header=_HEADER)
 
 
 @functools.lru_cache(maxsize=1)
@@ -172,6 +191,11 @@ def num_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
     return splits
 
 
+@functools.lru_cache(maxsize=None)
+def _window_array(window: int) -> mx.array:
+    return mx.array([window], mx.int32)
+
+
 def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
                            block_tables: mx.array, key_start: mx.array, q_pos: mx.array,
                            block_size: int, window: int | None, splits: int = 1) -> mx.array:
@@ -185,8 +209,10 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     kvh = k_pool.shape[1]
     gqa = h // kvh
     template = [("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", gqa),
-                ("WINDOW", window or 0), ("NUM_WARPS", NUM_WARPS), ("SPLITS", splits)]
-    launch = dict(inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos], template=template,
+                ("NUM_WARPS", NUM_WARPS), ("UNROLL", UNROLL)]
+    # The window is an input, not a template argument: one compiled kernel serves every model.
+    launch = dict(inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos,
+                          _window_array(window or 0)], template=template,
                   grid=(g * kvh * splits * 32 * NUM_WARPS, 1, 1), threadgroup=(32 * NUM_WARPS, 1, 1))
     if splits == 1:
         return _kernel(False)(**launch, output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
@@ -194,6 +220,6 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     parts = _kernel(True)(**launch, output_shapes=[(rows, d), (rows,), (rows,)],
                           output_dtypes=[mx.float32] * 3)
     return _merge_kernel()(
-        inputs=parts, template=[("T", q.dtype), ("D", d), ("GQA", gqa), ("SPLITS", splits)],
+        inputs=parts, template=[("T", q.dtype), ("D", d), ("GQA", gqa)],
         grid=(g * h * d, 1, 1), threadgroup=(d, 1, 1),
         output_shapes=[q.shape], output_dtypes=[q.dtype])[0]

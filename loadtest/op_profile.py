@@ -123,6 +123,20 @@ def profile(args: ModelArgs, dtype, bits, batch: int, context: int, bandwidth: f
           f"/ {bandwidth / 1e12:.2f} TB/s = {floor * 1e3:.2f} ms")
 
 
+def qmm_sweep(args: ModelArgs, dtype, bits: int, rows: list[int]) -> None:
+    """gate|up of every layer at M rows: quantized matmul vs dequantize + dense GEMM."""
+    L, hid, inter = args.num_hidden_layers, args.hidden_size, args.intermediate_size
+    w = _weights(L, (2 * inter, hid), dtype, bits)
+    dense = _weights(L, (2 * inter, hid), dtype, None)
+    print(f"\n-- gate|up over {L} layers, {bits}-bit vs {dtype} (ms)")
+    print(f"   {'rows':>6} {'quantized mm':>13} {'dequant+GEMM':>13} {'dense':>9}")
+    for m in rows:
+        x = mx.random.normal((m, hid)).astype(dtype)
+        t = [_time(lambda dq=dq: [_matmul(x, w[i], bits, dq) for i in range(L)]) for dq in (False, True)]
+        t.append(_time(lambda: [x @ dense[i].T for i in range(L)]))
+        print(f"   {m:>6} {t[0] * 1e3:>13.3f} {t[1] * 1e3:>13.3f} {t[2] * 1e3:>9.3f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,8 +146,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", default="1,64")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100: 3.35e12)")
+    ap.add_argument("--qmm-rows", help="only the quantized-matmul sweep over these row counts")
     a = ap.parse_args(argv)
     args = ModelArgs.from_dict(SHAPES[a.shape])
+    if a.qmm_rows:
+        qmm_sweep(args, DTYPES[a.dtype], a.bits or 4, [int(m) for m in a.qmm_rows.split(",")])
+        return
     for b in (int(x) for x in a.batch.split(",")):
         profile(args, DTYPES[a.dtype], a.bits, b, a.context, a.bandwidth)
 
