@@ -70,7 +70,10 @@ class Attention(nn.Module):
         if "qkv_proj" in self:
             q_end = self.n_heads * self.head_dim
             k_end = q_end + self.n_kv_heads * self.head_dim
-            q, k, v = mx.split(project(self.qkv_proj, x, dq), [q_end, k_end], axis=-1)
+            # Made contiguous: on MLX's CUDA backend, strided views of the fused output gave
+            # wrong KV writes and invalid CUDA graph nodes further down (RoPE keeps strides).
+            q, k, v = (mx.contiguous(a) for a in
+                       mx.split(project(self.qkv_proj, x, dq), [q_end, k_end], axis=-1))
         else:
             q, k, v = (project(p, x, dq) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(t, self.n_heads, 1, self.head_dim)

@@ -27,9 +27,10 @@ from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, 
 log = logging.getLogger(__name__)
 
 BLOCK_PAD = 4  # pad block-table widths to a multiple of this to limit distinct shapes
-# Measured on an H200 (loadtest/RESULTS.md): MLX's CUDA 4-bit matmul loses to
-# dequantize + bf16 GEMM from a handful of rows on.
-DEQUANT_MIN_ROWS_CUDA = 8
+# Measured on an H200 with MLX 0.32.4 (`python -m loadtest.op_profile --qmm-rows ...`,
+# loadtest/RESULTS.md): MLX's CUDA 4-bit matmul beats dequantize + bf16 GEMM up to 128 rows
+# and loses from 256 on.
+DEQUANT_MIN_ROWS_CUDA = 192
 
 
 class ModelRunner:
