@@ -27,10 +27,11 @@ from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, 
 log = logging.getLogger(__name__)
 
 BLOCK_PAD = 4  # pad block-table widths to a multiple of this to limit distinct shapes
-# Measured on an H200 with MLX 0.32.4 (`python -m loadtest.op_profile --qmm-rows ...`,
-# loadtest/RESULTS.md): MLX's CUDA 4-bit matmul beats dequantize + bf16 GEMM up to 128 rows
-# and loses from 256 on.
-DEQUANT_MIN_ROWS_CUDA = 192
+# MLX's CUDA 4-bit matmul loses to dequantize + bf16 GEMM for many rows (H200, MLX 0.32.4,
+# `python -m loadtest.op_profile --qmm-rows ...`: from 256 rows on once warm). Between 16 and
+# 128 rows it wins when warm, but a batched 4-bit run with it stalled for minutes (new row
+# counts), so quantized layers fed 8 rows or more keep the dense GEMM.
+DEQUANT_MIN_ROWS_CUDA = 8
 
 
 class ModelRunner:

@@ -9,13 +9,16 @@ case "$card" in *H200*) BW=4.8e12 ;; *) BW=3.35e12 ;; esac
 B="python3 -m loadtest.offline_bench --shape 7b --dtype bfloat16"
 for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   diag) python3 -m loadtest.gpu_diag ;;
+  oldtests) (cd old && PYTHONPATH=$PWD:$PWD/proto timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_engine.py 2>&1 | tail -5) ;;
+  why) timeout 120 python3 -m pytest -q -x -p no:cacheprovider --tb=long tests/test_engine.py 2>&1 | grep -v "^\s*$" | tail -60 ;;
+  grpc) OUT=$OUT timeout 300 bash loadtest/gpu_grpc_bench.sh 2>&1 | grep -v Warning | tail -40 ;;
   tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_paged_kernel.py tests/test_fused_projections.py tests/test_engine.py 2>&1 | tail -8 ;;
-  ops) timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --batch 1,64,128 --context 1024 --bandwidth $BW ;;
+  ops) timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --batch 1,64 --context 1024 --bandwidth $BW ;;
   qmm) timeout 150 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --bits 4 --qmm-rows 1,4,16,32,64,128,256,512,2048 ;;
   step) timeout 150 python3 -m loadtest.profile_step --shape 7b --dtype bfloat16 --batch 64 --context 1024 --steps 10 ;;
   single) timeout 120 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --peer-batch-sizes 1 --json $OUT/single.json | tail -3 ;;
   w1) timeout 240 $B --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --peer-batch-sizes 64,128 --json $OUT/w1.json | tail -4 ;;
   w2) timeout 240 $B --num-prompts 64 --input-len 1024 --output-len 256 --max-num-seqs 64 --peer-batch-sizes 64 --json $OUT/w2.json | tail -3 ;;
-  q4) timeout 120 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit.json | tail -2
+  q4) timeout 150 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit.json | tail -2
       timeout 100 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;
 esac; echo "   ($s: $(( $(date +%s) - t0 )) s)"; done

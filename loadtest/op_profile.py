@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.config import ModelArgs
 from engine.engine import DTYPES
-from engine.paged_decode import paged_decode_attention, supported
+from engine.paged_decode import num_splits, paged_decode_attention, supported
 from loadtest.offline_bench import SHAPES
 
 
@@ -102,7 +102,7 @@ def profile(args: ModelArgs, dtype, bits, batch: int, context: int, bandwidth: f
     if supported(d, dtype):
         rows.append(("paged decode attention", per_layer(lambda i: paged_decode_attention(
             qd, pools[0], pools[1], tables, mx.zeros((batch,), mx.int32), pos, block_size,
-            args.sliding_window))))
+            args.sliding_window, num_splits(batch, kvh, context + 1)))))
 
     def scatter():
         for p in pools:

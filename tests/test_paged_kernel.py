@@ -28,7 +28,7 @@ def test_many_splits_match_portable(window):
 
 
 def test_num_splits_fills_the_gpu_and_keeps_splits_long():
-    assert paged_decode.num_splits(128, 8, 300) == 1  # 1,024 blocks already
+    assert paged_decode.num_splits(512, 8, 300) == 1  # 4,096 blocks already
     assert paged_decode.num_splits(1, 8, 4096) == paged_decode.MAX_SPLITS
     assert paged_decode.num_splits(1, 8, 100) == 1  # too few keys to share
     for seqs, keys in [(1, 256), (32, 4096), (64, 1024), (8, 1024)]:
