@@ -8,6 +8,7 @@ largest difference from the same op on a contiguous copy (0 expected).
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 def main() -> None:
@@ -29,6 +30,20 @@ def main() -> None:
         }
         for name, (x, y) in checks.items():
             print(f"t={t:<3} {name:<34} max |diff| = {mx.abs(x - y).max().item():.3g}")
+    # Sorting a whole vocabulary (top-p) and float32 matmul precision (TF32?).
+    for rows in (1, 18, 128):
+        x = mx.random.normal((rows, 32768))
+        try:
+            order = mx.argsort(-x, axis=-1)
+            ok = bool(mx.all(mx.take_along_axis(x, order, axis=-1)[:, :-1]
+                             >= mx.take_along_axis(x, order, axis=-1)[:, 1:]).item())
+            print(f"argsort ({rows}, 32768): sorted={ok}")
+        except Exception as e:  # noqa: BLE001
+            print(f"argsort ({rows}, 32768): {type(e).__name__}: {e}")
+    a, b = np.random.default_rng(0).standard_normal((2, 256, 256)).astype(np.float32)
+    got = np.array(mx.array(a) @ mx.array(b))
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    print(f"float32 matmul 256^3: max rel err {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
 
 
 if __name__ == "__main__":
