@@ -1,6 +1,6 @@
 """Checks of MLX ops on strided views (split matmul outputs) against contiguous copies.
 
-    python -m loadtest.gpu_diag
+    PYTHONPATH=. python -m loadtest.gpu_diag
 
 The fused q|k|v and gate|up projections hand later ops strided views; each line prints the
 largest difference from the same op on a contiguous copy (0 expected).
@@ -46,5 +46,45 @@ def main() -> None:
     print(f"float32 matmul 256^3: max rel err {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
 
 
+def engine_trials() -> None:
+    """Bisect the tiny-model batch that fails on CUDA (loadtest/RESULTS.md, GPU-only failures)."""
+    import tempfile
+
+    from engine.engine import EngineConfig, LLMEngine
+    from engine.tokenizer import Tokenizer, write_tokenizer_files
+    from scheduler.request import SamplingParams
+    from tests.tiny import tiny_model
+
+    d = tempfile.mkdtemp()
+    write_tokenizer_files(d, version="v3")
+    tok = Tokenizer.from_dir(d)
+
+    def trial(lengths, params) -> str:
+        model, args, _ = tiny_model(seed=1, vocab_size=32768, sliding_window=8)
+        eng = LLMEngine(model, args, tok, EngineConfig(kv_cache_memory_gib=0.01, block_size=4))
+        rng = np.random.default_rng(3)
+        for i, n in enumerate(lengths):
+            eng.add_request(str(i), rng.integers(10, 32768, n).tolist(), params[i % len(params)])
+        try:
+            while eng.has_unfinished_requests():
+                eng.step()
+            return "ok"
+        except Exception as e:  # noqa: BLE001
+            return "FAIL " + str(e)[:80]
+
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    top_p = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=3, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=3, ignore_eos=True)
+    lp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, return_logprobs=True)
+    many = [1, 5, 17, 40, 2, 8, 33, 11, 4, 26, 9, 19, 3, 14, 6, 22, 13, 13]
+    for name, lengths, params in [
+            ("1 token, greedy", [1], [greedy]), ("5+17 greedy", [5, 17], [greedy]),
+            ("5+17 top-p", [5, 17], [top_p]), ("5+17 seeded", [5, 17], [seeded]),
+            ("5+17 logprobs", [5, 17], [lp]), ("18 greedy", many, [greedy]),
+            ("18 top-p", many, [top_p]), ("18 mixed + logprobs", many, [top_p, lp, seeded])]:
+        print(f"engine {name:<22} {trial(lengths, params)}", flush=True)
+
+
 if __name__ == "__main__":
     main()
+    engine_trials()
