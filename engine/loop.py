@@ -1,8 +1,10 @@
 """The engine thread: the one thread that owns MLX, behind a thread-safe API.
 
 gRPC handlers call submit() / abort() from any thread; outputs come back through the
-per-request callback, called on the engine thread (it must be quick and never block:
-the service hands results to its asyncio loop with call_soon_threadsafe).
+per-request callback, called on the engine thread (it must be quick and never block).
+A user with many requests (the service) can instead install an output sink: it gets each
+step's (callback, output) pairs in ONE call, so the hand-over to another thread costs one
+wake-up per step, not one per request.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from scheduler.request import FinishReason, SamplingParams
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput], None]
+# Gets one step's outputs, in order, with the callback each would have gone to.
+OutputSink = Callable[[list[tuple[OutputCallback, RequestOutput]]], None]
 
 
 class QueueFullError(RuntimeError):
@@ -63,6 +67,7 @@ class EngineLoop:
         self._closed = False  # the thread is ending: submit() refuses (guarded by _lock)
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._sink: Optional[OutputSink] = None
         self.error: Optional[BaseException] = None
 
     # ---- thread-safe API -------------------------------------------------------------------
@@ -105,6 +110,18 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         with self._lock:
             return self._stats
+
+    def set_output_sink(self, sink: Optional[OutputSink]) -> None:
+        """Route step outputs through `sink` (None: back to calling each callback).
+
+        sink(pairs) runs on the engine thread once per step (and once when the loop ends
+        its requests) with that batch's (callback, output) pairs in order, and must be quick
+        and never block; delivering each output to its callback is then the sink's job.
+        Outputs answered outside a step (a refused duplicate id, a request still queued at
+        shutdown) still call their callback directly, so callbacks must stay thread-safe.
+        Set it before submitting requests.
+        """
+        self._sink = sink
 
     # ---- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -167,6 +184,8 @@ class EngineLoop:
                 self._stats = stats
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        sink = self._sink
+        pairs: list[tuple[OutputCallback, RequestOutput]] = []
         for out in outputs:
             rid = out.request_id
             aborted = self._aborted.get(rid)
@@ -177,7 +196,15 @@ class EngineLoop:
             else:
                 cb = self._callbacks.pop(rid, None) if out.finished else self._callbacks.get(rid)
             if cb is not None:
-                self._answer(cb, out)
+                if sink is None:
+                    self._answer(cb, out)
+                else:
+                    pairs.append((cb, out))
+        if pairs:
+            try:
+                sink(pairs)
+            except Exception:  # a broken consumer must not stop the engine
+                log.exception("output sink failed for %d output(s)", len(pairs))
 
     @staticmethod
     def _answer(cb: OutputCallback, out: RequestOutput) -> None:
@@ -197,8 +224,8 @@ class EngineLoop:
                 if cb is not None:
                     self._answer(cb, _final(request_id, message, FinishReason.CANCELLED))
         self._aborted.clear()
-        for request_id in list(self._callbacks):
-            self._publish([_final(request_id, message, reason)])
+        self._publish([_final(request_id, message, reason)
+                       for request_id in list(self._callbacks)])
 
 
 def _final(request_id: str, message: str,

@@ -1,7 +1,9 @@
 """mistral_serve.v1.Generation: validate, tokenize, stream engine outputs, map errors to codes.
 
 Handlers run on one asyncio loop and never touch MLX: they hand requests to the EngineLoop
-thread and get RequestOutputs back through a per-call asyncio.Queue.
+thread and get RequestOutputs back through a per-call asyncio.Queue. The engine thread hands
+over each step's outputs in ONE call_soon_threadsafe (the servicer's output sink), stamped
+once, so the event loop wakes once per step rather than once per request.
 """
 
 from __future__ import annotations
@@ -117,6 +119,27 @@ class _Call:
     last_token_time: Optional[float] = None
     last: Optional[RequestOutput] = None  # the finished output, once it came
 
+    def deliver(self, stamp: float, out: RequestOutput) -> None:
+        """On the event loop: queue an output stamped when the engine produced it."""
+        self.queue.put_nowait((stamp, out))
+
+
+class _OutputCallback:
+    """A call's EngineLoop callback. Called on the engine thread it hops to the event loop
+    itself (one wake-up per output); the servicer's sink instead delivers whole steps."""
+
+    __slots__ = ("call", "aio_loop")
+
+    def __init__(self, call: _Call, aio_loop: asyncio.AbstractEventLoop):
+        self.call = call
+        self.aio_loop = aio_loop
+
+    def __call__(self, out: RequestOutput) -> None:
+        try:
+            self.aio_loop.call_soon_threadsafe(self.call.deliver, time.monotonic(), out)
+        except RuntimeError:  # the event loop closed during shutdown
+            pass
+
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     """mistral_serve.v1.Generation over an EngineLoop attached once the model has loaded."""
@@ -132,7 +155,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self._idle.set()
 
     def attach(self, engine: LLMEngine, engine_loop: EngineLoop) -> None:
+        """Serve with this engine; called on the event loop, before any request."""
         self.engine, self.engine_loop = engine, engine_loop
+        try:
+            aio_loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test wiring things by hand): per-output hand-over
+            return
+
+        def sink(pairs: list[tuple[Callable, RequestOutput]]) -> None:  # on the engine thread
+            try:
+                aio_loop.call_soon_threadsafe(_dispatch, time.monotonic(), pairs)
+            except RuntimeError:  # the event loop closed during shutdown
+                pass
+
+        engine_loop.set_output_sink(sink)
 
     @property
     def num_calls(self) -> int:
@@ -199,14 +235,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             log.debug("request %s prompt %r", request_id, _describe_input(request))
 
         call = _Call(request_id, len(prompt_ids), arrival, engine_loop)
-        aio_loop = asyncio.get_running_loop()
-
-        def on_output(out: RequestOutput) -> None:  # on the engine thread: stamp and hand over
-            try:
-                aio_loop.call_soon_threadsafe(call.queue.put_nowait, (time.monotonic(), out))
-            except RuntimeError:  # the event loop closed during shutdown
-                pass
-
+        on_output = _OutputCallback(call, asyncio.get_running_loop())
         if request_id in self._calls:
             raise ValidationError(f"request_id {request_id!r} is already in use by a running "
                                   f"request; use a unique id or leave it empty")
@@ -233,21 +262,32 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _response(self, call: _Call, batch: list[tuple[float, RequestOutput]]
                   ) -> pb.GenerateStreamResponse:
-        response = pb.GenerateStreamResponse(request_id=call.request_id)
-        for stamp, out in batch:
+        # Built in one constructor call: it runs once per token per request.
+        if len(batch) == 1:
+            stamp, out = batch[0]
             self._observe(call, stamp, out)
-            response.token_ids.extend(out.new_token_ids)
-            response.text += out.new_text
+            ids, text = out.new_token_ids, out.new_text
+        else:
+            ids, texts = [], []
+            for stamp, out in batch:
+                self._observe(call, stamp, out)
+                ids.extend(out.new_token_ids)
+                texts.append(out.new_text)
+            text = "".join(texts)
+        response = pb.GenerateStreamResponse(request_id=call.request_id, token_ids=ids,
+                                             text=text)
+        for _, out in batch:
             for lp in out.logprobs:
                 response.logprobs.append(pb.TokenLogprob(
                     token_id=lp.token_id, logprob=lp.logprob,
                     top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top_logprobs]))
-            if out.finished:
-                response.finish_reason = _FINISH_REASONS.get(out.finish_reason,
-                                                             pb.FINISH_REASON_UNSPECIFIED)
-                response.usage.prompt_tokens = out.num_prompt_tokens or call.num_prompt_tokens
-                response.usage.completion_tokens = out.num_output_tokens
-                response.usage.cached_tokens = out.num_cached_tokens
+        out = batch[-1][1]  # only the last output of a batch can be the finished one
+        if out.finished:
+            response.finish_reason = _FINISH_REASONS.get(out.finish_reason,
+                                                         pb.FINISH_REASON_UNSPECIFIED)
+            response.usage.prompt_tokens = out.num_prompt_tokens or call.num_prompt_tokens
+            response.usage.completion_tokens = out.num_output_tokens
+            response.usage.cached_tokens = out.num_cached_tokens
         return response
 
     def _observe(self, call: _Call, stamp: float, out: RequestOutput) -> None:
@@ -355,6 +395,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise
         except ValueError as e:  # the Instruct format rejects this conversation's shape
             raise ValidationError(f"chat: {e}") from e
+
+
+def _dispatch(stamp: float, pairs: list[tuple[Callable, RequestOutput]]) -> None:
+    """On the event loop: hand one engine step's outputs to their calls, in order."""
+    for cb, out in pairs:
+        if type(cb) is _OutputCallback:
+            cb.call.deliver(stamp, out)
+        else:  # not one of ours: callbacks are thread-safe, so calling it here is fine
+            try:
+                cb(out)
+            except Exception:  # noqa: BLE001 - one broken consumer must not starve the rest
+                log.exception("output callback failed for %s", out.request_id)
 
 
 def sampling_params(sp: pb.SamplingParams, config: ServerConfig) -> SamplingParams:
