@@ -53,6 +53,9 @@ def prompts_of(lengths, seed=0):
     return {f"r{i}": rng.integers(10, VOCAB, n).tolist() for i, n in enumerate(lengths)}
 
 
+# float32 against the float64 NumPy reference. MLX's CUDA backend rounds float32 matmuls
+# like TF32 (`python -m loadtest.gpu_diag`: 3e-4 relative error), so the GPU gets more slack.
+REF_ATOL = 1e-4 if mx.default_device() == mx.cpu else 2e-3
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, return_logprobs=True)
 
 
@@ -69,7 +72,7 @@ def test_greedy_tokens_match_reference(tokenizer, window):
             - ref.max(-1, keepdims=True)
         assert tokens[rid] == ref.argmax(-1).tolist(), rid
         chosen = ref_lp[np.arange(len(tokens[rid])), tokens[rid]]
-        assert np.allclose(logprobs[rid], chosen, atol=1e-4), rid
+        assert np.allclose(logprobs[rid], chosen, atol=REF_ATOL), rid
 
 
 def test_batch_invariance_greedy_and_seeded(tokenizer):
