@@ -35,6 +35,10 @@ SHAPES = {
     "small": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1536,
                   num_attention_heads=8, num_key_value_heads=2, vocab_size=32768,
                   rope_theta=1e6, max_position_embeddings=32768),
+    # Long-context runs on a CPU (loadtest/window_bench.py): the KV manager's behaviour, not speed.
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                 num_attention_heads=4, num_key_value_heads=1, vocab_size=32768,
+                 rope_theta=1e6, max_position_embeddings=32768),
 }
 
 

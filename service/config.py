@@ -30,6 +30,10 @@ class ServerConfig:
     max_tokens_cap: int = 8192  # largest max_tokens a request may ask for
     max_request_id_chars: int = 128
     max_stop_string_chars: int = 256
+    # GenerateStream sends the first token at once, then a message per this many tokens
+    # (fewer, larger messages: less per-token gRPC work on a busy server; cf. SGLang's and
+    # vLLM's --stream-interval). The last message carries whatever is left.
+    stream_interval: int = 1
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -42,7 +46,7 @@ class ServerConfig:
         if self.metrics_port and self.metrics_port == self.port:
             problems.append(f"metrics_port and port are both {self.port}")
         for name in ("max_waiting", "max_message_bytes", "default_max_tokens", "max_tokens_cap",
-                     "max_request_id_chars", "max_stop_string_chars"):
+                     "max_request_id_chars", "max_stop_string_chars", "stream_interval"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -246,10 +246,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # unfinished request is aborted at once so its KV blocks go back to the pool.
         context.add_done_callback(lambda ctx: self._call_done(call, ctx))
 
+        interval = self.config.stream_interval
         while True:
             batch = [await call.queue.get()]
-            while not batch[-1][1].finished and not call.queue.empty():
-                batch.append(call.queue.get_nowait())  # the client fell behind: merge
+            tokens = len(batch[0][1].new_token_ids)
+            # After the first token, wait for stream_interval tokens per message; and when
+            # the client fell behind, merge whatever is queued.
+            while not batch[-1][1].finished and (
+                    not call.queue.empty() or
+                    (call.first_token_time is not None and tokens < interval)):
+                batch.append(call.queue.get_nowait() if not call.queue.empty()
+                             else await call.queue.get())
+                tokens += len(batch[-1][1].new_token_ids)
             response = self._response(call, batch)
             yield response
             last = batch[-1][1]
