@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import mlx.core as mx
 
@@ -153,17 +154,126 @@ _MERGE = r"""
     out[(long)blockIdx.x * D + d] = static_cast<T>(num / den);
 """
 
+# Version 2 (MISTRAL_SERVE_DECODE_KERNEL=v2, not yet measured on a GPU): a warp scores a
+# tile of 32 keys at once, one key per lane (q in shared memory), so the softmax reductions
+# run once per tile instead of once per key; then lanes split the head dims to accumulate V.
+_BODY_V2 = r"""
+    constexpr int TILE = 32;
+    constexpr int VEC = 16 / sizeof(T) < D ? 16 / sizeof(T) : D;  // elements per 16-byte load
+    constexpr int DPL = D / 32;  // head dims per lane for V
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int groups = q_pos_shape[0] * KVH;
+    const int splits = gridDim.x / groups;
+    const int split = blockIdx.x % splits;
+    const int b = blockIdx.x / (splits * KVH);
+    const int g = (blockIdx.x / splits) % KVH;
+    const int qpos = q_pos[b];
+    const int kstart = key_start[b];
+    int lo = kstart;
+    if (window[0] > 0) lo = max(lo, qpos - window[0] + 1);
+    const int first_block = kstart / BS;
+    const int per = (qpos - lo + splits) / splits;
+    const int hi = min(qpos, lo + (split + 1) * per - 1);
+    lo += split * per;
+    const float scale = rsqrtf((float)D);
+
+    __shared__ float q_s[GQA][D];
+    __shared__ float p_s[NUM_WARPS][GQA][TILE];
+    for (int idx = threadIdx.x; idx < GQA * D; idx += blockDim.x) {
+        q_s[idx / D][idx % D] =
+            static_cast<float>(queries[((long)b * (KVH * GQA) + g * GQA) * D + idx]) * scale;
+    }
+    __syncthreads();
+
+    float acc[GQA][DPL], m[GQA], l[GQA];
+    #pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        #pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[h][i] = 0.f;
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+    }
+
+    const int* table = block_tables + (long)b * block_tables_shape[1];
+    for (int t0 = lo + warp * TILE; t0 <= hi; t0 += NUM_WARPS * TILE) {
+        // Scores: lane j takes key t0 + j (lanes past hi repeat key hi and are masked).
+        const int p = min(t0 + lane, hi);
+        const bool valid = t0 + lane <= hi;
+        const T* krow = k_pool + (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
+        float s[GQA];
+        #pragma unroll
+        for (int h = 0; h < GQA; ++h) s[h] = 0.f;
+        #pragma unroll
+        for (int c = 0; c < D; c += VEC) {
+            const Vec<T, VEC> kv = *reinterpret_cast<const Vec<T, VEC>*>(krow + c);
+            #pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const float kf = static_cast<float>(kv.v[i]);
+                #pragma unroll
+                for (int h = 0; h < GQA; ++h) s[h] += q_s[h][c + i] * kf;
+            }
+        }
+        // Online softmax over the tile, per query head (lane 0's key is always valid).
+        #pragma unroll
+        for (int h = 0; h < GQA; ++h) {
+            const float sh = valid ? s[h] : NEG_INF;
+            float tmax = sh;
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, off));
+            const float m_new = fmaxf(m[h], tmax);
+            const float corr = __expf(m[h] - m_new);
+            const float e = valid ? __expf(sh - m_new) : 0.f;
+            float tsum = e;
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) tsum += __shfl_xor_sync(0xffffffff, tsum, off);
+            l[h] = l[h] * corr + tsum;
+            #pragma unroll
+            for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
+            m[h] = m_new;
+            p_s[warp][h][lane] = e;
+        }
+        __syncwarp();
+        // Values: lanes split the head dims; the tile's keys one after another.
+        const int n = min(TILE, hi - t0 + 1);
+        #pragma unroll 8
+        for (int j = 0; j < n; ++j) {
+            const int pj = t0 + j;
+            const Vec<T, DPL> vv = *reinterpret_cast<const Vec<T, DPL>*>(
+                v_pool + (((long)table[pj / BS - first_block] * BS + pj % BS) * KVH + g) * D + lane * DPL);
+            #pragma unroll
+            for (int h = 0; h < GQA; ++h) {
+                const float w = p_s[warp][h][j];
+                #pragma unroll
+                for (int i = 0; i < DPL; ++i) acc[h][i] += w * static_cast<float>(vv.v[i]);
+            }
+        }
+        __syncwarp();
+    }
+"""
+
 _INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos", "window"]
 
 
+VERSION = os.environ.get("MISTRAL_SERVE_DECODE_KERNEL", "v1")
+
+
+def _source(version: str, epilogue: str) -> str:
+    merge_at = _BODY.index("    // Merge the warps' partial softmaxes.")
+    body = _BODY if version == "v1" else _BODY_V2 + _BODY[merge_at:]
+    return body.replace("EPILOGUE", epilogue)
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(split: bool):
+def _kernel(split: bool, version: str = "v1"):
     if split:
-        return mx.fast.cuda_kernel(name="paged_decode_attention_split", input_names=_INPUTS,
+        return mx.fast.cuda_kernel(name=f"paged_decode_attention_split_{version}",
+                                   input_names=_INPUTS,
                                    output_names=["part_acc", "part_m", "part_l"],
-                                   source=_BODY.replace("EPILOGUE", _PARTIAL), header=_HEADER)
-    return mx.fast.cuda_kernel(name="paged_decode_attention", input_names=_INPUTS,
-                               output_names=["out"], source=_BODY.replace("EPILOGUE", _FINAL),
+                                   source=_source(version, _PARTIAL), header=_HEADER)
+    return mx.fast.cuda_kernel(name=f"paged_decode_attention_{version}", input_names=_INPUTS,
+                               output_names=["out"], source=_source(version, _FINAL),
                                header=_HEADER)
 
 
@@ -200,7 +310,8 @@ def _window_array(window: int) -> mx.array:
 
 def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
                            block_tables: mx.array, key_start: mx.array, q_pos: mx.array,
-                           block_size: int, window: int | None, splits: int = 1) -> mx.array:
+                           block_size: int, window: int | None, splits: int = 1,
+                           version: str | None = None) -> mx.array:
     """One query per sequence: q (G, H, D) -> (G, H, D), reading K/V through block tables.
 
     block_tables (G, max_blocks) hold the live blocks from logical block key_start // block_size;
@@ -216,10 +327,11 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     launch = dict(inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos,
                           _window_array(window or 0)], template=template,
                   grid=(g * kvh * splits * 32 * NUM_WARPS, 1, 1), threadgroup=(32 * NUM_WARPS, 1, 1))
+    version = version or VERSION
     if splits == 1:
-        return _kernel(False)(**launch, output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+        return _kernel(False, version)(**launch, output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
     rows = g * kvh * splits * gqa
-    parts = _kernel(True)(**launch, output_shapes=[(rows, d), (rows,), (rows,)],
+    parts = _kernel(True, version)(**launch, output_shapes=[(rows, d), (rows,), (rows,)],
                           output_dtypes=[mx.float32] * 3)
     return _merge_kernel()(
         inputs=parts, template=[("T", q.dtype), ("D", d), ("GQA", gqa)],

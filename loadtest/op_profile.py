@@ -100,9 +100,12 @@ def profile(args: ModelArgs, dtype, bits, batch: int, context: int, bandwidth: f
         ("lm_head (once)", lambda: _matmul(x, head, bits, False)),
     ]
     if supported(d, dtype):
-        rows.append(("paged decode attention", per_layer(lambda i: paged_decode_attention(
-            qd, pools[0], pools[1], tables, mx.zeros((batch,), mx.int32), pos, block_size,
-            args.sliding_window, num_splits(batch, kvh, context + 1)))))
+        for version in ("v1", "v2"):
+            rows.append((f"paged decode attention {version}", per_layer(
+                lambda i, version=version: paged_decode_attention(
+                    qd, pools[0], pools[1], tables, mx.zeros((batch,), mx.int32), pos,
+                    block_size, args.sliding_window, num_splits(batch, kvh, context + 1),
+                    version=version))))
 
     def scatter():
         for p in pools:

@@ -10,6 +10,12 @@ from engine.attention import decode_kernel_matches_portable
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
 
 
+@pytest.fixture(params=["v1", "v2"], autouse=True)
+def kernel_version(request, monkeypatch):
+    monkeypatch.setattr(paged_decode, "VERSION", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("window", [None, 50, 4096])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
