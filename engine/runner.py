@@ -20,6 +20,7 @@ from engine.attention import AttentionGroup, AttentionMetadata
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
 from engine.model import Mistral
+from engine.paged_decode import num_splits
 from engine.sampling import SamplerOutput, SamplingBatch, sample
 from scheduler.scheduler import INFLIGHT_TOKEN
 from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
@@ -138,7 +139,6 @@ class ModelRunner:
     def _kernel_group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                       num_tokens: int) -> AttentionGroup:
         """A decode group for the CUDA kernel: block tables and positions, no mask."""
-        from engine.paged_decode import num_splits
         max_keys = max(r.start_position + 1 - r.first_block_index * self.block_size for r in reqs)
         n_blocks = -(-max(len(r.block_table) for r in reqs) // BLOCK_PAD) * BLOCK_PAD
         tables = np.zeros((len(reqs), n_blocks), np.int32)

@@ -1,0 +1,29 @@
+"""The CUDA decode kernels' logic, run on the CPU by thread emulation (tests/cuda_emulator.py).
+
+Complements tests/test_paged_kernel.py, which runs the real kernels but only on a GPU: here
+every push runs the same kernel source against a double-precision reference, for windows
+(none, shorter than a block, longer), sequences starting mid-table, and 1, 3 and 8 key splits.
+"""
+
+import pytest
+
+from tests import cuda_emulator
+
+pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ (C++20)")
+
+
+def test_decode_kernel_logic_matches_reference(tmp_path):
+    results = cuda_emulator.run(tmp_path, ("v1",))
+    assert {(w, s) for _, w, s, _ in results} == {(w, s) for w in (0, 7, 50) for s in (1, 3, 8)}
+    bad = [r for r in results if not r[3] < 1e-4]
+    assert not bad, bad
+
+
+def test_emulation_catches_a_broken_kernel(tmp_path, monkeypatch):
+    # Without rescaling the accumulator when the running max grows, the output is wrong.
+    from engine import paged_decode
+    broken = paged_decode._BODY.replace("acc[h][i] = acc[h][i] * corr + e", "acc[h][i] = acc[h][i] + e")
+    assert broken != paged_decode._BODY
+    monkeypatch.setattr(paged_decode, "_BODY", broken)
+    results = cuda_emulator.run(tmp_path, ("v1",))
+    assert any(err > 1e-2 for _, _, _, err in results)
