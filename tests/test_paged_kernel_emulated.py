@@ -13,8 +13,9 @@ pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++
 
 
 def test_decode_kernel_logic_matches_reference(tmp_path):
-    results = cuda_emulator.run(tmp_path, ("v1",))
-    assert {(w, s) for _, w, s, _ in results} == {(w, s) for w in (0, 7, 50) for s in (1, 3, 8)}
+    results = cuda_emulator.run(tmp_path, ("v1", "v2"))
+    assert {(v, w, s) for v, w, s, _ in results} == {
+        (v, w, s) for v in ("v1", "v2") for w in (0, 7, 50) for s in (1, 3, 8)}
     bad = [r for r in results if not r[3] < 1e-4]
     assert not bad, bad
 
