@@ -25,14 +25,16 @@ NUM_WARPS = 4
 UNROLL = 4  # keys each warp loads before using them
 MAX_SPLITS = 32
 MIN_KEYS_PER_SPLIT = 64
-# Enough thread blocks to keep ~8 resident per SM of an H100/H200 (132 SMs) for a few waves:
-# at 1,024 blocks the kernel read KV at only ~1.5 TB/s (batch 64, 1,024-token contexts).
+# Aim for a few waves of ~8 resident blocks per SM on an H100/H200 (132 SMs), so a small
+# batch (batch 1 has only 8 (sequence, KV head) pairs) or long contexts still fill the GPU.
+# At batch 64 x 1,024 keys splitting did not help (H200: 6.1 ms with 8 splits, 5.9 ms with 1,
+# 32 layers): there the per-key shuffle reductions bound the kernel (loadtest/RESULTS.md).
 TARGET_BLOCKS = 4096
 
 # One thread block per (sequence, KV head, split). Each split walks its share of the keys
 # with NUM_WARPS warps (lanes split the head dims) and an online softmax per query head.
 # Each warp loads UNROLL keys before using any of them, so several loads are in flight at
-# once: one key at a time left the kernel latency-bound at about half the HBM bandwidth.
+# once rather than one key's.
 _HEADER = r"""
 template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
 """
