@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests ops qmm step single w1 w2 q4 (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests why ops qmm step single w1 w2 q4 grpc (benchmarks run mlx-lm in the same process).
 set -u
 OUT=${OUT:-loadtest/results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/proto
@@ -9,7 +9,6 @@ case "$card" in *H200*) BW=4.8e12 ;; *) BW=3.35e12 ;; esac
 B="python3 -m loadtest.offline_bench --shape 7b --dtype bfloat16"
 for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   diag) python3 -m loadtest.gpu_diag ;;
-  oldtests) (cd old && PYTHONPATH=$PWD:$PWD/proto timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_engine.py 2>&1 | tail -5) ;;
   why) timeout 120 python3 -m pytest -q -x -p no:cacheprovider --tb=long tests/test_engine.py 2>&1 | grep -v "^\s*$" | tail -60 ;;
   grpc) OUT=$OUT timeout 300 bash loadtest/gpu_grpc_bench.sh 2>&1 | grep -v Warning | tail -40 ;;
   tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_paged_kernel.py tests/test_fused_projections.py tests/test_engine.py 2>&1 | tail -8 ;;
