@@ -158,14 +158,20 @@ _MERGE = r"""
 _INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos", "window"]
 
 
+def kernel_source(epilogue: str) -> str:
+    """The decode kernel's body with its epilogue (_FINAL or _PARTIAL); also run on the CPU
+    by tests/cuda_emulator.py."""
+    return _BODY.replace("EPILOGUE", epilogue)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(split: bool):
     if split:
         return mx.fast.cuda_kernel(name="paged_decode_attention_split", input_names=_INPUTS,
                                    output_names=["part_acc", "part_m", "part_l"],
-                                   source=_BODY.replace("EPILOGUE", _PARTIAL), header=_HEADER)
+                                   source=kernel_source(_PARTIAL), header=_HEADER)
     return mx.fast.cuda_kernel(name="paged_decode_attention", input_names=_INPUTS,
-                               output_names=["out"], source=_BODY.replace("EPILOGUE", _FINAL),
+                               output_names=["out"], source=kernel_source(_FINAL),
                                header=_HEADER)
 
 
