@@ -128,10 +128,11 @@ def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, b
     ref = mx.fast.scaled_dot_product_attention(q[:, :, None], keys, values, scale=head_dim ** -0.5,
                                                mask=mx.array(visible[:, None, None, :]))[:, :, 0]
     tol = 1e-4 if dtype == mx.float32 else 2e-2
+    key_start = mx.array((first * block_size).astype(np.int32))
+    query_positions = mx.array(q_pos.astype(np.int32))
     for n in splits:
-        got = paged_decode_attention(q, k_pool, v_pool, bt,
-                                     mx.array((first * block_size).astype(np.int32)),
-                                     mx.array(q_pos.astype(np.int32)), block_size, window, n)
+        got = paged_decode_attention(q, k_pool, v_pool, bt, key_start, query_positions,
+                                     block_size, window, n)
         if not mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol):
             return False
     return True

@@ -261,7 +261,9 @@ _INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos", 
 VERSION = os.environ.get("MISTRAL_SERVE_DECODE_KERNEL", "v1")
 
 
-def _source(version: str, epilogue: str) -> str:
+def kernel_source(epilogue: str, version: str = "v1") -> str:
+    """A decode kernel's body with its epilogue (_FINAL or _PARTIAL); also run on the CPU
+    by tests/cuda_emulator.py. v2 shares v1's warp-merge epilogue."""
     merge_at = _BODY.index("    // Merge the warps' partial softmaxes.")
     body = _BODY if version == "v1" else _BODY_V2 + _BODY[merge_at:]
     return body.replace("EPILOGUE", epilogue)
@@ -273,9 +275,9 @@ def _kernel(split: bool, version: str = "v1"):
         return mx.fast.cuda_kernel(name=f"paged_decode_attention_split_{version}",
                                    input_names=_INPUTS,
                                    output_names=["part_acc", "part_m", "part_l"],
-                                   source=_source(version, _PARTIAL), header=_HEADER)
+                                   source=kernel_source(_PARTIAL, version), header=_HEADER)
     return mx.fast.cuda_kernel(name=f"paged_decode_attention_{version}", input_names=_INPUTS,
-                               output_names=["out"], source=_source(version, _FINAL),
+                               output_names=["out"], source=kernel_source(_FINAL, version),
                                header=_HEADER)
 
 

@@ -255,8 +255,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             while not batch[-1][1].finished and (
                     not call.queue.empty() or
                     (call.first_token_time is not None and tokens < interval)):
-                batch.append(call.queue.get_nowait() if not call.queue.empty()
-                             else await call.queue.get())
+                batch.append(await call.queue.get())  # no wait when something is queued
                 tokens += len(batch[-1][1].new_token_ids)
             response = self._response(call, batch)
             yield response
@@ -271,19 +270,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _response(self, call: _Call, batch: list[tuple[float, RequestOutput]]
                   ) -> pb.GenerateStreamResponse:
         # Built in one constructor call: it runs once per token per request.
-        if len(batch) == 1:
-            stamp, out = batch[0]
+        ids, texts = [], []
+        for stamp, out in batch:
             self._observe(call, stamp, out)
-            ids, text = out.new_token_ids, out.new_text
-        else:
-            ids, texts = [], []
-            for stamp, out in batch:
-                self._observe(call, stamp, out)
-                ids.extend(out.new_token_ids)
-                texts.append(out.new_text)
-            text = "".join(texts)
+            ids.extend(out.new_token_ids)
+            texts.append(out.new_text)
         response = pb.GenerateStreamResponse(request_id=call.request_id, token_ids=ids,
-                                             text=text)
+                                             text="".join(texts))
         for _, out in batch:
             for lp in out.logprobs:
                 response.logprobs.append(pb.TokenLogprob(

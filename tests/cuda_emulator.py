@@ -33,9 +33,7 @@ def available() -> bool:
 
 
 def _kernel_body(version: str, epilogue: str) -> str:
-    if version == "v1":
-        return pd._BODY.replace("EPILOGUE", epilogue)
-    return pd._source(version, epilogue)  # other kernel versions, where the module has them
+    return pd.kernel_source(epilogue, version)
 
 
 def source(versions: tuple[str, ...]) -> str:
@@ -88,7 +86,7 @@ def source(versions: tuple[str, ...]) -> str:
       gridDim = {blocks, 1, 1}; blockDim = {threads, 1, 1};
       for (int b = 0; b < blocks; ++b) {
         std::barrier<> bb(threads); block_bar = &bb;
-        std::vector<std::barrier<>*> wb; for (int w = 0; w < threads / 32; ++w) { warp_bar[w] = new std::barrier<>(32); }
+        for (int w = 0; w < threads / 32; ++w) warp_bar[w] = new std::barrier<>(32);
         std::vector<std::thread> ts;
         for (int t = 0; t < threads; ++t) ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; f(); });
         for (auto& t : ts) t.join();
