@@ -6,24 +6,40 @@ checkpoint tensors load without renaming.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine import gemv
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
 
 
-def project(layer: nn.Module, x: mx.array, dequant_min_rows: Optional[int]) -> mx.array:
-    """layer(x), but a quantized layer fed many rows may run as dequantize + dense matmul.
+@dataclass(frozen=True)
+class MatmulPlan:
+    """How project() runs a linear layer; the runner sets it for the backend it runs on.
 
-    MLX's CUDA quantized matmul is fast for a few rows and slow for many; dequantizing the
-    weight once per step and using the dense GEMM is much faster there for batched steps.
+    dequant_min_rows: a quantized layer fed at least this many rows runs as dequantize +
+    dense GEMM (MLX's CUDA quantized matmul is slow for many rows); None: never.
+    gemv: few rows go through engine/gemv.py's kernels (after their self-check passed).
     """
-    if dequant_min_rows is not None and isinstance(layer, nn.QuantizedLinear) \
-            and x.shape[0] >= dequant_min_rows:
+
+    dequant_min_rows: Optional[int] = None
+    gemv: bool = False
+
+
+PORTABLE = MatmulPlan()
+
+
+def project(layer: nn.Module, x: mx.array, plan: MatmulPlan) -> mx.array:
+    """layer(x), run the way `plan` says is fastest here."""
+    if plan.gemv and gemv.applies(layer, x):
+        return gemv.gemv(layer, x)
+    if plan.dequant_min_rows is not None and isinstance(layer, nn.QuantizedLinear) \
+            and x.shape[0] >= plan.dequant_min_rows:
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
         return x @ w.astype(x.dtype).T
     return layer(x)
@@ -65,7 +81,7 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def __call__(self, x: mx.array, positions: mx.array, cache: PagedKVCache, layer: int,
-                 meta: AttentionMetadata, dq: Optional[int]) -> mx.array:
+                 meta: AttentionMetadata, plan: MatmulPlan) -> mx.array:
         t = x.shape[0]
         if "qkv_proj" in self:
             q_end = self.n_heads * self.head_dim
@@ -73,9 +89,9 @@ class Attention(nn.Module):
             # Made contiguous: on MLX's CUDA backend, strided views of the fused output gave
             # wrong KV writes and invalid CUDA graph nodes further down (RoPE keeps strides).
             q, k, v = (mx.contiguous(a) for a in
-                       mx.split(project(self.qkv_proj, x, dq), [q_end, k_end], axis=-1))
+                       mx.split(project(self.qkv_proj, x, plan), [q_end, k_end], axis=-1))
         else:
-            q, k, v = (project(p, x, dq) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = (project(p, x, plan) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(t, self.n_heads, 1, self.head_dim)
         k = k.reshape(t, self.n_kv_heads, 1, self.head_dim)
         v = v.reshape(t, self.n_kv_heads, self.head_dim)
@@ -87,7 +103,7 @@ class Attention(nn.Module):
         out, cache.keys[layer], cache.values[layer] = paged_attention(
             q.squeeze(2), k.squeeze(2), v, cache.keys[layer], cache.values[layer], meta,
             cache.block_size, self.scale)
-        return project(self.o_proj, out, dq)
+        return project(self.o_proj, out, plan)
 
 
 class MLP(nn.Module):
@@ -102,14 +118,14 @@ class MLP(nn.Module):
         self.gate_up_proj = concat_linear([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def __call__(self, x: mx.array, dq: Optional[int]) -> mx.array:
+    def __call__(self, x: mx.array, plan: MatmulPlan) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = mx.split(project(self.gate_up_proj, x, dq), 2, axis=-1)
+            gate, up = mx.split(project(self.gate_up_proj, x, plan), 2, axis=-1)
         else:
-            gate, up = project(self.gate_proj, x, dq), project(self.up_proj, x, dq)
+            gate, up = project(self.gate_proj, x, plan), project(self.up_proj, x, plan)
         # Written out rather than nn.silu (an mx.compile'd function): gate and up are strided
         # views of one matmul output here. See loadtest/gpu_diag.py.
-        return project(self.down_proj, gate * mx.sigmoid(gate) * up, dq)
+        return project(self.down_proj, gate * mx.sigmoid(gate) * up, plan)
 
 
 class DecoderLayer(nn.Module):
@@ -120,9 +136,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, positions, cache, layer, meta, dq):
-        h = x + self.self_attn(self.input_layernorm(x), positions, cache, layer, meta, dq)
-        return h + self.mlp(self.post_attention_layernorm(h), dq)
+    def __call__(self, x, positions, cache, layer, meta, plan):
+        h = x + self.self_attn(self.input_layernorm(x), positions, cache, layer, meta, plan)
+        return h + self.mlp(self.post_attention_layernorm(h), plan)
 
 
 class MistralModel(nn.Module):
@@ -141,16 +157,15 @@ class Mistral(nn.Module):
         self.args = args
         self.model = MistralModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        # Quantized layers fed at least this many rows run as dequantize + dense matmul
-        # (set by the runner where that is faster: MLX's CUDA backend); None: never.
-        self.dequant_min_rows: Optional[int] = None
+        # How linear layers run (set by the runner for its backend; see MatmulPlan).
+        self.matmul_plan = PORTABLE
 
     def __call__(self, input_ids: mx.array, positions: mx.array, cache: PagedKVCache,
                  meta: AttentionMetadata) -> mx.array:
         """Hidden states after the final norm, (T, hidden), for a flat batch of T tokens."""
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, cache, i, meta, self.dequant_min_rows)
+            h = layer(h, positions, cache, i, meta, self.matmul_plan)
         return self.model.norm(h)
 
     def fuse_projections(self) -> None:
@@ -166,4 +181,4 @@ class Mistral(nn.Module):
                 mx.eval(layer.parameters())
 
     def logits(self, hidden: mx.array) -> mx.array:
-        return project(self.lm_head, hidden, self.dequant_min_rows)
+        return project(self.lm_head, hidden, self.matmul_plan)

@@ -9,6 +9,7 @@ for it, so the engine can build step N+1 while step N runs: one host sync per st
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 from engine.attention import AttentionGroup, AttentionMetadata
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
-from engine.model import Mistral
+from engine.model import MatmulPlan, Mistral
 from engine.paged_decode import num_splits
 from engine.sampling import SamplerOutput, SamplingBatch, sample
 from scheduler.scheduler import INFLIGHT_TOKEN
@@ -51,7 +52,7 @@ class ModelRunner:
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
         if mx.cuda.is_available() and mx.default_device() == mx.gpu:
-            model.dequant_min_rows = DEQUANT_MIN_ROWS_CUDA
+            model.matmul_plan = MatmulPlan(DEQUANT_MIN_ROWS_CUDA, _choose_gemv(kv_cache.dtype))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for it; every request in `sched` shares one forward pass."""
@@ -219,6 +220,17 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
     if not ok and backend == "cuda":
         raise RuntimeError("the CUDA decode attention kernel is unavailable or failed its self-check")
     log.info("decode attention: %s", "CUDA paged kernel" if ok else "portable gather + SDPA")
+    return ok
+
+
+def _choose_gemv(dtype) -> bool:
+    """Few-row matmuls through engine/gemv.py's kernels where they match MLX's matmul here
+    (MISTRAL_SERVE_GEMV=0 turns them off, e.g. to measure against MLX's own)."""
+    if os.environ.get("MISTRAL_SERVE_GEMV", "1") == "0":
+        return False
+    from engine.gemv import gemv_matches_portable
+    ok = gemv_matches_portable(dtype)
+    log.info("few-row matmuls: %s", "CUDA gemv kernels" if ok else "MLX matmul")
     return ok
 
 

@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests why ops qmm step single w1 w2 q4 grpc (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests ktests why ops gemv splits qmm step single w1 w2 q4 q4single grpc (benchmarks run mlx-lm in the same process).
 set -u
 OUT=${OUT:-loadtest/results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/proto
@@ -11,13 +11,17 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   diag) python3 -m loadtest.gpu_diag ;;
   why) timeout 120 python3 -m pytest -q -x -p no:cacheprovider --tb=long tests/test_engine.py 2>&1 | grep -v "^\s*$" | tail -60 ;;
   grpc) OUT=$OUT timeout 300 bash loadtest/gpu_grpc_bench.sh 2>&1 | grep -v Warning | tail -40 ;;
-  tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_paged_kernel.py tests/test_fused_projections.py tests/test_engine.py 2>&1 | tail -8 ;;
+  tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_paged_kernel.py tests/test_gemv.py tests/test_fused_projections.py tests/test_engine.py 2>&1 | tail -8 ;;
+  ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py tests/test_engine.py 2>&1 | tail -8 ;;
+  gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,8 --bandwidth $BW; done ;;
+  splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;
   ops) timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --batch 1,64 --context 1024 --bandwidth $BW ;;
   qmm) timeout 150 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --bits 4 --qmm-rows 1,4,16,32,64,128,256,512,2048 ;;
   step) timeout 150 python3 -m loadtest.profile_step --shape 7b --dtype bfloat16 --batch 64 --context 1024 --steps 10 ;;
   single) timeout 120 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --peer-batch-sizes 1 --json $OUT/single.json | tail -3 ;;
   w1) timeout 240 $B --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --peer-batch-sizes 64,128 --json $OUT/w1.json | tail -4 ;;
   w2) timeout 240 $B --num-prompts 64 --input-len 1024 --output-len 256 --max-num-seqs 64 --peer-batch-sizes 64 --json $OUT/w2.json | tail -3 ;;
+  q4single) timeout 100 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;
   q4) timeout 150 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit.json | tail -2
       [ -n "${Q4_SINGLE:-}" ] && timeout 100 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;
 esac; echo "   ($s: $(( $(date +%s) - t0 )) s)"; done

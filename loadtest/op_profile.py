@@ -140,6 +140,58 @@ def qmm_sweep(args: ModelArgs, dtype, bits: int, rows: list[int]) -> None:
         print(f"   {m:>6} {t[0] * 1e3:>13.3f} {t[1] * 1e3:>13.3f} {t[2] * 1e3:>9.3f}")
 
 
+def gemv_sweep(args: ModelArgs, dtype, bits, rows: list[int], bandwidth: float) -> None:
+    """Each projection over all layers at M rows: MLX's matmul vs engine/gemv.py's kernel for
+    several (ROWS, UNROLL) choices; % of the memory floor in brackets."""
+    from engine.gemv import matvec
+    L, hid, inter = args.num_hidden_layers, args.hidden_size, args.intermediate_size
+    h, kvh, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    shapes = {"qkv": ((h + 2 * kvh) * d, hid), "o": (hid, h * d), "gate_up": (2 * inter, hid),
+              "down": (hid, inter), "lm_head": (args.vocab_size, hid)}
+    variants = [(1, 4), (2, 4), (4, 2), (2, 8)]
+    print(f"\n-- projections over {L} layers (lm_head once), {dtype}"
+          f"{f', {bits}-bit' if bits else ''}: ms (% of floor at {bandwidth / 1e12:.2f} TB/s)")
+    print(f"   {'matrix':<8} {'M':>2} {'MLX':>14}" + "".join(f"{f'gemv {r}x{u}':>15}" for r, u in variants))
+    for name, shape in shapes.items():
+        ws = _weights(1 if name == "lm_head" else L, shape, dtype, bits)
+        nbytes = sum(a.nbytes for w in ws for a in (w if bits else [w]))
+        for m in rows:
+            x = mx.random.normal((m, shape[1])).astype(dtype)
+            cells = [_time(lambda: [_matmul(x, w, bits, False) for w in ws])]
+            for r, u in variants:
+                if bits:
+                    fn = lambda r=r, u=u: [matvec(x, *w, bits, 64, rows=r, unroll=u) for w in ws]
+                else:
+                    fn = lambda r=r, u=u: [matvec(x, w, rows=r, unroll=u) for w in ws]
+                cells.append(_time(fn))
+            floor = nbytes / bandwidth
+            print(f"   {name:<8} {m:>2}" + "".join(f"{t * 1e3:>8.3f} ({floor / t:>3.0%})" for t in cells))
+
+
+def splits_sweep(args: ModelArgs, dtype, batches: list[int], context: int,
+                 block_size: int = 16) -> None:
+    """Paged decode attention over all layers, per kernel version and split count."""
+    L, h, kvh, d = args.num_hidden_layers, args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    print(f"\n-- paged decode attention over {L} layers, context {context}, {dtype} (ms)")
+    for batch in batches:
+        nblk = -(-(context + 1) // block_size)
+        pools = [mx.random.normal((batch * nblk * block_size, kvh, d)).astype(dtype) for _ in range(2)]
+        tables = mx.arange(batch * nblk).reshape(batch, nblk).astype(mx.int32)
+        qd = mx.random.normal((batch, h, d)).astype(dtype)
+        pos = mx.full((batch,), context, mx.int32)
+        start = mx.zeros((batch,), mx.int32)
+        mx.eval(pools, tables, qd, pos, start)
+        chosen = num_splits(batch, kvh, context + 1)
+        for version in ("v1", "v2"):
+            cells = []
+            for splits in (1, 2, 4, 8, 16, 32):
+                t = _time(lambda: [paged_decode_attention(qd, pools[0], pools[1], tables, start, pos,
+                                                          block_size, args.sliding_window, splits,
+                                                          version=version) for _ in range(L)])
+                cells.append(f"{splits}:{t * 1e3:.3f}{'*' if splits == chosen else ''}")
+            print(f"   batch {batch:>3} {version}  " + "  ".join(cells))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,8 +202,16 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100: 3.35e12)")
     ap.add_argument("--qmm-rows", help="only the quantized-matmul sweep over these row counts")
+    ap.add_argument("--gemv-rows", help="only the few-row matmul sweep over these row counts")
+    ap.add_argument("--splits", action="store_true", help="only the attention split-count sweep")
     a = ap.parse_args(argv)
     args = ModelArgs.from_dict(SHAPES[a.shape])
+    if a.gemv_rows:
+        gemv_sweep(args, DTYPES[a.dtype], a.bits, [int(m) for m in a.gemv_rows.split(",")], a.bandwidth)
+        return
+    if a.splits:
+        splits_sweep(args, DTYPES[a.dtype], [int(x) for x in a.batch.split(",")], a.context)
+        return
     if a.qmm_rows:
         qmm_sweep(args, DTYPES[a.dtype], a.bits or 4, [int(m) for m in a.qmm_rows.split(",")])
         return

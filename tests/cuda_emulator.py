@@ -36,9 +36,7 @@ def _kernel_body(version: str, epilogue: str) -> str:
     return pd.kernel_source(epilogue, version)
 
 
-def source(versions: tuple[str, ...]) -> str:
-    """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases."""
-    prelude = r"""
+PRELUDE = r"""
     #include <cmath>
     #include <cstdint>
     #include <cstring>
@@ -65,7 +63,24 @@ def source(versions: tuple[str, ...]) -> str:
       shfl_buf[w][l] = v; warp_bar[w]->arrive_and_wait();
       float r = shfl_buf[w][l ^ off]; warp_bar[w]->arrive_and_wait(); return r; }
     inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+    struct alignas(16) uint4 { unsigned x, y, z, w; };
+    template <typename F> void launch(int blocks, int threads, F f) {
+      gridDim = {blocks, 1, 1}; blockDim = {threads, 1, 1};
+      for (int b = 0; b < blocks; ++b) {
+        std::barrier<> bb(threads); block_bar = &bb;
+        for (int w = 0; w < threads / 32; ++w) warp_bar[w] = new std::barrier<>(32);
+        std::vector<std::thread> ts;
+        for (int t = 0; t < threads; ++t) ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; f(); });
+        for (auto& t : ts) t.join();
+        for (int w = 0; w < threads / 32; ++w) delete warp_bar[w];
+      }
+    }
     """
+
+
+def source(versions: tuple[str, ...]) -> str:
+    """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases."""
+    prelude = PRELUDE
     params = ("const T* queries, const T* k_pool, const T* v_pool, const int* block_tables, "
               "const int* key_start, const int* q_pos, const int* window, const long* q_pos_shape, "
               "const long* block_tables_shape")
@@ -81,17 +96,6 @@ def source(versions: tuple[str, ...]) -> str:
     template <typename T, int D, int GQA>
     void merge(const float* part_acc, const float* part_m, const float* part_l, const long* part_m_shape, T* out) {
     """ + pd._MERGE + r"""
-    }
-    template <typename F> void launch(int blocks, int threads, F f) {
-      gridDim = {blocks, 1, 1}; blockDim = {threads, 1, 1};
-      for (int b = 0; b < blocks; ++b) {
-        std::barrier<> bb(threads); block_bar = &bb;
-        for (int w = 0; w < threads / 32; ++w) warp_bar[w] = new std::barrier<>(32);
-        std::vector<std::thread> ts;
-        for (int t = 0; t < threads; ++t) ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; f(); });
-        for (auto& t : ts) t.join();
-        for (int w = 0; w < threads / 32; ++w) delete warp_bar[w];
-      }
     }
     constexpr int D = 64, BS = 4, KVH = 2, GQA = 3, NW = 4, UN = 4;
     int main() {
@@ -164,3 +168,66 @@ def run(workdir: Path, versions: tuple[str, ...] = ("v1",)) -> list[tuple[str, i
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
     pattern = r"(\w+) window +(\d+) splits (\d+): max err (\S+)"
     return [(v, int(w), int(s), float(e)) for v, w, s, e in re.findall(pattern, out)]
+
+
+def gemv_source() -> str:
+    """The C++ program for engine/gemv.py's kernels: dense and 4/8-bit cases against a
+    double-precision reference, with widths that leave lanes, unrolled loads and warps idle."""
+    from engine import gemv
+    src = PRELUDE + gemv._HEADER + r"""
+    template <typename T, int K, int M, int ROWS, int UNROLL>
+    void dense(const T* x, const T* w, const long* w_shape, T* y) { """ + \
+        gemv._DENSE.replace("EPILOGUE", gemv._EPILOGUE) + r""" }
+    template <typename T, int K, int M, int ROWS, int UNROLL, int BITS, int GS>
+    void quant(const T* x, const unsigned* w, const T* scales, const T* biases, const long* w_shape,
+               T* y) { """ + gemv._QUANT.replace("EPILOGUE", gemv._EPILOGUE) + r""" }
+    constexpr int WARPS = """ + str(gemv.WARPS) + r""";
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd;
+    double rel_err(const std::vector<float>& y, const std::vector<double>& ref) {
+      double err = 0, scale = 1e-9;
+      for (size_t i = 0; i < y.size(); ++i) { err = max(err, fabs(y[i] - ref[i])); scale = max(scale, fabs(ref[i])); }
+      return err / scale;
+    }
+    template <int K, int M, int ROWS, int UNROLL> void dense_case(int N) {
+      std::vector<float> x(M * K), w((long)N * K), y(M * N, 0.f); std::vector<double> ref(M * N, 0.0);
+      for (auto& v : x) v = nd(rng); for (auto& v : w) v = nd(rng);
+      for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
+        ref[m * N + n] += (double)x[m * K + k] * w[(long)n * K + k];
+      long shape[2] = {N, K}; int warps = (N + ROWS - 1) / ROWS;
+      launch((warps + WARPS - 1) / WARPS, WARPS * 32, [&] { dense<float, K, M, ROWS, UNROLL>(x.data(), w.data(), shape, y.data()); });
+      printf("dense K %d M %d N %d ROWS %d UNROLL %d: rel err %.2e\n", K, M, N, ROWS, UNROLL, rel_err(y, ref));
+    }
+    template <int K, int M, int ROWS, int UNROLL, int BITS, int GS> void quant_case(int N) {
+      constexpr int PER_WORD = 32 / BITS;
+      std::vector<float> x(M * K), s((long)N * K / GS), c(s.size()), y(M * N, 0.f);
+      std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref(M * N, 0.0);
+      for (auto& v : x) v = nd(rng); for (auto& v : s) v = nd(rng); for (auto& v : c) v = nd(rng);
+      for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) {
+        unsigned q = rng() % (1u << BITS);
+        w[((long)n * K + k) / PER_WORD] |= q << (BITS * (k % PER_WORD));
+        double wf = (double)s[((long)n * K + k) / GS] * q + c[((long)n * K + k) / GS];
+        for (int m = 0; m < M; ++m) ref[m * N + n] += wf * x[m * K + k];
+      }
+      long shape[2] = {N, K / PER_WORD}; int warps = (N + ROWS - 1) / ROWS;
+      launch((warps + WARPS - 1) / WARPS, WARPS * 32, [&] { quant<float, K, M, ROWS, UNROLL, BITS, GS>(x.data(), w.data(), s.data(), c.data(), shape, y.data()); });
+      printf("quant%d K %d M %d N %d ROWS %d UNROLL %d: rel err %.2e\n", BITS, K, M, N, ROWS, UNROLL, rel_err(y, ref));
+    }
+    int main() {
+      dense_case<96, 1, 2, 4>(13); dense_case<1024, 3, 2, 4>(13); dense_case<1024, 8, 4, 2>(9);
+      dense_case<1152, 2, 1, 4>(5);
+      quant_case<2048, 1, 2, 4, 4, 64>(13); quant_case<3072, 3, 4, 2, 4, 32>(9);
+      quant_case<512, 8, 2, 4, 8, 64>(13); quant_case<96, 2, 1, 4, 8, 32>(3);
+    }
+    """
+    return src
+
+
+def run_gemv(workdir: Path) -> list[tuple[str, float]]:
+    """Compile and run the gemv emulation; (case, relative error) per case."""
+    cpp, exe = workdir / "gemv.cpp", workdir / "gemv"
+    cpp.write_text(gemv_source())
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(exe), str(cpp)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
+    return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]

@@ -1,0 +1,248 @@
+"""Matrix-vector products for decode steps with few rows, as CUDA kernels (mx.fast.cuda_kernel).
+
+A decode step with a small batch multiplies a few activation rows by every weight matrix, so
+its time is the time to read the weights once. On an H200, MLX's CUDA matmul read them at
+29-75% of peak bandwidth for one row (o_proj lowest, gate|up highest; loadtest/RESULTS.md),
+and its 4-bit quantized matmul was slower still. These kernels give each warp ROWS output
+features: lanes stream a row's weights with 16-byte loads, UNROLL loads in flight per row,
+multiply them by every activation row (at most MAX_ROWS) and reduce across the warp once at
+the end. The quantized kernel unpacks MLX's 4- and 8-bit format (values packed low bits
+first in uint32 words, a scale and a bias per group along the input dimension) in registers.
+
+Used only on MLX's CUDA backend and only after gemv_matches_portable has shown the kernels
+to match MLX's own matmul on this machine (engine/runner.py); elsewhere MLX's matmul runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import mlx.core as mx
+import mlx.nn as nn
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
+ROWS = 2          # output features per warp (each activation load serves ROWS of them)
+UNROLL = 4        # 16-byte chunks per weight row in flight at once
+WARPS = 4         # warps per thread block
+
+_HEADER = r"""
+template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
+"""
+
+# y (M, N) = x (M, K) @ w (N, K)^T. Lane l of a warp takes the chunks l, l + 32, ... of VEC
+# consecutive input features; K must be a multiple of VEC.
+_DENSE = r"""
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int STEP = 32 * VEC;
+    const int N = w_shape[0];
+    const int lane = threadIdx.x & 31;
+    const long n0 = (((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * ROWS;
+    if (n0 >= N) return;
+    float acc[ROWS][M];
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    const T* wrow[ROWS];
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) wrow[r] = w + min(n0 + r, (long)N - 1) * K;
+
+    for (int k0 = lane * VEC; k0 < K; k0 += UNROLL * STEP) {
+        Vec<T, VEC> wv[UNROLL][ROWS];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                if (k0 + u * STEP < K)
+                    wv[u][r] = *reinterpret_cast<const Vec<T, VEC>*>(wrow[r] + k0 + u * STEP);
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (k0 + u * STEP >= K) break;
+            #pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const Vec<T, VEC> xv = *reinterpret_cast<const Vec<T, VEC>*>(x + (long)m * K + k0 + u * STEP);
+                #pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const float xf = static_cast<float>(xv.v[i]);
+                    #pragma unroll
+                    for (int r = 0; r < ROWS; ++r) acc[r][m] += static_cast<float>(wv[u][r].v[i]) * xf;
+                }
+            }
+        }
+    }
+    EPILOGUE
+"""
+
+# The same with w packed: uint32 words of 32 / BITS values, low bits first, and per group of
+# GS input features a scale s and bias c, weight = s * q + c. A lane's 16-byte chunk holds
+# VALS = 128 / BITS consecutive values, all in one group (GS is a multiple of VALS), so
+# sum(w * x) = s * sum(q * x) + c * sum(x) over the chunk.
+_QUANT = r"""
+    constexpr int VALS = 128 / BITS;
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr unsigned MASK = (1u << BITS) - 1u;
+    constexpr int STEP = 32 * VALS;
+    constexpr int XV = 16 / sizeof(T);  // activations per 16-byte load
+    const int N = w_shape[0];
+    const int lane = threadIdx.x & 31;
+    const long n0 = (((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * ROWS;
+    if (n0 >= N) return;
+    float acc[ROWS][M];
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    long row[ROWS];
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) row[r] = min(n0 + r, (long)N - 1);
+
+    for (int k0 = lane * VALS; k0 < K; k0 += UNROLL * STEP) {
+        uint4 wv[UNROLL][ROWS];
+        float sv[UNROLL][ROWS], cv[UNROLL][ROWS];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const int k = k0 + u * STEP;
+                if (k < K) {
+                    wv[u][r] = *reinterpret_cast<const uint4*>(w + row[r] * (K / PER_WORD) + k / PER_WORD);
+                    sv[u][r] = static_cast<float>(scales[row[r] * (K / GS) + k / GS]);
+                    cv[u][r] = static_cast<float>(biases[row[r] * (K / GS) + k / GS]);
+                }
+            }
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int k = k0 + u * STEP;
+            if (k >= K) break;
+            #pragma unroll
+            for (int m = 0; m < M; ++m) {
+                float xf[VALS];
+                #pragma unroll
+                for (int j = 0; j < VALS; j += XV) {
+                    const Vec<T, XV> xv = *reinterpret_cast<const Vec<T, XV>*>(x + (long)m * K + k + j);
+                    #pragma unroll
+                    for (int i = 0; i < XV; ++i) xf[j + i] = static_cast<float>(xv.v[i]);
+                }
+                float xsum = 0.f;
+                #pragma unroll
+                for (int j = 0; j < VALS; ++j) xsum += xf[j];
+                #pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const unsigned words[4] = {wv[u][r].x, wv[u][r].y, wv[u][r].z, wv[u][r].w};
+                    float dot = 0.f;
+                    #pragma unroll
+                    for (int j = 0; j < VALS; ++j)
+                        dot += static_cast<float>((words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & MASK) * xf[j];
+                    acc[r][m] += sv[u][r] * dot + cv[u][r] * xsum;
+                }
+            }
+        }
+    }
+    EPILOGUE
+"""
+
+# Reduce each (feature, row) sum across the warp; lane r * M + m writes it.
+_EPILOGUE = r"""
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
+            float s = acc[r][m];
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+            if (lane == r * M + m && n0 + r < N) y[(long)m * N + n0 + r] = static_cast<T>(s);
+        }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_kernel():
+    return mx.fast.cuda_kernel(name="gemv_dense", input_names=["x", "w"], output_names=["y"],
+                               source=_DENSE.replace("EPILOGUE", _EPILOGUE), header=_HEADER)
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_kernel():
+    return mx.fast.cuda_kernel(name="gemv_quantized", input_names=["x", "w", "scales", "biases"],
+                               output_names=["y"], source=_QUANT.replace("EPILOGUE", _EPILOGUE),
+                               header=_HEADER)
+
+
+def applies(layer: nn.Module, x: mx.array) -> bool:
+    """Whether gemv() computes layer(x): few rows, a float or affine 4/8-bit layer without
+    bias, and widths the 16-byte chunks tile."""
+    rows = x.size // x.shape[-1]
+    if not 1 <= rows <= MAX_ROWS or x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        return False
+    if "bias" in layer:
+        return False
+    k = x.shape[-1]
+    if isinstance(layer, nn.QuantizedLinear):
+        if getattr(layer, "mode", "affine") != "affine" or layer.bits not in (4, 8):
+            return False
+        vals = 128 // layer.bits
+        return k % vals == 0 and layer.group_size % vals == 0 and layer.scales.dtype == x.dtype
+    if type(layer) is nn.Linear:
+        vec = 16 // x.itemsize
+        return k % vec == 0 and layer.weight.dtype == x.dtype
+    return False
+
+
+def gemv(layer: nn.Module, x: mx.array) -> mx.array:
+    """layer(x) for a few rows of x (see applies())."""
+    if isinstance(layer, nn.QuantizedLinear):
+        return matvec(x, layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size)
+    return matvec(x, layer.weight)
+
+
+def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
+           biases: mx.array | None = None, bits: int = 0, group_size: int = 0,
+           rows: int = ROWS, unroll: int = UNROLL) -> mx.array:
+    """x @ w.T with w (N, K) dense, or packed MLX-style with scales/biases when bits is set;
+    rows / unroll are exposed for loadtest/op_profile.py's sweep."""
+    k = x.shape[-1]
+    m = x.size // k
+    n = w.shape[0]
+    template = [("T", x.dtype), ("K", k), ("M", m), ("ROWS", rows), ("UNROLL", unroll)]
+    warps = -(-n // rows)
+    launch = dict(grid=(-(-warps // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
+                  output_shapes=[(m, n)], output_dtypes=[x.dtype])
+    if bits:
+        y = _quant_kernel()(inputs=[x.reshape(m, k), w, scales, biases],
+                            template=template + [("BITS", bits), ("GS", group_size)], **launch)[0]
+    else:
+        y = _dense_kernel()(inputs=[x.reshape(m, k), w], template=template, **launch)[0]
+    return y.reshape(*x.shape[:-1], n)
+
+
+def gemv_matches_portable(dtype=mx.bfloat16, atol: float = 2e-2) -> bool:
+    """Run the kernels against MLX's matmul for dense, 4- and 8-bit layers and 1..MAX_ROWS
+    rows (the runner's start-up self-check; tests/test_gemv.py runs it on the device)."""
+    if not mx.cuda.is_available():
+        return False
+    try:
+        mx.random.seed(0)
+        dense = nn.Linear(512, 200, bias=False)
+        dense.set_dtype(dtype)
+        layers = [dense]
+        for bits in (4, 8):
+            q = nn.QuantizedLinear.from_linear(dense, group_size=64, bits=bits)
+            q.set_dtype(dtype)
+            layers.append(q)
+        for layer in layers:
+            for m in (1, 3, MAX_ROWS):
+                x = mx.random.normal((m, 512)).astype(dtype)
+                got, want = gemv(layer, x), layer(x)
+                err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
+                scale = mx.abs(want.astype(mx.float32)).max().item()
+                if not err <= atol * max(scale, 1.0):
+                    log.warning("small-batch matmul kernel off by %.3g (%s, %d rows); using "
+                                "MLX's matmul", err, type(layer).__name__, m)
+                    return False
+        return True
+    except Exception as exc:  # a kernel that fails to build or run must not stop the server
+        log.warning("small-batch matmul kernel unavailable (%s); using MLX's matmul", exc)
+        return False
