@@ -24,8 +24,8 @@ import mlx.nn as nn
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
-ROWS = 2          # output features per warp (each activation load serves ROWS of them)
-UNROLL = 4        # 16-byte chunks per weight row in flight at once
+ROWS = 4          # output features per warp (each activation load serves ROWS of them)
+UNROLL = 2        # 16-byte chunks per weight row in flight at once
 WARPS = 4         # warps per thread block
 
 _HEADER = r"""

@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 NUM_WARPS = 4
 UNROLL = 4  # keys each warp loads before using them
 MAX_SPLITS = 32
-MIN_KEYS_PER_SPLIT = 64
-# Aim for a few waves of ~8 resident blocks per SM on an H100/H200 (132 SMs), so a small
-# batch (batch 1 has only 8 (sequence, KV head) pairs) or long contexts still fill the GPU.
-# At batch 64 x 1,024 keys splitting did not help (H200: 6.1 ms with 8 splits, 5.9 ms with 1,
-# 32 layers): there the per-key shuffle reductions bound the kernel (loadtest/RESULTS.md).
-TARGET_BLOCKS = 4096
+# Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
+# at every batch size (H200, 32 layers, `op_profile --splits`: v2 at batch 1 0.63 ms with
+# 1 split vs 1.13 ms with 16; batch 8 1.03 vs 2.13; batch 64 3.92 vs 5.38 with 8). So a
+# split gets at least MIN_KEYS_PER_SPLIT keys and splits stop at ~TARGET_BLOCKS blocks:
+# only long contexts at small batches split.
+MIN_KEYS_PER_SPLIT = 1024
+TARGET_BLOCKS = 512
 
 # One thread block per (sequence, KV head, split). Each split walks its share of the keys
 # with NUM_WARPS warps (lanes split the head dims) and an online softmax per query head.
@@ -156,9 +157,11 @@ _MERGE = r"""
     out[(long)blockIdx.x * D + d] = static_cast<T>(num / den);
 """
 
-# Version 2 (MISTRAL_SERVE_DECODE_KERNEL=v2, not yet measured on a GPU): a warp scores a
-# tile of 32 keys at once, one key per lane (q in shared memory), so the softmax reductions
-# run once per tile instead of once per key; then lanes split the head dims to accumulate V.
+# Version 2 (the default; MISTRAL_SERVE_DECODE_KERNEL=v1 selects the first one): a warp
+# scores a tile of 32 keys at once, one key per lane (q in shared memory), so the softmax
+# reductions run once per tile instead of once per key; then lanes split the head dims to
+# accumulate V. H200, 32 layers, 1,024 keys, best split count each: batch 64 3.92 ms vs
+# v1's 5.58, batch 1 0.63 vs 0.74 (loadtest/RESULTS.md).
 _BODY_V2 = r"""
     constexpr int TILE = 32;
     constexpr int VEC = 16 / sizeof(T) < D ? 16 / sizeof(T) : D;  // elements per 16-byte load
@@ -258,7 +261,7 @@ _BODY_V2 = r"""
 _INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos", "window"]
 
 
-VERSION = os.environ.get("MISTRAL_SERVE_DECODE_KERNEL", "v1")
+VERSION = os.environ.get("MISTRAL_SERVE_DECODE_KERNEL", "v2")
 
 
 def kernel_source(epilogue: str, version: str = "v1") -> str:

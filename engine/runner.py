@@ -224,9 +224,10 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
 
 
 def _choose_gemv(dtype) -> bool:
-    """Few-row matmuls through engine/gemv.py's kernels where they match MLX's matmul here
-    (MISTRAL_SERVE_GEMV=0 turns them off, e.g. to measure against MLX's own)."""
-    if os.environ.get("MISTRAL_SERVE_GEMV", "1") == "0":
+    """Few-row matmuls through engine/gemv.py's kernels, opt-in (MISTRAL_SERVE_GEMV=1) and
+    only where they match MLX's matmul here: on an H200 they made single-stream decode
+    slower, not faster (loadtest/RESULTS.md), so MLX's matmul is the default."""
+    if os.environ.get("MISTRAL_SERVE_GEMV", "0") != "1":
         return False
     from engine.gemv import gemv_matches_portable
     ok = gemv_matches_portable(dtype)

@@ -34,9 +34,9 @@ def test_many_splits_match_portable(window):
 
 
 def test_num_splits_fills_the_gpu_and_keeps_splits_long():
-    assert paged_decode.num_splits(512, 8, 300) == 1  # 4,096 blocks already
-    assert paged_decode.num_splits(1, 8, 4096) == paged_decode.MAX_SPLITS
-    assert paged_decode.num_splits(1, 8, 100) == 1  # too few keys to share
+    assert paged_decode.num_splits(64, 8, 30000) == 1  # 512 blocks already
+    assert paged_decode.num_splits(1, 8, 32768) == paged_decode.MAX_SPLITS
+    assert paged_decode.num_splits(1, 8, 1024) == 1  # too few keys to share
     for seqs, keys in [(1, 256), (32, 4096), (64, 1024), (8, 1024)]:
         s = paged_decode.num_splits(seqs, 8, keys)
         assert s & (s - 1) == 0 and keys >= s * paged_decode.MIN_KEYS_PER_SPLIT
