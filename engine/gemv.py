@@ -2,12 +2,14 @@
 
 A decode step with a small batch multiplies a few activation rows by every weight matrix, so
 its time is the time to read the weights once. On an H200, MLX's CUDA matmul read them at
-29-75% of peak bandwidth for one row (o_proj lowest, gate|up highest; loadtest/RESULTS.md),
-and its 4-bit quantized matmul was slower still. These kernels give each warp ROWS output
-features: lanes stream a row's weights with 16-byte loads, UNROLL loads in flight per row,
-multiply them by every activation row (at most MAX_ROWS) and reduce across the warp once at
-the end. The quantized kernel unpacks MLX's 4- and 8-bit format (values packed low bits
-first in uint32 words, a scale and a bias per group along the input dimension) in registers.
+31-78% of peak bandwidth for one row (o_proj lowest, gate|up highest; loadtest/RESULTS.md),
+and its 4-bit quantized matmul at 8-17%. A first version of these kernels (a warp per output
+feature) was no faster: a 4,096-row matrix gave too few warps to keep enough loads in
+flight. Now a thread block per ROWS output features splits the input dimension over its
+warps; threads stream the weights with 16-byte loads, multiply them by every activation row
+(at most MAX_ROWS) and reduce across the warp, then the block. The quantized kernel unpacks
+MLX's 4- and 8-bit format (values packed low bits first in uint32 words, a scale and a bias
+per group along the input dimension) in registers.
 
 Used only on MLX's CUDA backend and only after gemv_matches_portable has shown the kernels
 to match MLX's own matmul on this machine (engine/runner.py); elsewhere MLX's matmul runs.
@@ -24,9 +26,11 @@ import mlx.nn as nn
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
-ROWS = 4          # output features per warp (each activation load serves ROWS of them)
-UNROLL = 2        # 16-byte chunks per weight row in flight at once
-WARPS = 4         # warps per thread block
+# Launch shapes (ROWS, UNROLL, WARPS): a thread block computes ROWS output features (each
+# activation load serves ROWS of them); its WARPS warps split the input dimension, so even
+# a 4,096-row matrix fills the GPU; each thread keeps UNROLL 16-byte loads per row in flight.
+DENSE_LAUNCH = (1, 2, 8)
+QUANT_LAUNCH = (2, 1, 4)
 
 _HEADER = r"""
 template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
@@ -36,11 +40,10 @@ template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
 # consecutive input features; K must be a multiple of VEC.
 _DENSE = r"""
     constexpr int VEC = 16 / sizeof(T);
-    constexpr int STEP = 32 * VEC;
+    constexpr int STEP = NW * 32 * VEC;
     const int N = w_shape[0];
     const int lane = threadIdx.x & 31;
-    const long n0 = (((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * ROWS;
-    if (n0 >= N) return;
+    const long n0 = (long)blockIdx.x * ROWS;
     float acc[ROWS][M];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r)
@@ -50,7 +53,7 @@ _DENSE = r"""
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) wrow[r] = w + min(n0 + r, (long)N - 1) * K;
 
-    for (int k0 = lane * VEC; k0 < K; k0 += UNROLL * STEP) {
+    for (int k0 = threadIdx.x * VEC; k0 < K; k0 += UNROLL * STEP) {
         Vec<T, VEC> wv[UNROLL][ROWS];
         #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
@@ -84,12 +87,11 @@ _QUANT = r"""
     constexpr int VALS = 128 / BITS;
     constexpr int PER_WORD = 32 / BITS;
     constexpr unsigned MASK = (1u << BITS) - 1u;
-    constexpr int STEP = 32 * VALS;
+    constexpr int STEP = NW * 32 * VALS;
     constexpr int XV = 16 / sizeof(T);  // activations per 16-byte load
     const int N = w_shape[0];
     const int lane = threadIdx.x & 31;
-    const long n0 = (((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * ROWS;
-    if (n0 >= N) return;
+    const long n0 = (long)blockIdx.x * ROWS;
     float acc[ROWS][M];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r)
@@ -99,7 +101,7 @@ _QUANT = r"""
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) row[r] = min(n0 + r, (long)N - 1);
 
-    for (int k0 = lane * VALS; k0 < K; k0 += UNROLL * STEP) {
+    for (int k0 = threadIdx.x * VALS; k0 < K; k0 += UNROLL * STEP) {
         uint4 wv[UNROLL][ROWS];
         float sv[UNROLL][ROWS], cv[UNROLL][ROWS];
         #pragma unroll
@@ -144,8 +146,10 @@ _QUANT = r"""
     EPILOGUE
 """
 
-# Reduce each (feature, row) sum across the warp; lane r * M + m writes it.
+# Reduce each (feature, row) sum across the warp, then across the block's warps in shared
+# memory; thread r * M + m writes it.
 _EPILOGUE = r"""
+    __shared__ float red[NW][ROWS * M];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r)
         #pragma unroll
@@ -153,8 +157,16 @@ _EPILOGUE = r"""
             float s = acc[r][m];
             #pragma unroll
             for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
-            if (lane == r * M + m && n0 + r < N) y[(long)m * N + n0 + r] = static_cast<T>(s);
+            if (lane == 0) red[threadIdx.x >> 5][r * M + m] = s;
         }
+    __syncthreads();
+    if (threadIdx.x < ROWS * M) {
+        const int r = threadIdx.x / M, m = threadIdx.x % M;
+        float s = 0.f;
+        #pragma unroll
+        for (int w = 0; w < NW; ++w) s += red[w][threadIdx.x];
+        if (n0 + r < N) y[(long)m * N + n0 + r] = static_cast<T>(s);
+    }
 """
 
 
@@ -200,21 +212,22 @@ def gemv(layer: nn.Module, x: mx.array) -> mx.array:
 
 def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
            biases: mx.array | None = None, bits: int = 0, group_size: int = 0,
-           rows: int = ROWS, unroll: int = UNROLL) -> mx.array:
+           launch: tuple[int, int, int] | None = None) -> mx.array:
     """x @ w.T with w (N, K) dense, or packed MLX-style with scales/biases when bits is set;
-    rows / unroll are exposed for loadtest/op_profile.py's sweep."""
+    launch (ROWS, UNROLL, WARPS) is exposed for loadtest/op_profile.py's sweep."""
+    rows, unroll, warps = launch or (QUANT_LAUNCH if bits else DENSE_LAUNCH)
     k = x.shape[-1]
     m = x.size // k
     n = w.shape[0]
-    template = [("T", x.dtype), ("K", k), ("M", m), ("ROWS", rows), ("UNROLL", unroll)]
-    warps = -(-n // rows)
-    launch = dict(grid=(-(-warps // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
-                  output_shapes=[(m, n)], output_dtypes=[x.dtype])
+    template = [("T", x.dtype), ("K", k), ("M", m), ("ROWS", rows), ("UNROLL", unroll),
+                ("NW", warps)]
+    shape = dict(grid=(-(-n // rows) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
+                 output_shapes=[(m, n)], output_dtypes=[x.dtype])
     if bits:
         y = _quant_kernel()(inputs=[x.reshape(m, k), w, scales, biases],
-                            template=template + [("BITS", bits), ("GS", group_size)], **launch)[0]
+                            template=template + [("BITS", bits), ("GS", group_size)], **shape)[0]
     else:
-        y = _dense_kernel()(inputs=[x.reshape(m, k), w], template=template, **launch)[0]
+        y = _dense_kernel()(inputs=[x.reshape(m, k), w], template=template, **shape)[0]
     return y.reshape(*x.shape[:-1], n)
 
 

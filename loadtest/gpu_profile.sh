@@ -13,7 +13,7 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   grpc) OUT=$OUT timeout 300 bash loadtest/gpu_grpc_bench.sh 2>&1 | grep -v Warning | tail -40 ;;
   tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_paged_kernel.py tests/test_gemv.py tests/test_fused_projections.py tests/test_engine.py 2>&1 | tail -8 ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
-  gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,8 --bandwidth $BW; done ;;
+  gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;
   splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;
   ops) timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --batch 1,64 --context 1024 --bandwidth $BW ;;
   qmm) timeout 150 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --bits 4 --qmm-rows 1,4,16,32,64,128,256,512,2048 ;;

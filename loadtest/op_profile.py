@@ -142,27 +142,28 @@ def qmm_sweep(args: ModelArgs, dtype, bits: int, rows: list[int]) -> None:
 
 def gemv_sweep(args: ModelArgs, dtype, bits, rows: list[int], bandwidth: float) -> None:
     """Each projection over all layers at M rows: MLX's matmul vs engine/gemv.py's kernel for
-    several (ROWS, UNROLL) choices; % of the memory floor in brackets."""
+    several (ROWS, UNROLL, WARPS) launches; % of the memory floor in brackets."""
     from engine.gemv import matvec
     L, hid, inter = args.num_hidden_layers, args.hidden_size, args.intermediate_size
     h, kvh, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
     shapes = {"qkv": ((h + 2 * kvh) * d, hid), "o": (hid, h * d), "gate_up": (2 * inter, hid),
               "down": (hid, inter), "lm_head": (args.vocab_size, hid)}
-    variants = [(1, 4), (2, 4), (4, 2), (2, 8)]
+    variants = ([(1, 1, 4), (2, 1, 4), (4, 1, 2), (1, 2, 8)] if bits else
+                [(1, 2, 8), (1, 4, 4), (2, 2, 4), (1, 1, 16)])
     print(f"\n-- projections over {L} layers (lm_head once), {dtype}"
           f"{f', {bits}-bit' if bits else ''}: ms (% of floor at {bandwidth / 1e12:.2f} TB/s)")
-    print(f"   {'matrix':<8} {'M':>2} {'MLX':>14}" + "".join(f"{f'gemv {r}x{u}':>15}" for r, u in variants))
+    print(f"   {'matrix':<8} {'M':>2} {'MLX':>14}" + "".join(f"{f'gemv {r}x{u}x{nw}':>15}" for r, u, nw in variants))
     for name, shape in shapes.items():
         ws = _weights(1 if name == "lm_head" else L, shape, dtype, bits)
         nbytes = sum(a.nbytes for w in ws for a in (w if bits else [w]))
         for m in rows:
             x = mx.random.normal((m, shape[1])).astype(dtype)
             cells = [_time(lambda: [_matmul(x, w, bits, False) for w in ws])]
-            for r, u in variants:
+            for v in variants:
                 if bits:
-                    fn = lambda r=r, u=u: [matvec(x, *w, bits, 64, rows=r, unroll=u) for w in ws]
+                    fn = lambda v=v: [matvec(x, *w, bits, 64, launch=v) for w in ws]
                 else:
-                    fn = lambda r=r, u=u: [matvec(x, w, rows=r, unroll=u) for w in ws]
+                    fn = lambda v=v: [matvec(x, w, launch=v) for w in ws]
                 cells.append(_time(fn))
             floor = nbytes / bandwidth
             print(f"   {name:<8} {m:>2}" + "".join(f"{t * 1e3:>8.3f} ({floor / t:>3.0%})" for t in cells))

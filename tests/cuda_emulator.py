@@ -175,13 +175,12 @@ def gemv_source() -> str:
     double-precision reference, with widths that leave lanes, unrolled loads and warps idle."""
     from engine import gemv
     src = PRELUDE + gemv._HEADER + r"""
-    template <typename T, int K, int M, int ROWS, int UNROLL>
+    template <typename T, int K, int M, int ROWS, int UNROLL, int NW>
     void dense(const T* x, const T* w, const long* w_shape, T* y) { """ + \
         gemv._DENSE.replace("EPILOGUE", gemv._EPILOGUE) + r""" }
-    template <typename T, int K, int M, int ROWS, int UNROLL, int BITS, int GS>
+    template <typename T, int K, int M, int ROWS, int UNROLL, int NW, int BITS, int GS>
     void quant(const T* x, const unsigned* w, const T* scales, const T* biases, const long* w_shape,
                T* y) { """ + gemv._QUANT.replace("EPILOGUE", gemv._EPILOGUE) + r""" }
-    constexpr int WARPS = """ + str(gemv.WARPS) + r""";
     std::mt19937 rng(3);
     std::normal_distribution<float> nd;
     double rel_err(const std::vector<float>& y, const std::vector<double>& ref) {
@@ -189,16 +188,16 @@ def gemv_source() -> str:
       for (size_t i = 0; i < y.size(); ++i) { err = max(err, fabs(y[i] - ref[i])); scale = max(scale, fabs(ref[i])); }
       return err / scale;
     }
-    template <int K, int M, int ROWS, int UNROLL> void dense_case(int N) {
+    template <int K, int M, int ROWS, int UNROLL, int NW> void dense_case(int N) {
       std::vector<float> x(M * K), w((long)N * K), y(M * N, 0.f); std::vector<double> ref(M * N, 0.0);
       for (auto& v : x) v = nd(rng); for (auto& v : w) v = nd(rng);
       for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
         ref[m * N + n] += (double)x[m * K + k] * w[(long)n * K + k];
-      long shape[2] = {N, K}; int warps = (N + ROWS - 1) / ROWS;
-      launch((warps + WARPS - 1) / WARPS, WARPS * 32, [&] { dense<float, K, M, ROWS, UNROLL>(x.data(), w.data(), shape, y.data()); });
-      printf("dense K %d M %d N %d ROWS %d UNROLL %d: rel err %.2e\n", K, M, N, ROWS, UNROLL, rel_err(y, ref));
+      long shape[2] = {N, K};
+      launch((N + ROWS - 1) / ROWS, NW * 32, [&] { dense<float, K, M, ROWS, UNROLL, NW>(x.data(), w.data(), shape, y.data()); });
+      printf("dense K %d M %d N %d ROWS %d UNROLL %d NW %d: rel err %.2e\n", K, M, N, ROWS, UNROLL, NW, rel_err(y, ref));
     }
-    template <int K, int M, int ROWS, int UNROLL, int BITS, int GS> void quant_case(int N) {
+    template <int K, int M, int ROWS, int UNROLL, int NW, int BITS, int GS> void quant_case(int N) {
       constexpr int PER_WORD = 32 / BITS;
       std::vector<float> x(M * K), s((long)N * K / GS), c(s.size()), y(M * N, 0.f);
       std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref(M * N, 0.0);
@@ -209,15 +208,15 @@ def gemv_source() -> str:
         double wf = (double)s[((long)n * K + k) / GS] * q + c[((long)n * K + k) / GS];
         for (int m = 0; m < M; ++m) ref[m * N + n] += wf * x[m * K + k];
       }
-      long shape[2] = {N, K / PER_WORD}; int warps = (N + ROWS - 1) / ROWS;
-      launch((warps + WARPS - 1) / WARPS, WARPS * 32, [&] { quant<float, K, M, ROWS, UNROLL, BITS, GS>(x.data(), w.data(), s.data(), c.data(), shape, y.data()); });
-      printf("quant%d K %d M %d N %d ROWS %d UNROLL %d: rel err %.2e\n", BITS, K, M, N, ROWS, UNROLL, rel_err(y, ref));
+      long shape[2] = {N, K / PER_WORD};
+      launch((N + ROWS - 1) / ROWS, NW * 32, [&] { quant<float, K, M, ROWS, UNROLL, NW, BITS, GS>(x.data(), w.data(), s.data(), c.data(), shape, y.data()); });
+      printf("quant%d K %d M %d N %d ROWS %d UNROLL %d NW %d: rel err %.2e\n", BITS, K, M, N, ROWS, UNROLL, NW, rel_err(y, ref));
     }
     int main() {
-      dense_case<96, 1, 2, 4>(13); dense_case<1024, 3, 2, 4>(13); dense_case<1024, 8, 4, 2>(9);
-      dense_case<1152, 2, 1, 4>(5);
-      quant_case<2048, 1, 2, 4, 4, 64>(13); quant_case<3072, 3, 4, 2, 4, 32>(9);
-      quant_case<512, 8, 2, 4, 8, 64>(13); quant_case<96, 2, 1, 4, 8, 32>(3);
+      dense_case<96, 1, 2, 4, 1>(13); dense_case<1024, 3, 2, 4, 2>(13); dense_case<1024, 8, 4, 2, 4>(9);
+      dense_case<2304, 2, 1, 2, 8>(5);
+      quant_case<2048, 1, 2, 4, 1, 4, 64>(13); quant_case<3072, 3, 4, 2, 2, 4, 32>(9);
+      quant_case<512, 8, 2, 4, 4, 8, 64>(13); quant_case<1536, 2, 1, 2, 8, 8, 32>(3);
     }
     """
     return src
