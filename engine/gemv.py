@@ -30,7 +30,7 @@ MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
 # activation load serves ROWS of them); its WARPS warps split the input dimension, so even
 # a 4,096-row matrix fills the GPU; each thread keeps UNROLL 16-byte loads per row in flight.
 DENSE_LAUNCH = (1, 2, 8)
-QUANT_LAUNCH = (2, 1, 4)
+QUANT_LAUNCH = (4, 1, 2)
 
 _HEADER = r"""
 template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
@@ -183,9 +183,9 @@ def _quant_kernel():
                                header=_HEADER)
 
 
-def applies(layer: nn.Module, x: mx.array) -> bool:
-    """Whether gemv() computes layer(x): few rows, a float or affine 4/8-bit layer without
-    bias, and widths the 16-byte chunks tile."""
+def applies(layer: nn.Module, x: mx.array, dense: bool = True) -> bool:
+    """Whether gemv() computes layer(x): few rows, a float (if `dense`) or affine 4/8-bit
+    layer without bias, and widths the 16-byte chunks tile."""
     rows = x.size // x.shape[-1]
     if not 1 <= rows <= MAX_ROWS or x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
         return False
@@ -197,7 +197,7 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
             return False
         vals = 128 // layer.bits
         return k % vals == 0 and layer.group_size % vals == 0 and layer.scales.dtype == x.dtype
-    if type(layer) is nn.Linear:
+    if type(layer) is nn.Linear and dense:
         vec = 16 // x.itemsize
         return k % vec == 0 and layer.weight.dtype == x.dtype
     return False

@@ -24,11 +24,13 @@ class MatmulPlan:
 
     dequant_min_rows: a quantized layer fed at least this many rows runs as dequantize +
     dense GEMM (MLX's CUDA quantized matmul is slow for many rows); None: never.
-    gemv: few rows go through engine/gemv.py's kernels (after their self-check passed).
+    gemv: few rows of a quantized layer go through engine/gemv.py's kernels (after their
+    self-check passed); gemv_dense: of a float layer too.
     """
 
     dequant_min_rows: Optional[int] = None
     gemv: bool = False
+    gemv_dense: bool = False
 
 
 PORTABLE = MatmulPlan()
@@ -36,7 +38,7 @@ PORTABLE = MatmulPlan()
 
 def project(layer: nn.Module, x: mx.array, plan: MatmulPlan) -> mx.array:
     """layer(x), run the way `plan` says is fastest here."""
-    if plan.gemv and gemv.applies(layer, x):
+    if plan.gemv and gemv.applies(layer, x, plan.gemv_dense):
         return gemv.gemv(layer, x)
     if plan.dequant_min_rows is not None and isinstance(layer, nn.QuantizedLinear) \
             and x.shape[0] >= plan.dequant_min_rows:

@@ -52,7 +52,7 @@ class ModelRunner:
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
         if mx.cuda.is_available() and mx.default_device() == mx.gpu:
-            model.matmul_plan = MatmulPlan(DEQUANT_MIN_ROWS_CUDA, _choose_gemv(kv_cache.dtype))
+            model.matmul_plan = _choose_plan(kv_cache.dtype)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for it; every request in `sched` shares one forward pass."""
@@ -223,16 +223,23 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
     return ok
 
 
-def _choose_gemv(dtype) -> bool:
-    """Few-row matmuls through engine/gemv.py's kernels, opt-in (MISTRAL_SERVE_GEMV=1) and
-    only where they match MLX's matmul here: on an H200 they made single-stream decode
-    slower, not faster (loadtest/RESULTS.md), so MLX's matmul is the default."""
-    if os.environ.get("MISTRAL_SERVE_GEMV", "0") != "1":
-        return False
-    from engine.gemv import gemv_matches_portable
-    ok = gemv_matches_portable(dtype)
-    log.info("few-row matmuls: %s", "CUDA gemv kernels" if ok else "MLX matmul")
-    return ok
+def _choose_plan(dtype) -> MatmulPlan:
+    """How linear layers run on MLX's CUDA backend.
+
+    Few rows of a quantized layer go through engine/gemv.py's kernels where they match MLX's
+    matmul here: on an H200 they made 4-bit single-stream decode 1.28x faster. For float
+    layers MLX's own matmul was as fast or faster, so they stay opt-in. MISTRAL_SERVE_GEMV:
+    "quant" (default), "all", or "0" (none, to measure against MLX's own).
+    """
+    mode = os.environ.get("MISTRAL_SERVE_GEMV", "quant")
+    if mode not in ("quant", "all", "0"):
+        raise ValueError(f"MISTRAL_SERVE_GEMV must be quant, all or 0, got {mode!r}")
+    ok = False
+    if mode != "0":
+        from engine.gemv import gemv_matches_portable
+        ok = gemv_matches_portable(dtype)
+    log.info("few-row matmuls: %s", f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")
+    return MatmulPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all")
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:
