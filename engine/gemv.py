@@ -39,11 +39,8 @@ _HEADER = r"""
 template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
 """
 
-# y (M, N) = x (M, K) @ w (N, K)^T. Lane l of a warp takes the chunks l, l + 32, ... of VEC
-# consecutive input features; K must be a multiple of VEC.
-_DENSE = r"""
-    constexpr int VEC = 16 / sizeof(T);
-    constexpr int STEP = NW * 32 * VEC;
+# Both kernels: the block's first output feature n0 and its accumulators, (feature, row).
+_PROLOGUE = r"""
     const int N = w_shape[0];
     const int lane = threadIdx.x & 31;
     const long n0 = (long)blockIdx.x * ROWS;
@@ -52,6 +49,14 @@ _DENSE = r"""
     for (int r = 0; r < ROWS; ++r)
         #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+"""
+
+# y (M, N) = x (M, K) @ w (N, K)^T. Thread t of a block takes the chunks t, t + 32 * NW, ...
+# of VEC consecutive input features; K must be a multiple of VEC.
+_DENSE = r"""
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int STEP = NW * 32 * VEC;
+    PROLOGUE
     const T* wrow[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) wrow[r] = w + min(n0 + r, (long)N - 1) * K;
@@ -92,14 +97,7 @@ _QUANT = r"""
     constexpr unsigned MASK = (1u << BITS) - 1u;
     constexpr int STEP = NW * 32 * VALS;
     constexpr int XV = 16 / sizeof(T);  // activations per 16-byte load
-    const int N = w_shape[0];
-    const int lane = threadIdx.x & 31;
-    const long n0 = (long)blockIdx.x * ROWS;
-    float acc[ROWS][M];
-    #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-        #pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    PROLOGUE
     long row[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) row[r] = min(n0 + r, (long)N - 1);
@@ -173,16 +171,21 @@ _EPILOGUE = r"""
 """
 
 
+def kernel_source(body: str) -> str:
+    """A kernel's full source (also run on the CPU by tests/cuda_emulator.py)."""
+    return body.replace("PROLOGUE", _PROLOGUE).replace("EPILOGUE", _EPILOGUE)
+
+
 @functools.lru_cache(maxsize=None)
 def _dense_kernel():
     return mx.fast.cuda_kernel(name="gemv_dense", input_names=["x", "w"], output_names=["y"],
-                               source=_DENSE.replace("EPILOGUE", _EPILOGUE), header=_HEADER)
+                               source=kernel_source(_DENSE), header=_HEADER)
 
 
 @functools.lru_cache(maxsize=None)
 def _quant_kernel():
     return mx.fast.cuda_kernel(name="gemv_quantized", input_names=["x", "w", "scales", "biases"],
-                               output_names=["y"], source=_QUANT.replace("EPILOGUE", _EPILOGUE),
+                               output_names=["y"], source=kernel_source(_QUANT),
                                header=_HEADER)
 
 

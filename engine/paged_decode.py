@@ -39,7 +39,8 @@ TARGET_BLOCKS = 512
 _HEADER = r"""
 template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
 """
-_BODY = r"""
+# Shared by both kernel versions: the (sequence, KV head, split) a block serves, its keys.
+_PROLOGUE = r"""
     constexpr int DPL = D / 32;  // head dims per lane
     const float NEG_INF = -__int_as_float(0x7f800000);
     const int lane = threadIdx.x & 31;
@@ -59,6 +60,8 @@ _BODY = r"""
     const int hi = min(qpos, lo + (split + 1) * per - 1);
     lo += split * per;
     const float scale = rsqrtf((float)D);
+"""
+_BODY = r"""
 
     float qv[GQA][DPL], acc[GQA][DPL], m[GQA], l[GQA];
     #pragma unroll
@@ -165,24 +168,6 @@ _MERGE = r"""
 _BODY_V2 = r"""
     constexpr int TILE = 32;
     constexpr int VEC = 16 / sizeof(T) < D ? 16 / sizeof(T) : D;  // elements per 16-byte load
-    constexpr int DPL = D / 32;  // head dims per lane for V
-    const float NEG_INF = -__int_as_float(0x7f800000);
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int groups = q_pos_shape[0] * KVH;
-    const int splits = gridDim.x / groups;
-    const int split = blockIdx.x % splits;
-    const int b = blockIdx.x / (splits * KVH);
-    const int g = (blockIdx.x / splits) % KVH;
-    const int qpos = q_pos[b];
-    const int kstart = key_start[b];
-    int lo = kstart;
-    if (window[0] > 0) lo = max(lo, qpos - window[0] + 1);
-    const int first_block = kstart / BS;
-    const int per = (qpos - lo + splits) / splits;
-    const int hi = min(qpos, lo + (split + 1) * per - 1);
-    lo += split * per;
-    const float scale = rsqrtf((float)D);
 
     __shared__ float q_s[GQA][D];
     __shared__ float p_s[NUM_WARPS][GQA][TILE];
@@ -269,7 +254,7 @@ def kernel_source(epilogue: str, version: str = "v1") -> str:
     by tests/cuda_emulator.py. v2 shares v1's warp-merge epilogue."""
     merge_at = _BODY.index("    // Merge the warps' partial softmaxes.")
     body = _BODY if version == "v1" else _BODY_V2 + _BODY[merge_at:]
-    return body.replace("EPILOGUE", epilogue)
+    return (_PROLOGUE + body).replace("EPILOGUE", epilogue)
 
 
 @functools.lru_cache(maxsize=None)

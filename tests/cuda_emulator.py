@@ -177,10 +177,10 @@ def gemv_source() -> str:
     src = PRELUDE + gemv._HEADER + r"""
     template <typename T, int K, int M, int ROWS, int UNROLL, int NW>
     void dense(const T* x, const T* w, const long* w_shape, T* y) { """ + \
-        gemv._DENSE.replace("EPILOGUE", gemv._EPILOGUE) + r""" }
+        gemv.kernel_source(gemv._DENSE) + r""" }
     template <typename T, int K, int M, int ROWS, int UNROLL, int NW, int BITS, int GS>
     void quant(const T* x, const unsigned* w, const T* scales, const T* biases, const long* w_shape,
-               T* y) { """ + gemv._QUANT.replace("EPILOGUE", gemv._EPILOGUE) + r""" }
+               T* y) { """ + gemv.kernel_source(gemv._QUANT) + r""" }
     std::mt19937 rng(3);
     std::normal_distribution<float> nd;
     double rel_err(const std::vector<float>& y, const std::vector<double>& ref) {

@@ -18,7 +18,7 @@ def test_self_check_passes(dtype):
 
 @cuda
 @pytest.mark.parametrize("bits", [0, 4, 8])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 5])
 def test_mistral_shapes(bits, rows):
     # The 7B's widest (gate|up, 4096 -> 28672) and longest (down, 14336 -> 4096) inputs.
     for k, n in ((4096, 28672), (14336, 4096)):
