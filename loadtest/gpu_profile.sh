@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests ktests why ops gemv splits qmm step single w1 w2 q4 q4single grpc (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests ktests why ops gemv splits qmm step single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
 set -u
 OUT=${OUT:-loadtest/results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/proto
@@ -21,6 +21,7 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   single) timeout 120 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --peer-batch-sizes 1 --json $OUT/single.json | tail -3 ;;
   w1) timeout 240 $B --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --peer-batch-sizes 64,128 --json $OUT/w1.json | tail -4 ;;
   w2) timeout 240 $B --num-prompts 64 --input-len 1024 --output-len 256 --max-num-seqs 64 --peer-batch-sizes 64 --json $OUT/w2.json | tail -3 ;;
+  window) timeout 550 python3 -m loadtest.window_bench --shape 7b --dtype bfloat16 --num-seqs 32 --total-len 16384 | tail -12 ;;
   q4single) timeout 100 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;
   q4) timeout 150 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit.json | tail -2
       [ -n "${Q4_SINGLE:-}" ] && timeout 100 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;
