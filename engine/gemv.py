@@ -11,8 +11,8 @@ warps; threads stream the weights with 16-byte loads, multiply them by every act
 MLX's 4- and 8-bit format (values packed low bits first in uint32 words, a scale and a bias
 per group along the input dimension) in registers.
 
-Used only on MLX's CUDA backend and only after gemv_matches_portable has shown the kernels
-to match MLX's own matmul on this machine (engine/runner.py); elsewhere MLX's matmul runs.
+Used only on MLX's CUDA backend and only after gemv_matches_layers has shown the kernels
+to match MLX's own matmul on this model's layers (engine/runner.py); elsewhere MLX's matmul runs.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ _QUANT = r"""
 """
 
 # Reduce each (feature, row) sum across the warp, then across the block's warps in shared
-# memory; thread r * M + m writes it.
+# memory; thread i writes sums i, i + NW * 32, ... (sum i = feature i / M, row i % M).
 _EPILOGUE = r"""
     __shared__ float red[NW][ROWS * M];
     #pragma unroll
@@ -161,11 +161,11 @@ _EPILOGUE = r"""
             if (lane == 0) red[threadIdx.x >> 5][r * M + m] = s;
         }
     __syncthreads();
-    if (threadIdx.x < ROWS * M) {
-        const int r = threadIdx.x / M, m = threadIdx.x % M;
+    for (int i = threadIdx.x; i < ROWS * M; i += NW * 32) {
+        const int r = i / M, m = i % M;
         float s = 0.f;
         #pragma unroll
-        for (int w = 0; w < NW; ++w) s += red[w][threadIdx.x];
+        for (int w = 0; w < NW; ++w) s += red[w][i];
         if (n0 + r < N) y[(long)m * N + n0 + r] = static_cast<T>(s);
     }
 """
@@ -190,28 +190,32 @@ def _quant_kernel():
 
 
 def applies(layer: nn.Module, x: mx.array, dense: bool = True) -> bool:
-    """Whether gemv() computes layer(x): few rows, a float (if `dense`) or affine 4/8-bit
-    layer without bias, and widths the 16-byte chunks tile."""
+    """Whether gemv() computes layer(x): few rows, a plain Linear (if `dense`) or affine
+    4/8-bit QuantizedLinear without bias, of x's width and dtype, with widths the 16-byte
+    chunks and the groups tile. (x must also start 16-byte aligned; every caller passes a
+    freshly computed array.)"""
     rows = x.size // x.shape[-1]
     if not 1 <= rows <= MAX_ROWS or x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
         return False
     if "bias" in layer:
         return False
     k = x.shape[-1]
-    if isinstance(layer, nn.QuantizedLinear):
+    if type(layer) is nn.QuantizedLinear:
         if getattr(layer, "mode", "affine") != "affine" or layer.bits not in (4, 8):
             return False
         vals = 128 // layer.bits
-        return k % vals == 0 and layer.group_size % vals == 0 and layer.scales.dtype == x.dtype
+        return (layer.weight.shape[1] * 32 // layer.bits == k and k % layer.group_size == 0
+                and layer.group_size % vals == 0
+                and layer.scales.dtype == layer.biases.dtype == x.dtype)
     if type(layer) is nn.Linear and dense:
-        vec = 16 // x.itemsize
-        return k % vec == 0 and layer.weight.dtype == x.dtype
+        return (layer.weight.shape[1] == k and k % (16 // x.itemsize) == 0
+                and layer.weight.dtype == x.dtype)
     return False
 
 
 def gemv(layer: nn.Module, x: mx.array) -> mx.array:
     """layer(x) for a few rows of x (see applies())."""
-    if isinstance(layer, nn.QuantizedLinear):
+    if type(layer) is nn.QuantizedLinear:
         return matvec(x, layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size)
     return matvec(x, layer.weight)
 
@@ -237,30 +241,35 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
     return y.reshape(*x.shape[:-1], n)
 
 
-def gemv_matches_portable(dtype=mx.bfloat16, atol: float = 2e-2) -> bool:
-    """Run the kernels against MLX's matmul for dense, 4- and 8-bit layers and 1..MAX_ROWS
-    rows (the runner's start-up self-check; tests/test_gemv.py runs it on the device)."""
+def input_width(layer: nn.Module) -> int:
+    w = layer.weight.shape[1]
+    return w * 32 // layer.bits if type(layer) is nn.QuantizedLinear else w
+
+
+def activation_dtype(layer: nn.Module):
+    return layer.scales.dtype if type(layer) is nn.QuantizedLinear else layer.weight.dtype
+
+
+def gemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
+    """Run the kernels on `layers` (the model's own: its widths, dtype, bits and group size)
+    for 1 and MAX_ROWS rows against layer(x): the runner's start-up self-check, which also
+    compiles those kernels before the first request. Layers applies() rejects are skipped
+    (they keep MLX's matmul at run time too)."""
     if not mx.cuda.is_available():
         return False
     try:
         # Explicit keys: a start-up check must not reseed the process's global generator.
-        wkey, *xkeys = mx.random.split(mx.random.key(0), 4)
-        dense = nn.Linear(512, 200, bias=False)
-        dense.weight = (mx.random.normal((200, 512), key=wkey) * 512 ** -0.5).astype(dtype)
-        layers = [dense]
-        for bits in (4, 8):
-            q = nn.QuantizedLinear.from_linear(dense, group_size=64, bits=bits)
-            q.set_dtype(dtype)
-            layers.append(q)
+        keys = mx.random.split(mx.random.key(0), 2)
         for layer in layers:
-            for m, xkey in zip((1, 3, MAX_ROWS), xkeys):
-                x = mx.random.normal((m, 512), key=xkey).astype(dtype)
-                got, want = gemv(layer, x), layer(x)
-                err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
-                scale = mx.abs(want.astype(mx.float32)).max().item()
-                if not err <= atol * max(scale, 1.0):
-                    log.warning("small-batch matmul kernel off by %.3g (%s, %d rows); using "
-                                "MLX's matmul", err, type(layer).__name__, m)
+            for m, key in zip((1, MAX_ROWS), keys):
+                x = mx.random.normal((m, input_width(layer)), key=key).astype(activation_dtype(layer))
+                if not applies(layer, x):
+                    continue
+                got, want = gemv(layer, x).astype(mx.float32), layer(x).astype(mx.float32)
+                err = mx.abs(got - want).max().item()
+                if not err <= atol * max(mx.abs(want).max().item(), 1.0):
+                    log.warning("small-batch matmul kernel off by %.3g (%s %s, %d rows); using "
+                                "MLX's matmul", err, type(layer).__name__, layer.weight.shape, m)
                     return False
         return True
     except Exception as exc:  # a kernel that fails to build or run must not stop the server

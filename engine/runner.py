@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from engine.attention import AttentionGroup, AttentionMetadata
@@ -52,7 +53,7 @@ class ModelRunner:
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
         if mx.cuda.is_available() and mx.default_device() == mx.gpu:
-            model.matmul_plan = _choose_plan(kv_cache.dtype)
+            model.matmul_plan = _choose_plan(model)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for it; every request in `sched` shares one forward pass."""
@@ -223,21 +224,24 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
     return ok
 
 
-def _choose_plan(dtype) -> MatmulPlan:
+def _choose_plan(model: Mistral) -> MatmulPlan:
     """How linear layers run on MLX's CUDA backend.
 
     Few rows of a quantized layer go through engine/gemv.py's kernels where they match MLX's
-    matmul here: on an H200 they made 4-bit single-stream decode 1.28x faster. For float
-    layers MLX's own matmul was as fast or faster, so they stay opt-in. MISTRAL_SERVE_GEMV:
-    "quant" (default), "all", or "0" (none, to measure against MLX's own).
+    matmul on this model's own layers: on an H200 they made 4-bit single-stream decode 1.28x
+    faster. For float layers MLX's own matmul was as fast or faster, so they stay opt-in.
+    MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0" (none, to measure against MLX's own).
     """
     mode = os.environ.get("MISTRAL_SERVE_GEMV", "quant")
     if mode not in ("quant", "all", "0"):
         raise ValueError(f"MISTRAL_SERVE_GEMV must be quant, all or 0, got {mode!r}")
-    ok = False
-    if mode != "0":
-        from engine.gemv import gemv_matches_portable
-        ok = gemv_matches_portable(dtype)
+    from engine.gemv import gemv_matches_layers
+    first = model.model.layers[0]
+    # Every layer shares these shapes and formats, so the first layer and the head stand for all.
+    layers = [first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
+              first.mlp.down_proj, model.lm_head]
+    used = [l for l in layers if mode == "all" or (mode == "quant" and type(l) is nn.QuantizedLinear)]
+    ok = bool(used) and gemv_matches_layers(used)
     log.info("few-row matmuls: %s", f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")
     return MatmulPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all")
 

@@ -214,7 +214,7 @@ def gemv_source() -> str:
     }
     int main() {
       dense_case<96, 1, 2, 4, 1>(13); dense_case<1024, 3, 2, 4, 2>(13); dense_case<1024, 8, 4, 2, 4>(9);
-      dense_case<2304, 2, 1, 2, 8>(5);
+      dense_case<2304, 2, 1, 2, 8>(5); dense_case<96, 8, 8, 1, 1>(13);  // 64 sums, 32 threads
       quant_case<2048, 1, 2, 4, 1, 4, 64>(13); quant_case<3072, 3, 4, 2, 2, 4, 32>(9);
       quant_case<512, 8, 2, 4, 4, 8, 64>(13); quant_case<1536, 2, 1, 2, 8, 8, 32>(3);
     }
