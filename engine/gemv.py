@@ -23,6 +23,8 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.paged_decode import VEC_HEADER
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
@@ -34,10 +36,6 @@ MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
 # once with 4x1x2 (119, a separate run); 2x1x4 stays until both run side by side.
 DENSE_LAUNCH = (1, 2, 8)
 QUANT_LAUNCH = (2, 1, 4)
-
-_HEADER = r"""
-template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
-"""
 
 # Both kernels: the block's first output feature n0 and its accumulators, (feature, row).
 _PROLOGUE = r"""
@@ -179,14 +177,14 @@ def kernel_source(body: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _dense_kernel():
     return mx.fast.cuda_kernel(name="gemv_dense", input_names=["x", "w"], output_names=["y"],
-                               source=kernel_source(_DENSE), header=_HEADER)
+                               source=kernel_source(_DENSE), header=VEC_HEADER)
 
 
 @functools.lru_cache(maxsize=None)
 def _quant_kernel():
     return mx.fast.cuda_kernel(name="gemv_quantized", input_names=["x", "w", "scales", "biases"],
                                output_names=["y"], source=kernel_source(_QUANT),
-                               header=_HEADER)
+                               header=VEC_HEADER)
 
 
 def applies(layer: nn.Module, x: mx.array, dense: bool = True) -> bool:
@@ -204,11 +202,11 @@ def applies(layer: nn.Module, x: mx.array, dense: bool = True) -> bool:
         if getattr(layer, "mode", "affine") != "affine" or layer.bits not in (4, 8):
             return False
         vals = 128 // layer.bits
-        return (layer.weight.shape[1] * 32 // layer.bits == k and k % layer.group_size == 0
+        return (input_width(layer) == k and k % layer.group_size == 0
                 and layer.group_size % vals == 0
                 and layer.scales.dtype == layer.biases.dtype == x.dtype)
     if type(layer) is nn.Linear and dense:
-        return (layer.weight.shape[1] == k and k % (16 // x.itemsize) == 0
+        return (input_width(layer) == k and k % (16 // x.itemsize) == 0
                 and layer.weight.dtype == x.dtype)
     return False
 
@@ -242,11 +240,13 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
 
 
 def input_width(layer: nn.Module) -> int:
+    """A linear layer's input features (a packed weight holds 32 / bits per word)."""
     w = layer.weight.shape[1]
     return w * 32 // layer.bits if type(layer) is nn.QuantizedLinear else w
 
 
 def activation_dtype(layer: nn.Module):
+    """The dtype a layer's inputs come in: its scales' for a quantized layer."""
     return layer.scales.dtype if type(layer) is nn.QuantizedLinear else layer.weight.dtype
 
 

@@ -32,13 +32,15 @@ MAX_SPLITS = 32
 MIN_KEYS_PER_SPLIT = 1024
 TARGET_BLOCKS = 512
 
+# An aligned vector of N values, for 16-byte loads (engine/gemv.py's kernels use it too).
+VEC_HEADER = r"""
+template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
+"""
+
 # One thread block per (sequence, KV head, split). Each split walks its share of the keys
 # with NUM_WARPS warps (lanes split the head dims) and an online softmax per query head.
 # Each warp loads UNROLL keys before using any of them, so several loads are in flight at
 # once rather than one key's.
-_HEADER = r"""
-template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
-"""
 # Shared by both kernel versions: the (sequence, KV head, split) a block serves, its keys.
 _PROLOGUE = r"""
     constexpr int DPL = D / 32;  // head dims per lane
@@ -263,10 +265,10 @@ def _kernel(split: bool, version: str = "v1"):
         return mx.fast.cuda_kernel(name=f"paged_decode_attention_split_{version}",
                                    input_names=_INPUTS,
                                    output_names=["part_acc", "part_m", "part_l"],
-                                   source=kernel_source(_PARTIAL, version), header=_HEADER)
+                                   source=kernel_source(_PARTIAL, version), header=VEC_HEADER)
     return mx.fast.cuda_kernel(name=f"paged_decode_attention_{version}", input_names=_INPUTS,
                                output_names=["out"], source=kernel_source(_FINAL, version),
-                               header=_HEADER)
+                               header=VEC_HEADER)
 
 
 @functools.lru_cache(maxsize=1)

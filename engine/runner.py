@@ -18,11 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.attention import AttentionGroup, AttentionMetadata
+from engine import paged_decode
+from engine.attention import AttentionGroup, AttentionMetadata, decode_kernel_matches_portable
 from engine.config import ModelArgs
+from engine.gemv import gemv_matches_layers
 from engine.kv_cache import PagedKVCache
 from engine.model import MatmulPlan, Mistral
-from engine.paged_decode import num_splits
 from engine.sampling import SamplerOutput, SamplingBatch, sample
 from scheduler.scheduler import INFLIGHT_TOKEN
 from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
@@ -151,7 +152,7 @@ class ModelRunner:
             block_tables=mx.array(tables), mask=None, num_seqs=len(reqs), query_len=1,
             key_start=mx.array([r.first_block_index * self.block_size for r in reqs], mx.int32),
             query_positions=mx.array([r.start_position for r in reqs], mx.int32),
-            splits=num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
+            splits=paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                num_tokens: int) -> AttentionGroup:
@@ -208,8 +209,6 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
         return False
     if backend not in ("auto", "cuda"):
         raise ValueError(f"attention backend must be auto, portable or cuda, got {backend!r}")
-    from engine import paged_decode
-    from engine.attention import decode_kernel_matches_portable
     try:
         ok = paged_decode.supported(args.head_dim, kv_cache.dtype) and \
             decode_kernel_matches_portable(args.num_attention_heads, args.num_key_value_heads,
@@ -235,7 +234,6 @@ def _choose_plan(model: Mistral) -> MatmulPlan:
     mode = os.environ.get("MISTRAL_SERVE_GEMV", "quant")
     if mode not in ("quant", "all", "0"):
         raise ValueError(f"MISTRAL_SERVE_GEMV must be quant, all or 0, got {mode!r}")
-    from engine.gemv import gemv_matches_layers
     first = model.model.layers[0]
     # Every layer shares these shapes and formats, so the first layer and the head stand for all.
     layers = [first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,

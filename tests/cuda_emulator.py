@@ -84,7 +84,7 @@ def source(versions: tuple[str, ...]) -> str:
     params = ("const T* queries, const T* k_pool, const T* v_pool, const int* block_tables, "
               "const int* key_start, const int* q_pos, const int* window, const long* q_pos_shape, "
               "const long* block_tables_shape")
-    src = prelude + pd._HEADER
+    src = prelude + pd.VEC_HEADER
     for v in versions:
         src += f"""
     template <typename T, int D, int BS, int KVH, int GQA, int NUM_WARPS, int UNROLL>
@@ -174,7 +174,7 @@ def gemv_source() -> str:
     """The C++ program for engine/gemv.py's kernels: dense and 4/8-bit cases against a
     double-precision reference, with widths that leave lanes, unrolled loads and warps idle."""
     from engine import gemv
-    src = PRELUDE + gemv._HEADER + r"""
+    src = PRELUDE + pd.VEC_HEADER + r"""
     template <typename T, int K, int M, int ROWS, int UNROLL, int NW>
     void dense(const T* x, const T* w, const long* w_shape, T* y) { """ + \
         gemv.kernel_source(gemv._DENSE) + r""" }
