@@ -31,11 +31,10 @@ MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
 # Launch shapes (ROWS, UNROLL, WARPS): a thread block computes ROWS output features (each
 # activation load serves ROWS of them); its WARPS warps split the input dimension, so even
 # a 4,096-row matrix fills the GPU; each thread keeps UNROLL 16-byte loads per row in flight.
-# H200, 7B shapes (`op_profile --gemv-rows`): for 4-bit, 4x1x2 read fastest in isolation, but
-# the engine was measured with 2x1x4 (single stream 189 tok/s vs MLX's 148, same run) and
-# once with 4x1x2 (119, a separate run); 2x1x4 stays until both run side by side.
+# H200, 7B shapes: for 4-bit, 4x1x2 read fastest in isolation (`op_profile --gemv-rows`) and
+# in the engine (single stream 128.6 tok/s vs 122.3 with 2x1x4, same run, fourth session).
 DENSE_LAUNCH = (1, 2, 8)
-QUANT_LAUNCH = (2, 1, 4)
+QUANT_LAUNCH = (4, 1, 2)
 
 # Both kernels: the block's first output feature n0 and its accumulators, (feature, row).
 _PROLOGUE = r"""

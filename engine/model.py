@@ -12,31 +12,33 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import gemv
+from engine import fused_ops, gemv
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
 
 
 @dataclass(frozen=True)
-class MatmulPlan:
-    """How project() runs a linear layer; the runner sets it for the backend it runs on.
+class KernelPlan:
+    """Which kernels a forward pass uses; the runner sets it for the backend it runs on.
 
     dequant_min_rows: a quantized layer fed at least this many rows runs as dequantize +
     dense GEMM (MLX's CUDA quantized matmul is slow for many rows); None: never.
     gemv: few rows of a quantized layer go through engine/gemv.py's kernels (after their
     self-check passed); gemv_dense: of a float layer too.
+    fused: the small per-layer ops run as engine/fused_ops.py's kernels.
     """
 
     dequant_min_rows: Optional[int] = None
     gemv: bool = False
     gemv_dense: bool = False
+    fused: bool = False
 
 
-PORTABLE = MatmulPlan()
+PORTABLE = KernelPlan()
 
 
-def project(layer: nn.Module, x: mx.array, plan: MatmulPlan) -> mx.array:
+def project(layer: nn.Module, x: mx.array, plan: KernelPlan) -> mx.array:
     """layer(x), run the way `plan` says is fastest here."""
     if plan.gemv and gemv.applies(layer, x, plan.gemv_dense):
         return gemv.gemv(layer, x)
@@ -83,27 +85,16 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def __call__(self, x: mx.array, positions: mx.array, cache: PagedKVCache, layer: int,
-                 meta: AttentionMetadata, plan: MatmulPlan) -> mx.array:
-        t = x.shape[0]
+                 meta: AttentionMetadata, plan: KernelPlan) -> mx.array:
         if "qkv_proj" in self:
-            q_end = self.n_heads * self.head_dim
-            k_end = q_end + self.n_kv_heads * self.head_dim
-            # Made contiguous: on MLX's CUDA backend, strided views of the fused output gave
-            # wrong KV writes and invalid CUDA graph nodes further down (RoPE keeps strides).
-            q, k, v = (mx.contiguous(a) for a in
-                       mx.split(project(self.qkv_proj, x, plan), [q_end, k_end], axis=-1))
+            qkv = project(self.qkv_proj, x, plan)
         else:
-            q, k, v = (project(p, x, plan) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q = q.reshape(t, self.n_heads, 1, self.head_dim)
-        k = k.reshape(t, self.n_kv_heads, 1, self.head_dim)
-        v = v.reshape(t, self.n_kv_heads, self.head_dim)
-        # Each token is its own "batch" row so RoPE takes a per-token position.
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
-                         offset=positions)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
-                         offset=positions)
+            qkv = mx.concatenate([project(p, x, plan) for p in (self.q_proj, self.k_proj,
+                                                                 self.v_proj)], axis=-1)
+        q, k, v = fused_ops.qkv_rope(qkv, positions, self.n_heads, self.n_kv_heads,
+                                     self.head_dim, self.rope_theta, plan.fused)
         out, cache.keys[layer], cache.values[layer] = paged_attention(
-            q.squeeze(2), k.squeeze(2), v, cache.keys[layer], cache.values[layer], meta,
+            q, k, v, cache.keys[layer], cache.values[layer], meta,
             cache.block_size, self.scale)
         return project(self.o_proj, out, plan)
 
@@ -120,14 +111,13 @@ class MLP(nn.Module):
         self.gate_up_proj = concat_linear([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def __call__(self, x: mx.array, plan: MatmulPlan) -> mx.array:
+    def __call__(self, x: mx.array, plan: KernelPlan) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = mx.split(project(self.gate_up_proj, x, plan), 2, axis=-1)
+            gate_up = project(self.gate_up_proj, x, plan)
         else:
-            gate, up = project(self.gate_proj, x, plan), project(self.up_proj, x, plan)
-        # Written out rather than nn.silu (an mx.compile'd function): gate and up are strided
-        # views of one matmul output here. See loadtest/gpu_diag.py.
-        return project(self.down_proj, gate * mx.sigmoid(gate) * up, plan)
+            gate_up = mx.concatenate([project(self.gate_proj, x, plan),
+                                      project(self.up_proj, x, plan)], axis=-1)
+        return project(self.down_proj, fused_ops.swiglu(gate_up, plan.fused), plan)
 
 
 class DecoderLayer(nn.Module):
@@ -138,9 +128,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, positions, cache, layer, meta, plan):
-        h = x + self.self_attn(self.input_layernorm(x), positions, cache, layer, meta, plan)
-        return h + self.mlp(self.post_attention_layernorm(h), plan)
+    def __call__(self, h: mx.array, normed: mx.array, positions: mx.array,
+                 cache: PagedKVCache, layer: int, meta: AttentionMetadata, plan: KernelPlan,
+                 next_norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
+        """h: the residual stream; normed: input_layernorm(h). Returns the new residual
+        stream and next_norm of it (the next layer's input norm, or the final norm), so each
+        residual add runs together with the norm after it."""
+        attn = self.self_attn(normed, positions, cache, layer, meta, plan)
+        h, normed = fused_ops.add_rms_norm(h, attn, self.post_attention_layernorm, plan.fused)
+        return fused_ops.add_rms_norm(h, self.mlp(normed, plan), next_norm, plan.fused)
 
 
 class MistralModel(nn.Module):
@@ -159,16 +155,19 @@ class Mistral(nn.Module):
         self.args = args
         self.model = MistralModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        # How linear layers run (set by the runner for its backend; see MatmulPlan).
-        self.matmul_plan = PORTABLE
+        # Which kernels run (set by the runner for its backend; see KernelPlan).
+        self.plan = PORTABLE
 
     def __call__(self, input_ids: mx.array, positions: mx.array, cache: PagedKVCache,
                  meta: AttentionMetadata) -> mx.array:
         """Hidden states after the final norm, (T, hidden), for a flat batch of T tokens."""
+        layers = self.model.layers
         h = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, cache, i, meta, self.matmul_plan)
-        return self.model.norm(h)
+        normed = layers[0].input_layernorm(h)
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h, normed = layer(h, normed, positions, cache, i, meta, self.plan, next_norm)
+        return normed
 
     def fuse_projections(self) -> None:
         """Fuse q|k|v and gate|up in every layer (fewer, larger matmuls; same numbers).
@@ -183,4 +182,4 @@ class Mistral(nn.Module):
                 mx.eval(layer.parameters())
 
     def logits(self, hidden: mx.array) -> mx.array:
-        return project(self.lm_head, hidden, self.matmul_plan)
+        return project(self.lm_head, hidden, self.plan)

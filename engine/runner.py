@@ -21,9 +21,10 @@ import numpy as np
 from engine import paged_decode
 from engine.attention import AttentionGroup, AttentionMetadata, decode_kernel_matches_portable
 from engine.config import ModelArgs
+from engine.fused_ops import fused_ops_match_portable
 from engine.gemv import gemv_matches_layers
 from engine.kv_cache import PagedKVCache
-from engine.model import MatmulPlan, Mistral
+from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
 from scheduler.scheduler import INFLIGHT_TOKEN
 from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
@@ -54,7 +55,7 @@ class ModelRunner:
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
         if mx.cuda.is_available() and mx.default_device() == mx.gpu:
-            model.matmul_plan = _choose_plan(model)
+            model.plan = _choose_plan(model, args)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for it; every request in `sched` shares one forward pass."""
@@ -223,13 +224,14 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
     return ok
 
 
-def _choose_plan(model: Mistral) -> MatmulPlan:
-    """How linear layers run on MLX's CUDA backend.
+def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
+    """Which custom kernels run on MLX's CUDA backend, each only after its self-check.
 
     Few rows of a quantized layer go through engine/gemv.py's kernels where they match MLX's
     matmul on this model's own layers: on an H200 they made 4-bit single-stream decode 1.28x
     faster. For float layers MLX's own matmul was as fast or faster, so they stay opt-in.
     MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0" (none, to measure against MLX's own).
+    The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0.
     """
     mode = os.environ.get("MISTRAL_SERVE_GEMV", "quant")
     if mode not in ("quant", "all", "0"):
@@ -241,7 +243,12 @@ def _choose_plan(model: Mistral) -> MatmulPlan:
     used = [l for l in layers if mode == "all" or (mode == "quant" and type(l) is nn.QuantizedLinear)]
     ok = bool(used) and gemv_matches_layers(used)
     log.info("few-row matmuls: %s", f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")
-    return MatmulPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all")
+    fused = os.environ.get("MISTRAL_SERVE_FUSED", "1") != "0" and fused_ops_match_portable(
+        args.hidden_size, args.intermediate_size, args.num_attention_heads,
+        args.num_key_value_heads, args.head_dim, args.rope_theta, args.rms_norm_eps,
+        model.model.norm.weight.dtype)
+    log.info("per-layer small ops: %s", "fused CUDA kernels" if fused else "MLX ops")
+    return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all", fused=fused)
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:

@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests ktests why ops gemv splits qmm step single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests ktests ftests fusedab why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
 set -u
 OUT=${OUT:-loadtest/results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/proto
@@ -12,12 +12,20 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   why) timeout 120 python3 -m pytest -q -x -p no:cacheprovider --tb=long tests/test_engine.py 2>&1 | grep -v "^\s*$" | tail -60 ;;
   grpc) OUT=$OUT timeout 300 bash loadtest/gpu_grpc_bench.sh 2>&1 | grep -v Warning | tail -40 ;;
   tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_paged_kernel.py tests/test_gemv.py tests/test_fused_projections.py tests/test_engine.py 2>&1 | tail -8 ;;
+  ftests) timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fused_ops.py 2>&1 | tail -8 ;;
+  fusedab) S="--bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer"
+           for v in "MISTRAL_SERVE_FUSED=1" "MISTRAL_SERVE_FUSED=0" "MLX_MAX_MB_PER_BUFFER=1000000" "MLX_USE_CUDA_GRAPHS=0"; do
+             echo "bf16 single, $v"; env $v timeout 100 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer | tail -1
+             echo "4-bit single, $v"; env $v timeout 100 $B $S | tail -1; done ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
   gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;
   splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;
   ops) timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --batch 1,64 --context 1024 --bandwidth $BW ;;
   qmm) timeout 150 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --bits 4 --qmm-rows 1,4,16,32,64,128,256,512,2048 ;;
   step) timeout 150 python3 -m loadtest.profile_step --shape 7b --dtype bfloat16 --batch 64 --context 1024 --steps 10 ;;
+  overlap) timeout 150 python3 -m loadtest.profile_step --shape 7b --dtype bfloat16 --batch 1,64 --context 1024 --steps 40 --overlap
+           timeout 100 python3 -m loadtest.profile_step --shape 7b --dtype bfloat16 --bits 4 --batch 1 --context 1024 --steps 40 --overlap ;;
+  q4launch) for L in "2, 1, 4" "4, 1, 2"; do echo "QUANT_LAUNCH ($L)"; timeout 100 python3 -c "import sys, engine.gemv as g; g.QUANT_LAUNCH = ($L); from loadtest.offline_bench import main; sys.argv[1:] = '--shape 7b --dtype bfloat16 --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer'.split(); main()" | tail -2; done ;;
   single) timeout 120 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --peer-batch-sizes 1 --json $OUT/single.json | tail -3 ;;
   w1) timeout 240 $B --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --peer-batch-sizes 64,128 --json $OUT/w1.json | tail -4 ;;
   w2) timeout 240 $B --num-prompts 64 --input-len 1024 --output-len 256 --max-num-seqs 64 --peer-batch-sizes 64 --json $OUT/w2.json | tail -3 ;;

@@ -5,6 +5,11 @@
 Each phase is timed with the device synchronized at its edges, so the phases add up to a
 step (the synchronizing itself removes any overlap the engine would otherwise get).
 Also times the attention pieces of one layer in isolation.
+
+--overlap instead times the engine's own asynchronous loop (engine.step(), nothing
+synchronized): per step, the host time spent building the graph, queueing it on the device
+(mx.async_eval) and waiting for the previous step's samples. When the wait is near zero the
+host, not the device, sets the pace.
 """
 
 from __future__ import annotations
@@ -72,6 +77,55 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, voca
         print(f"   {k:<20} {np.median(v) * 1e3:8.2f} ms")
 
 
+def profile_overlap(engine: LLMEngine, batch: int, context: int, steps: int, vocab: int):
+    """Time the phases of engine.step() as it runs (async, nothing added in between)."""
+    import engine.runner as runner_mod
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"o{batch}-{i}", rng.integers(0, vocab, context).tolist(), params)
+    for _ in range(8):  # prefill and a few warm decode steps
+        engine.step()
+    acc: dict[str, float] = defaultdict(float)
+    runner, sched = engine.runner, engine.scheduler
+
+    def wrap(obj, name, key):
+        fn = getattr(obj, name)
+
+        def timed_fn(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t
+        setattr(obj, name, timed_fn)
+        return fn
+    saved = [(runner, "_forward", wrap(runner, "_forward", "build layers")),
+             (runner_mod.mx, "async_eval", wrap(runner_mod.mx, "async_eval", "queue (async_eval)")),
+             (runner, "collect", wrap(runner, "collect", "wait + copy samples")),
+             (sched, "schedule", wrap(sched, "schedule", "schedule")),
+             (sched, "update", wrap(sched, "update", "update"))]
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = time.perf_counter() - t0
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    for r in list(sched.running):
+        engine.abort(r.request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    print(f"\n-- engine.step() loop, batch {batch}, context ~{context}: "
+          f"{wall / steps * 1e3:.2f} ms/step ({batch * steps / wall:.0f} tok/s)")
+    named = 0.0
+    for k, v in acc.items():
+        print(f"   {k:<22} {v / steps * 1e3:8.2f} ms")
+        named += v
+    print(f"   {'other (launch: head+sampling graph, outputs)':<22} {(wall - named) / steps * 1e3:8.2f} ms")
+
+
 def profile_attention(args: ModelArgs, dtype, batch: int, context: int, block_size=16, reps=20):
     """One layer's paged attention vs SDPA on contiguous K/V of the same size."""
     from engine.attention import AttentionGroup, AttentionMetadata
@@ -123,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--batch", default="1,64")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--overlap", action="store_true",
+                    help="time the engine's asynchronous step loop instead (see above)")
     a = ap.parse_args(argv)
     args = ModelArgs.from_dict(SHAPES[a.shape])
     model, _ = random_weights(args, DTYPES[a.dtype], a.bits)
@@ -132,6 +188,9 @@ def main(argv=None):
         kv_cache_memory_gib=gib, max_num_seqs=max(batches), max_num_batched_tokens=4096,
         enable_prefix_caching=False))
     for b in batches:
+        if a.overlap:
+            profile_overlap(engine, b, a.context, a.steps, args.vocab_size)
+            continue
         profile_decode(engine, b, a.context, a.steps, args.vocab_size)
         profile_attention(args, DTYPES[a.dtype], b, a.context)
 

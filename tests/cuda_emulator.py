@@ -230,3 +230,74 @@ def run_gemv(workdir: Path) -> list[tuple[str, float]]:
                    check=True, capture_output=True, text=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
     return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
+
+
+def fused_source() -> str:
+    """The C++ program for engine/fused_ops.py's kernels against double-precision references,
+    with shapes that leave threads of the last block idle."""
+    from engine import fused_ops as fo
+    return PRELUDE + pd.VEC_HEADER + r"""
+    template <typename T, int H, int NT>
+    void add_rms_norm(const T* x, const T* y, const T* w, const float* eps, T* h, T* n) { """ + \
+        fo.SOURCES["add_rms_norm"] + r""" }
+    template <typename T, int NH, int KVH, int D>
+    void qkv_rope(const T* qkv, const int* positions, const long* positions_shape,
+                  const float* log2_base, T* q, T* k, T* v) { """ + fo.SOURCES["qkv_rope"] + r""" }
+    template <typename T, int I>
+    void swiglu(const T* gu, const long* gu_shape, T* out) { """ + fo.SOURCES["swiglu"] + r""" }
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    double max_err(const float* y, const std::vector<double>& ref) {
+      double e = 0; for (size_t i = 0; i < ref.size(); ++i) e = max(e, fabs(y[i] - ref[i])); return e; }
+    template <int H> void norm_case(int rows) {
+      std::vector<float> x(rows * H), y(rows * H), w(H), h(rows * H), n(rows * H); float eps = 1e-5f;
+      for (auto& v : x) v = nd(rng); for (auto& v : y) v = nd(rng); for (auto& v : w) v = nd(rng);
+      std::vector<double> rh(rows * H), rn(rows * H);
+      for (int r = 0; r < rows; ++r) { double ss = 0;
+        for (int i = 0; i < H; ++i) { rh[r * H + i] = (double)x[r * H + i] + y[r * H + i]; ss += rh[r * H + i] * rh[r * H + i]; }
+        for (int i = 0; i < H; ++i) rn[r * H + i] = rh[r * H + i] / sqrt(ss / H + eps) * w[i]; }
+      launch(rows, 256, [&] { add_rms_norm<float, H, 256>(x.data(), y.data(), w.data(), &eps, h.data(), n.data()); });
+      printf("add_rms_norm H %d rows %d: max err %.2e\n", H, rows, max(max_err(h.data(), rh), max_err(n.data(), rn)));
+    }
+    template <int NH, int KVH, int D> void rope_case(int T_) {
+      constexpr int HS = NH + 2 * KVH;
+      std::vector<float> qkv(T_ * HS * D), q(T_ * NH * D), k(T_ * KVH * D), v(T_ * KVH * D);
+      std::vector<int> pos(T_); long pshape[1] = {T_}; float lb = std::log2(10000.0);
+      for (auto& x : qkv) x = nd(rng); for (int t = 0; t < T_; ++t) pos[t] = (t * 37) % 301;
+      std::vector<double> rq(q.size()), rk(k.size()), rv(v.size());
+      for (int t = 0; t < T_; ++t) for (int hs = 0; hs < HS; ++hs) for (int i = 0; i < D / 2; ++i) {
+        const float* s = &qkv[(t * HS + hs) * D]; double a = s[i], b = s[i + D / 2];
+        double th = pos[t] * pow(10000.0, -(double)i / (D / 2)), c = cos(th), sn = sin(th);
+        if (hs >= NH + KVH) { rv[(t * KVH + hs - NH - KVH) * D + i] = a; rv[(t * KVH + hs - NH - KVH) * D + i + D / 2] = b; continue; }
+        double* o = hs < NH ? &rq[(t * NH + hs) * D] : &rk[(t * KVH + hs - NH) * D];
+        o[i] = a * c - b * sn; o[i + D / 2] = a * sn + b * c; }
+      int threads = T_ * HS * D / 2;
+      launch((threads + 255) / 256, 256, [&] { qkv_rope<float, NH, KVH, D>(qkv.data(), pos.data(), pshape, &lb, q.data(), k.data(), v.data()); });
+      printf("qkv_rope NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
+             max(max_err(q.data(), rq), max(max_err(k.data(), rk), max_err(v.data(), rv))));
+    }
+    template <int I> void swiglu_case(int rows) {
+      std::vector<float> gu(rows * 2 * I), out(rows * I); std::vector<double> ref(rows * I); long shape[2] = {rows, 2 * I};
+      for (auto& x : gu) x = nd(rng);
+      for (int r = 0; r < rows; ++r) for (int j = 0; j < I; ++j) {
+        double g = gu[r * 2 * I + j], u = gu[r * 2 * I + I + j]; ref[r * I + j] = g / (1 + exp(-g)) * u; }
+      int threads = rows * I / 4;
+      launch((threads + 255) / 256, 256, [&] { swiglu<float, I>(gu.data(), shape, out.data()); });
+      printf("swiglu I %d rows %d: max err %.2e\n", I, rows, max_err(out.data(), ref));
+    }
+    int main() {
+      norm_case<64>(3); norm_case<4096>(2); norm_case<1028>(1);
+      rope_case<4, 2, 16>(5); rope_case<8, 2, 128>(3);
+      swiglu_case<36>(3); swiglu_case<1024>(2);
+    }
+    """
+
+
+def run_fused(workdir: Path) -> list[tuple[str, float]]:
+    """Compile and run the fused-op emulation; (case, max abs error) per case."""
+    cpp, exe = workdir / "fused.cpp", workdir / "fused"
+    cpp.write_text(fused_source())
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(exe), str(cpp)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
+    return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]

@@ -1,0 +1,234 @@
+"""The small per-layer ops of a step, each fused into one CUDA kernel (mx.fast.cuda_kernel).
+
+On MLX's CUDA backend every op of the graph costs the host ~10 us to build, encode into a
+CUDA graph and launch, whatever its size; at small batches a 7B decode step is bound by that
+host work, not by the GPU (`python -m loadtest.profile_step --overlap`: on an H200 the
+host is still queueing a step when the GPU has finished it). A layer ran ~28 ops, 16 of them
+kernels. These kernels replace the small ones:
+
+- add_rms_norm: the residual add and the next RMSNorm (2 kernels -> 1), twice per layer;
+- qkv_rope: splitting the fused q|k|v output into heads and RoPE on q and k (2 RoPE kernels
+  and up to 3 copies, plus ~9 view ops -> 1 kernel);
+- swiglu: silu(gate) * up from the fused gate|up output (3 kernels -> 1).
+
+Each function takes `kernel`: False runs the portable MLX ops (the default everywhere), True
+the CUDA kernel; the runner turns kernels on only after fused_ops_match_portable() has shown
+them to agree on this machine. The kernels compute in float32 and round once, where the
+portable ops round after each op, so they agree to the dtype's precision, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.paged_decode import VEC_HEADER
+
+log = logging.getLogger(__name__)
+
+NORM_THREADS = 256  # threads per row of add_rms_norm
+ELEMENTWISE_THREADS = 256
+
+# h = x + y (rounded to T, as the portable add), then n = h * rsqrt(mean(h^2) + eps) * w.
+# A block per row; each thread handles VEC-wide chunks and rereads its own h in the second pass.
+_ADD_RMS_NORM = r"""
+    constexpr int VEC = 16 / sizeof(T);
+    const long row = blockIdx.x;
+    const T* xr = x + row * H;
+    const T* yr = y + row * H;
+    T* hr = h + row * H;
+    T* nr = n + row * H;
+    float ss = 0.f;
+    for (int i = threadIdx.x * VEC; i < H; i += NT * VEC) {
+        const Vec<T, VEC> a = *reinterpret_cast<const Vec<T, VEC>*>(xr + i);
+        const Vec<T, VEC> b = *reinterpret_cast<const Vec<T, VEC>*>(yr + i);
+        Vec<T, VEC> s;
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            s.v[j] = static_cast<T>(static_cast<float>(a.v[j]) + static_cast<float>(b.v[j]));
+            const float f = static_cast<float>(s.v[j]);
+            ss += f * f;
+        }
+        *reinterpret_cast<Vec<T, VEC>*>(hr + i) = s;
+    }
+    __shared__ float part[NT / 32];
+    #pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, off);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+    #pragma unroll
+    for (int i = 0; i < NT / 32; ++i) total += part[i];
+    const float inv = rsqrtf(total / H + eps[0]);
+    for (int i = threadIdx.x * VEC; i < H; i += NT * VEC) {
+        const Vec<T, VEC> s = *reinterpret_cast<const Vec<T, VEC>*>(hr + i);
+        const Vec<T, VEC> wv = *reinterpret_cast<const Vec<T, VEC>*>(w + i);
+        Vec<T, VEC> o;
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j)
+            o.v[j] = static_cast<T>(static_cast<float>(s.v[j]) * inv * static_cast<float>(wv.v[j]));
+        *reinterpret_cast<Vec<T, VEC>*>(nr + i) = o;
+    }
+"""
+
+# A thread per (token, head of q|k|v, dim pair i < D/2). RoPE (non-traditional: dims i and
+# i + D/2 rotate together) on q and k heads, with inv_freq = 2^(-(i / (D/2)) * log2(base))
+# and theta = position * inv_freq as MLX's RoPE computes them; v heads are copied.
+_QKV_ROPE = r"""
+    constexpr int P = D / 2;
+    constexpr int HS = NH + 2 * KVH;
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long t = idx / (HS * P);
+    if (t >= positions_shape[0]) return;
+    const int hs = (idx / P) % HS;
+    const int i = idx % P;
+    const T* src = qkv + (t * HS + hs) * D;
+    if (hs >= NH + KVH) {
+        T* dst = v + (t * KVH + hs - NH - KVH) * D;
+        dst[i] = src[i];
+        dst[i + P] = src[i + P];
+        return;
+    }
+    T* dst = hs < NH ? q + (t * NH + hs) * D : k + (t * KVH + hs - NH) * D;
+    const float inv_freq = exp2f(-(static_cast<float>(i) / static_cast<float>(P)) * log2_base[0]);
+    const float theta = static_cast<float>(positions[t]) * inv_freq;
+    const float c = cosf(theta), s = sinf(theta);
+    const float x1 = static_cast<float>(src[i]), x2 = static_cast<float>(src[i + P]);
+    dst[i] = static_cast<T>(x1 * c - x2 * s);
+    dst[i + P] = static_cast<T>(x1 * s + x2 * c);
+"""
+
+# out (R, I) = silu(g) * u with g, u the two halves of each row of gu (R, 2I); a thread per
+# VEC outputs.
+_SWIGLU = r"""
+    constexpr int VEC = 16 / sizeof(T);
+    const long idx = ((long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    if (idx >= (long)gu_shape[0] * I) return;
+    const long r = idx / I;
+    const long j = idx % I;
+    const Vec<T, VEC> g = *reinterpret_cast<const Vec<T, VEC>*>(gu + r * 2 * I + j);
+    const Vec<T, VEC> u = *reinterpret_cast<const Vec<T, VEC>*>(gu + r * 2 * I + I + j);
+    Vec<T, VEC> o;
+    #pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        const float gf = static_cast<float>(g.v[e]);
+        o.v[e] = static_cast<T>(gf / (1.f + __expf(-gf)) * static_cast<float>(u.v[e]));
+    }
+    *reinterpret_cast<Vec<T, VEC>*>(out + idx) = o;
+"""
+
+SOURCES = {"add_rms_norm": _ADD_RMS_NORM, "qkv_rope": _QKV_ROPE, "swiglu": _SWIGLU}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    return mx.fast.cuda_kernel(name=f"fused_{name}", input_names=list(inputs),
+                               output_names=list(outputs), source=SOURCES[name],
+                               header=VEC_HEADER)
+
+
+def _vec(dtype: mx.Dtype) -> int:
+    return 16 // dtype.size
+
+
+# ---- residual add + RMSNorm ------------------------------------------------------------------
+def add_rms_norm(x: mx.array, y: mx.array, norm: nn.RMSNorm, kernel: bool = False
+                 ) -> tuple[mx.array, mx.array]:
+    """(h, norm(h)) with h = x + y: the residual stream and the next sublayer's input."""
+    width = x.shape[-1]
+    if not kernel or width % _vec(x.dtype) or y.dtype != x.dtype or norm.weight.dtype != x.dtype:
+        h = x + y
+        return h, norm(h)
+    rows = x.size // width
+    h, n = _kernel("add_rms_norm", ("x", "y", "w", "eps"), ("h", "n"))(
+        inputs=[x, y, norm.weight, mx.array([norm.eps], mx.float32)],
+        template=[("T", x.dtype), ("H", width), ("NT", NORM_THREADS)],
+        grid=(rows * NORM_THREADS, 1, 1), threadgroup=(NORM_THREADS, 1, 1),
+        output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype])
+    return h, n
+
+
+# ---- q|k|v split + RoPE ----------------------------------------------------------------------
+def qkv_rope(qkv: mx.array, positions: mx.array, n_heads: int, kv_heads: int, head_dim: int,
+             base: float, kernel: bool = False) -> tuple[mx.array, mx.array, mx.array]:
+    """q (T, n_heads, D), k (T, kv_heads, D) with RoPE at each token's position, and v
+    (T, kv_heads, D), from the fused projection's output (T, (n_heads + 2 kv_heads) * D)."""
+    t = qkv.shape[0]
+    if not kernel or head_dim % 2:
+        q_end, k_end = n_heads * head_dim, (n_heads + kv_heads) * head_dim
+        # Made contiguous: on MLX's CUDA backend, strided views of the fused output gave
+        # wrong KV writes and invalid CUDA graph nodes further down (RoPE keeps strides).
+        q, k, v = (mx.contiguous(a) for a in mx.split(qkv, [q_end, k_end], axis=-1))
+        # Each token is its own "batch" row so RoPE takes a per-token position.
+        q, k = (mx.fast.rope(a.reshape(t, heads, 1, head_dim), head_dim, traditional=False,
+                             base=base, scale=1.0, offset=positions).squeeze(2)
+                for a, heads in ((q, n_heads), (k, kv_heads)))
+        return q, k, v.reshape(t, kv_heads, head_dim)
+    threads = t * (n_heads + 2 * kv_heads) * (head_dim // 2)
+    return tuple(_kernel("qkv_rope", ("qkv", "positions", "log2_base"), ("q", "k", "v"))(
+        inputs=[qkv, positions.astype(mx.int32), mx.array([math.log2(base)], mx.float32)],
+        template=[("T", qkv.dtype), ("NH", n_heads), ("KVH", kv_heads), ("D", head_dim)],
+        grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
+        threadgroup=(ELEMENTWISE_THREADS, 1, 1),
+        output_shapes=[(t, n_heads, head_dim), (t, kv_heads, head_dim), (t, kv_heads, head_dim)],
+        output_dtypes=[qkv.dtype] * 3))
+
+
+# ---- SwiGLU ----------------------------------------------------------------------------------
+def swiglu(gate_up: mx.array, kernel: bool = False) -> mx.array:
+    """silu(gate) * up, with gate and up the two halves of the fused projection's output."""
+    inner = gate_up.shape[-1] // 2
+    if not kernel or inner % _vec(gate_up.dtype):
+        gate, up = mx.split(gate_up, 2, axis=-1)
+        # Written out rather than nn.silu (an mx.compile'd function): gate and up are strided
+        # views of one matmul output here. See loadtest/gpu_diag.py.
+        return gate * mx.sigmoid(gate) * up
+    rows = gate_up.size // gate_up.shape[-1]
+    threads = rows * inner // _vec(gate_up.dtype)
+    return _kernel("swiglu", ("gu",), ("out",))(
+        inputs=[gate_up.reshape(rows, 2 * inner)], template=[("T", gate_up.dtype), ("I", inner)],
+        grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
+        threadgroup=(ELEMENTWISE_THREADS, 1, 1),
+        output_shapes=[(*gate_up.shape[:-1], inner)], output_dtypes=[gate_up.dtype])[0]
+
+
+# ---- self-check ------------------------------------------------------------------------------
+def fused_ops_match_portable(hidden: int, intermediate: int, n_heads: int, kv_heads: int,
+                             head_dim: int, base: float, eps: float, dtype: mx.Dtype,
+                             rows: tuple[int, ...] = (1, 7)) -> bool:
+    """Run every kernel and its portable ops on the model's shapes and dtype, at 1 and a few
+    rows, and compare; the runner's start-up check (it also compiles the kernels)."""
+    if not mx.cuda.is_available():
+        return False
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    try:
+        keys = iter(mx.random.split(mx.random.key(1), 16))
+
+        def rand(*shape):
+            return mx.random.normal(shape, key=next(keys)).astype(dtype)
+        norm = nn.RMSNorm(hidden, eps=eps)
+        norm.weight = rand(hidden)
+        for t in rows:
+            positions = mx.array([3, 1000, 30000, 5, 9, 0, 4095] * (t // 7 + 1))[:t]
+            x, y, qkv = rand(t, hidden), rand(t, hidden), rand(t, (n_heads + 2 * kv_heads) * head_dim)
+            gate_up = rand(t, 2 * intermediate)
+
+            def run(k):
+                return [*add_rms_norm(x, y, norm, k),
+                        *qkv_rope(qkv, positions, n_heads, kv_heads, head_dim, base, k),
+                        swiglu(gate_up, k)]
+            for got, want in zip(run(True), run(False)):
+                got, want = got.astype(mx.float32), want.astype(mx.float32)
+                err = mx.abs(got - want).max().item()
+                if not err <= tol * max(mx.abs(want).max().item(), 1.0):
+                    log.warning("fused op kernel off by %.3g (shape %s); using MLX's ops",
+                                err, want.shape)
+                    return False
+        return True
+    except Exception as exc:  # a kernel that fails to build or run must not stop the server
+        log.warning("fused op kernels unavailable (%s); using MLX's ops", exc)
+        return False

@@ -1,0 +1,54 @@
+"""engine/fused_ops.py on the device: each kernel must match the portable MLX ops it replaces
+(the runner's start-up check, on 7B and tiny shapes, float32 and bf16), and a whole forward
+pass with the kernels must match one without. Off CUDA the portable ops are what runs."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine import fused_ops
+from engine.model import PORTABLE, KernelPlan
+
+cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shape", [(4096, 14336, 32, 8, 128), (64, 128, 4, 2, 16)])
+def test_self_check_passes(dtype, shape):
+    hidden, inter, heads, kv, d = shape
+    assert fused_ops.fused_ops_match_portable(hidden, inter, heads, kv, d, 1e6, 1e-5, dtype,
+                                              rows=(1, 7, 300))
+
+
+@cuda
+def test_forward_with_kernels_matches_portable():
+    from engine.attention import AttentionGroup, AttentionMetadata
+    from engine.kv_cache import PagedKVCache
+    from tests.tiny import tiny_model
+    model, args, _ = tiny_model()
+    model.fuse_projections()
+    t = 21
+    ids = mx.array(np.arange(1, t + 1, dtype=np.int32))
+
+    def forward(plan):
+        model.plan = plan
+        cache = PagedKVCache(args, num_blocks=4, block_size=16, dtype=mx.float32)
+        pos = np.arange(t)
+        visible = pos[None, :] <= pos[:, None]
+        key_ok = np.zeros((t, 32), bool)
+        key_ok[:, :t] = visible
+        group = AttentionGroup(0, t, None, None, mx.array([[1, 2]], mx.int32),
+                               mx.array(key_ok[None, None]), 1, t)
+        meta = AttentionMetadata(mx.array((16 + pos).astype(np.int32)), [group])
+        return model(ids, mx.array(pos.astype(np.int32)), cache, meta)
+    want = forward(PORTABLE)
+    got = forward(KernelPlan(fused=True))
+    model.plan = PORTABLE
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item()
+
+
+def test_portable_off_cuda():
+    if mx.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    assert not fused_ops.fused_ops_match_portable(64, 128, 4, 2, 16, 1e4, 1e-5, mx.float32)
