@@ -135,6 +135,14 @@ def _vec(dtype: mx.Dtype) -> int:
     return 16 // dtype.size
 
 
+@functools.lru_cache(maxsize=None)
+def _constant(value: float) -> mx.array:
+    """A float32 scalar input made once (eps, log2 of the RoPE base), not one array per call."""
+    a = mx.array([value], mx.float32)
+    mx.eval(a)
+    return a
+
+
 # ---- residual add + RMSNorm ------------------------------------------------------------------
 def add_rms_norm(x: mx.array, y: mx.array, norm: nn.RMSNorm, kernel: bool = False
                  ) -> tuple[mx.array, mx.array]:
@@ -145,7 +153,7 @@ def add_rms_norm(x: mx.array, y: mx.array, norm: nn.RMSNorm, kernel: bool = Fals
         return h, norm(h)
     rows = x.size // width
     h, n = _kernel("add_rms_norm", ("x", "y", "w", "eps"), ("h", "n"))(
-        inputs=[x, y, norm.weight, mx.array([norm.eps], mx.float32)],
+        inputs=[x, y, norm.weight, _constant(norm.eps)],
         template=[("T", x.dtype), ("H", width), ("NT", NORM_THREADS)],
         grid=(rows * NORM_THREADS, 1, 1), threadgroup=(NORM_THREADS, 1, 1),
         output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype])
@@ -158,7 +166,7 @@ def qkv_rope(qkv: mx.array, positions: mx.array, n_heads: int, kv_heads: int, he
     """q (T, n_heads, D), k (T, kv_heads, D) with RoPE at each token's position, and v
     (T, kv_heads, D), from the fused projection's output (T, (n_heads + 2 kv_heads) * D)."""
     t = qkv.shape[0]
-    if not kernel or head_dim % 2:
+    if not kernel or head_dim % 2 or positions.dtype != mx.int32:
         q_end, k_end = n_heads * head_dim, (n_heads + kv_heads) * head_dim
         # Made contiguous: on MLX's CUDA backend, strided views of the fused output gave
         # wrong KV writes and invalid CUDA graph nodes further down (RoPE keeps strides).
@@ -170,7 +178,7 @@ def qkv_rope(qkv: mx.array, positions: mx.array, n_heads: int, kv_heads: int, he
         return q, k, v.reshape(t, kv_heads, head_dim)
     threads = t * (n_heads + 2 * kv_heads) * (head_dim // 2)
     return tuple(_kernel("qkv_rope", ("qkv", "positions", "log2_base"), ("q", "k", "v"))(
-        inputs=[qkv, positions.astype(mx.int32), mx.array([math.log2(base)], mx.float32)],
+        inputs=[qkv, positions, _constant(math.log2(base))],
         template=[("T", qkv.dtype), ("NH", n_heads), ("KVH", kv_heads), ("D", head_dim)],
         grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
         threadgroup=(ELEMENTWISE_THREADS, 1, 1),

@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests ktests ftests fusedab why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests ktests ftests fusedab trace why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
 set -u
 OUT=${OUT:-loadtest/results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/proto
@@ -17,6 +17,8 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
            for v in "MISTRAL_SERVE_FUSED=1" "MISTRAL_SERVE_FUSED=0" "MLX_MAX_MB_PER_BUFFER=1000000" "MLX_USE_CUDA_GRAPHS=0"; do
              echo "bf16 single, $v"; env $v timeout 100 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer | tail -1
              echo "4-bit single, $v"; env $v timeout 100 $B $S | tail -1; done ;;
+  trace) timeout 150 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --batch 1,64 --context 256
+         timeout 100 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 1 --context 256 ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
   gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;
   splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;
