@@ -54,8 +54,14 @@ class ModelRunner:
         self.decode_kernel = _choose_decode_kernel(attention_backend, args, kv_cache)
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
-        if mx.cuda.is_available() and mx.default_device() == mx.gpu:
+        on_cuda = mx.cuda.is_available() and mx.default_device() == mx.gpu
+        if on_cuda:
             model.plan = _choose_plan(model, args)
+        # Decode-only steps run an mx.compile'd forward pass on CUDA (MISTRAL_SERVE_COMPILE=0:
+        # never; =1: on any backend, as the tests do on the CPU).
+        compile_env = os.environ.get("MISTRAL_SERVE_COMPILE", "auto")
+        self.compile_decode = compile_env == "1" or (compile_env == "auto" and on_cuda)
+        self._compiled: dict = {}  # KernelPlan -> compiled decode forward
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for it; every request in `sched` shares one forward pass."""
@@ -117,6 +123,8 @@ class ModelRunner:
             row_of, tokens = self._last_sampled
             rows = [row_of[ordered[k].request_id] for k in owner]
             ids[mx.array(at)] = tokens[mx.array(rows)]
+        if decodes and not chunks and self.compile_decode:
+            return ordered, self._compiled_decode(decodes, ids, positions, slots)
         groups = []
         if decodes:
             make = self._kernel_group if self.decode_kernel else self._group
@@ -127,6 +135,39 @@ class ModelRunner:
                                  sliding_window=self.args.sliding_window)
         hidden = self.model(ids, mx.array(positions), self.kv_cache, meta)
         return ordered, hidden
+
+    def _compiled_decode(self, decodes: Sequence[ScheduledRequest], ids: mx.array,
+                         positions: np.ndarray, slots: np.ndarray) -> mx.array:
+        """A decode-only step through the mx.compile'd forward pass (see _decode_fn)."""
+        group = (self._kernel_group if self.decode_kernel else self._group)(
+            decodes, 0, len(decodes), pad_to_power_of_two=True)
+        arrays = (group.block_tables, group.mask if group.mask is not None else group.key_start,
+                  group.query_positions if group.query_positions is not None else group.block_tables)
+        fn = self._compiled.get(self.model.plan)
+        if fn is None:  # a new plan (tests and benchmarks switch it) needs its own trace
+            fn = self._compiled[self.model.plan] = mx.compile(self._decode_fn)
+        out = fn(ids, mx.array(positions), mx.array(slots), arrays, self.kv_cache.state(),
+                 group.splits, group.mask is None)
+        n = len(self.kv_cache.keys)
+        # The old pools are now held only by the step's graph, so its KV writes happen in place.
+        self.kv_cache.keys[:], self.kv_cache.values[:] = out[1:1 + n], out[1 + n:]
+        return out[0]
+
+    def _decode_fn(self, ids, positions, slots, arrays, pools, splits, kernel):
+        """The forward pass of a decode-only step as a pure function of its arrays, for
+        mx.compile: traced once per (batch, block-table width, splits), then replayed without
+        rebuilding ~1,000 ops in Python each step (at small batches the host, not the GPU,
+        set the pace: `python -m loadtest.gpu_trace`)."""
+        n = len(pools) // 2
+        cache = _Pools(list(pools[:n]), list(pools[n:]), self.block_size)
+        tables, second, third = arrays
+        g = ids.shape[0]
+        group = AttentionGroup(0, g, None, None, tables, None if kernel else second, g, 1,
+                               key_start=second if kernel else None,
+                               query_positions=third if kernel else None, splits=splits)
+        meta = AttentionMetadata(slots, [group], self.args.sliding_window)
+        hidden = self.model(ids, positions, cache, meta)
+        return [hidden, *cache.keys, *cache.values]
 
     def _flat_inputs(self, reqs: Sequence[ScheduledRequest]):
         bs = self.block_size
@@ -141,10 +182,10 @@ class ModelRunner:
                 np.concatenate(slots).astype(np.int32))
 
     def _kernel_group(self, reqs: Sequence[ScheduledRequest], token_start: int,
-                      num_tokens: int) -> AttentionGroup:
+                      num_tokens: int, pad_to_power_of_two: bool = False) -> AttentionGroup:
         """A decode group for the CUDA kernel: block tables and positions, no mask."""
         max_keys = max(r.start_position + 1 - r.first_block_index * self.block_size for r in reqs)
-        n_blocks = -(-max(len(r.block_table) for r in reqs) // BLOCK_PAD) * BLOCK_PAD
+        n_blocks = _table_width(max(len(r.block_table) for r in reqs), pad_to_power_of_two)
         tables = np.zeros((len(reqs), n_blocks), np.int32)
         for i, r in enumerate(reqs):
             tables[i, :len(r.block_table)] = r.block_table
@@ -156,12 +197,11 @@ class ModelRunner:
             splits=paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
-               num_tokens: int) -> AttentionGroup:
+               num_tokens: int, pad_to_power_of_two: bool = False) -> AttentionGroup:
         bs = self.block_size
         g = len(reqs)
         q_len = max(r.num_tokens for r in reqs)
-        n_blocks = max(len(r.block_table) for r in reqs)
-        n_blocks = -(-n_blocks // BLOCK_PAD) * BLOCK_PAD
+        n_blocks = _table_width(max(len(r.block_table) for r in reqs), pad_to_power_of_two)
         tables = np.zeros((g, n_blocks), np.int32)
         key_pos = np.full((g, n_blocks * bs), -1, np.int64)  # -1: no key there
         q_pos = np.zeros((g, q_len), np.int64)
@@ -193,6 +233,23 @@ class ModelRunner:
             num_seqs=g,
             query_len=q_len,
         )
+
+
+def _table_width(blocks: int, power_of_two: bool) -> int:
+    """Block-table width: a multiple of BLOCK_PAD, or a power of two (at least BLOCK_PAD) for
+    the compiled decode step, so a growing context retraces it only a few times."""
+    if power_of_two:
+        return max(BLOCK_PAD, 1 << (blocks - 1).bit_length())
+    return -(-blocks // BLOCK_PAD) * BLOCK_PAD
+
+
+@dataclass
+class _Pools:
+    """The KV pools as the model reads and replaces them (PagedKVCache's interface)."""
+
+    keys: list
+    values: list
+    block_size: int
 
 
 @dataclass

@@ -17,8 +17,8 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
            for v in "MISTRAL_SERVE_FUSED=1" "MISTRAL_SERVE_FUSED=0" "MLX_MAX_MB_PER_BUFFER=1000000" "MLX_USE_CUDA_GRAPHS=0"; do
              echo "bf16 single, $v"; env $v timeout 100 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer | tail -1
              echo "4-bit single, $v"; env $v timeout 100 $B $S | tail -1; done ;;
-  trace) timeout 150 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --batch 1,64 --context 256
-         timeout 100 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 1 --context 256 ;;
+  trace) timeout 200 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --batch 1,64 --context 256 --steps 20
+         timeout 120 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 1 --context 256 --steps 20 ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
   gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;
   splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;

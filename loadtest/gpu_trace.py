@@ -7,8 +7,8 @@ records every CUDA kernel in the process, MLX's included (the GPU machines ship 
 not a dependency of the project). Per step it reports the wall time, the time the GPU was
 busy (the union of kernel intervals), the number of kernels, and the kernels that took the
 most time. Busy time well below wall time means the host, not the GPU, sets the pace.
-Each variant of the kernel plan (as chosen, without the fused small ops, without the gemv
-kernels) runs in the same process on the same weights.
+Each variant (as chosen; without the compiled decode step; without the fused small ops;
+without either; without the gemv kernels) runs in the same process on the same weights.
 """
 
 from __future__ import annotations
@@ -102,18 +102,23 @@ def main(argv=None):
     engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
         kv_cache_memory_gib=gib, max_num_seqs=max(batches), max_num_batched_tokens=4096,
         enable_prefix_caching=False))
-    chosen = model.plan
-    variants = [("as chosen", chosen)]
+    chosen, compiled = model.plan, engine.runner.compile_decode
+    variants = [("as chosen", chosen, compiled)]
+    if compiled:
+        variants.append(("not compiled", chosen, False))
     if chosen.fused:
-        variants.append(("no fused ops", dataclasses.replace(chosen, fused=False)))
+        variants.append(("no fused ops", dataclasses.replace(chosen, fused=False), compiled))
+    if chosen.fused and compiled:
+        variants.append(("neither", dataclasses.replace(chosen, fused=False), False))
     if chosen.gemv:
-        variants.append(("no gemv", dataclasses.replace(chosen, gemv=False, gemv_dense=False)))
-    print(f"plan: {chosen}")
+        variants.append(("no gemv", dataclasses.replace(chosen, gemv=False, gemv_dense=False),
+                         compiled))
+    print(f"plan: {chosen}, compiled decode: {compiled}")
     for b in batches:
-        for label, plan in variants:
-            model.plan = plan
+        for label, plan, comp in variants:
+            model.plan, engine.runner.compile_decode = plan, comp
             trace(engine, b, a.context, a.steps, label)
-    model.plan = chosen
+    model.plan, engine.runner.compile_decode = chosen, compiled
 
 
 if __name__ == "__main__":
