@@ -1,4 +1,4 @@
-"""Paged attention, portable path: scatter new K/V by slot, gather by block table, SDPA.
+"""Paged attention, portable path: gather by block table, SDPA (the model writes K/V first).
 
 A step's tokens are laid out decodes first (one query each), then prompt chunks. Decodes form
 one attention group with query length 1; prompt chunks form a second group padded to the
@@ -43,20 +43,22 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
     sliding_window: Optional[int] = None
 
+    @property
+    def only_decode_kernel(self) -> bool:
+        """Every group is read by the CUDA decode kernel (which takes q, so it runs after
+        q's producer): the condition for writing K/V into the pools in place."""
+        return all(g.key_start is not None for g in self.groups)
+
 
 def paged_attention(
     q: mx.array,  # (T, H, D), RoPE applied
-    k: mx.array,  # (T, KVH, D), RoPE applied
-    v: mx.array,  # (T, KVH, D)
-    k_pool: mx.array,  # (num_blocks * block_size, KVH, D)
+    k_pool: mx.array,  # (num_blocks * block_size, KVH, D), this step's K/V already written
     v_pool: mx.array,
     meta: AttentionMetadata,
     block_size: int,
     scale: float,
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Write this step's K/V into the pools, attend, return (output (T, H*D), k_pool, v_pool)."""
-    k_pool[meta.slot_mapping] = k
-    v_pool[meta.slot_mapping] = v
+) -> mx.array:
+    """Attend every query to its sequence's keys in the pools; returns (T, H*D)."""
     num_slots, kv_heads, head_dim = k_pool.shape
     k_blocks = k_pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
     v_blocks = v_pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
@@ -82,8 +84,7 @@ def paged_attention(
         if g.output_index is not None:
             out = out[g.output_index]
         outputs.append(out)
-    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
-    return out, k_pool, v_pool
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
 
 
 def _gather(blocks: mx.array, block_tables: mx.array) -> mx.array:

@@ -25,6 +25,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from engine.paged_decode import VEC_HEADER
 
@@ -77,8 +78,8 @@ _ADD_RMS_NORM = r"""
 
 # A thread per (token, head of q|k|v, dim pair i < D/2). RoPE (non-traditional: dims i and
 # i + D/2 rotate together) on q and k heads, with inv_freq = 2^(-(i / (D/2)) * log2(base))
-# and theta = position * inv_freq as MLX's RoPE computes them; v heads are copied.
-_QKV_ROPE = r"""
+# and theta = position * inv_freq as MLX's RoPE computes them; v heads pass through.
+_ROPE_PAIR = r"""
     constexpr int P = D / 2;
     constexpr int HS = NH + 2 * KVH;
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -87,19 +88,30 @@ _QKV_ROPE = r"""
     const int hs = (idx / P) % HS;
     const int i = idx % P;
     const T* src = qkv + (t * HS + hs) * D;
-    if (hs >= NH + KVH) {
-        T* dst = v + (t * KVH + hs - NH - KVH) * D;
-        dst[i] = src[i];
-        dst[i + P] = src[i + P];
-        return;
+    float x1 = static_cast<float>(src[i]), x2 = static_cast<float>(src[i + P]);
+    if (hs < NH + KVH) {
+        const float inv_freq = exp2f(-(static_cast<float>(i) / static_cast<float>(P)) * log2_base[0]);
+        const float theta = static_cast<float>(positions[t]) * inv_freq;
+        const float c = cosf(theta), s = sinf(theta);
+        const float r1 = x1 * c - x2 * s;
+        x2 = x1 * s + x2 * c;
+        x1 = r1;
     }
-    T* dst = hs < NH ? q + (t * NH + hs) * D : k + (t * KVH + hs - NH) * D;
-    const float inv_freq = exp2f(-(static_cast<float>(i) / static_cast<float>(P)) * log2_base[0]);
-    const float theta = static_cast<float>(positions[t]) * inv_freq;
-    const float c = cosf(theta), s = sinf(theta);
-    const float x1 = static_cast<float>(src[i]), x2 = static_cast<float>(src[i + P]);
-    dst[i] = static_cast<T>(x1 * c - x2 * s);
-    dst[i + P] = static_cast<T>(x1 * s + x2 * c);
+"""
+_QKV_ROPE = _ROPE_PAIR + r"""
+    T* dst = hs < NH ? q + (t * NH + hs) * D
+           : hs < NH + KVH ? k + (t * KVH + hs - NH) * D : v + (t * KVH + hs - NH - KVH) * D;
+    dst[i] = static_cast<T>(x1);
+    dst[i + P] = static_cast<T>(x2);
+"""
+# The same, with K and V written straight into their pool rows (slot * KVH + head) and only
+# q as output. The pools come in as inputs and are written through them, in place: MLX
+# neither copies nor replaces them (see qkv_rope_store for when that is safe).
+_QKV_ROPE_STORE = _ROPE_PAIR + r"""
+    T* dst = hs < NH ? q + (t * NH + hs) * D
+           : const_cast<T*>(hs < NH + KVH ? k_pool : v_pool) + ((long)slots[t] * KVH + (hs - NH) % KVH) * D;
+    dst[i] = static_cast<T>(x1);
+    dst[i + P] = static_cast<T>(x2);
 """
 
 # out (R, I) = silu(g) * u with g, u the two halves of each row of gu (R, 2I); a thread per
@@ -121,7 +133,8 @@ _SWIGLU = r"""
     *reinterpret_cast<Vec<T, VEC>*>(out + idx) = o;
 """
 
-SOURCES = {"add_rms_norm": _ADD_RMS_NORM, "qkv_rope": _QKV_ROPE, "swiglu": _SWIGLU}
+SOURCES = {"add_rms_norm": _ADD_RMS_NORM, "qkv_rope": _QKV_ROPE,
+           "qkv_rope_store": _QKV_ROPE_STORE, "swiglu": _SWIGLU}
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,6 +199,39 @@ def qkv_rope(qkv: mx.array, positions: mx.array, n_heads: int, kv_heads: int, he
         output_dtypes=[qkv.dtype] * 3))
 
 
+def qkv_rope_store(qkv: mx.array, positions: mx.array, slots: mx.array, k_pool: mx.array,
+                   v_pool: mx.array, n_heads: int, kv_heads: int, head_dim: int, base: float,
+                   kernel: bool = False, in_place: bool = False
+                   ) -> tuple[mx.array, mx.array, mx.array]:
+    """qkv_rope, with each token's K and V written into the pools at its slot: returns
+    (q, k_pool, v_pool).
+
+    Portable: MLX's scatter, which returns new pool arrays and updates in place only when it
+    may donate the old buffer. While the previous step still runs on the GPU its kernels hold
+    the pools, so a host one step ahead made MLX copy whole pools (an H200 trace: ~1 ms of
+    copies per single-stream step). With the kernel and `in_place`, K and V are written into
+    the very pool buffers and the same arrays come back. That is safe only when everything
+    that reads the pools this step takes q as an input (the decode attention kernel does), so
+    it runs after the write; steps of earlier and later launches are ordered on the stream.
+    """
+    if kernel and in_place and positions.dtype == slots.dtype == mx.int32 and not head_dim % 2 \
+            and k_pool.dtype == v_pool.dtype == qkv.dtype:
+        t = qkv.shape[0]
+        threads = t * (n_heads + 2 * kv_heads) * (head_dim // 2)
+        q = _kernel("qkv_rope_store", ("qkv", "positions", "log2_base", "slots", "k_pool", "v_pool"),
+                    ("q",))(
+            inputs=[qkv, positions, _constant(math.log2(base)), slots, k_pool, v_pool],
+            template=[("T", qkv.dtype), ("NH", n_heads), ("KVH", kv_heads), ("D", head_dim)],
+            grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
+            threadgroup=(ELEMENTWISE_THREADS, 1, 1),
+            output_shapes=[(t, n_heads, head_dim)], output_dtypes=[qkv.dtype])[0]
+        return q, k_pool, v_pool
+    q, k, v = qkv_rope(qkv, positions, n_heads, kv_heads, head_dim, base, kernel)
+    k_pool[slots] = k
+    v_pool[slots] = v
+    return q, k_pool, v_pool
+
+
 # ---- SwiGLU ----------------------------------------------------------------------------------
 def swiglu(gate_up: mx.array, kernel: bool = False) -> mx.array:
     """silu(gate) * up, with gate and up the two halves of the fused projection's output."""
@@ -229,7 +275,25 @@ def fused_ops_match_portable(hidden: int, intermediate: int, n_heads: int, kv_he
                 return [*add_rms_norm(x, y, norm, k),
                         *qkv_rope(qkv, positions, n_heads, kv_heads, head_dim, base, k),
                         swiglu(gate_up, k)]
-            for got, want in zip(run(True), run(False)):
+            # In-place K/V writes into pools holding other rows: only the tokens' slots change.
+            slots = mx.array([5, 0, 9, 2, 7, 11, 3][:t] + list(range(12, 12 + max(0, t - 7))), mx.int32)
+            pools = [rand(12 + t, kv_heads, head_dim) for _ in range(2)]
+            mx.eval(pools)
+            before = [np.array(p.astype(mx.float32)) for p in pools]
+            q_store, kp, vp = qkv_rope_store(qkv, positions, slots, *pools, n_heads, kv_heads,
+                                             head_dim, base, kernel=True, in_place=True)
+            mx.eval(q_store)
+            if kp is not pools[0] or vp is not pools[1]:
+                return False
+            _, k_want, v_want = qkv_rope(qkv, positions, n_heads, kv_heads, head_dim, base)
+            for pool, old, new in zip(pools, before, (k_want, v_want)):
+                old[np.array(slots)] = np.array(new.astype(mx.float32))
+                err = np.abs(np.array(pool.astype(mx.float32)) - old).max()
+                if not err <= tol * max(np.abs(old).max(), 1.0):
+                    log.warning("in-place K/V write off by %.3g; using MLX's ops", err)
+                    return False
+            portable = run(False)
+            for got, want in zip(run(True) + [q_store], portable + [portable[2]]):
                 got, want = got.astype(mx.float32), want.astype(mx.float32)
                 err = mx.abs(got - want).max().item()
                 if not err <= tol * max(mx.abs(want).max().item(), 1.0):

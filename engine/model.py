@@ -91,11 +91,12 @@ class Attention(nn.Module):
         else:
             qkv = mx.concatenate([project(p, x, plan) for p in (self.q_proj, self.k_proj,
                                                                  self.v_proj)], axis=-1)
-        q, k, v = fused_ops.qkv_rope(qkv, positions, self.n_heads, self.n_kv_heads,
-                                     self.head_dim, self.rope_theta, plan.fused)
-        out, cache.keys[layer], cache.values[layer] = paged_attention(
-            q, k, v, cache.keys[layer], cache.values[layer], meta,
-            cache.block_size, self.scale)
+        q, cache.keys[layer], cache.values[layer] = fused_ops.qkv_rope_store(
+            qkv, positions, meta.slot_mapping, cache.keys[layer], cache.values[layer],
+            self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta, plan.fused,
+            in_place=meta.only_decode_kernel)
+        out = paged_attention(q, cache.keys[layer], cache.values[layer], meta, cache.block_size,
+                              self.scale)
         return project(self.o_proj, out, plan)
 
 

@@ -31,7 +31,7 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   single) timeout 120 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --peer-batch-sizes 1 --json $OUT/single.json | tail -3 ;;
   w1) timeout 240 $B --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --peer-batch-sizes 64,128 --json $OUT/w1.json | tail -4 ;;
   w2) timeout 240 $B --num-prompts 64 --input-len 1024 --output-len 256 --max-num-seqs 64 --peer-batch-sizes 64 --json $OUT/w2.json | tail -3 ;;
-  window) timeout 550 python3 -m loadtest.window_bench --shape 7b --dtype bfloat16 --num-seqs 32 --total-len 16384 | tail -12 ;;
+  window) timeout 260 python3 -m loadtest.window_bench --shape 7b --dtype bfloat16 --num-seqs 32 --prompt-len ${WINDOW_PROMPT:-8192} --total-len 16384 | tail -14 ;;
   q4single) timeout 100 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;
   q4) timeout 150 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit.json | tail -2
       [ -n "${Q4_SINGLE:-}" ] && timeout 100 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;

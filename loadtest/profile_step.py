@@ -144,8 +144,9 @@ def profile_attention(args: ModelArgs, dtype, batch: int, context: int, block_si
     mx.eval(pool_k, pool_v, q, k, kc)
 
     def paged():
-        out, a, b = paged_attention(q, k, k, pool_k, pool_v, meta, block_size, d ** -0.5)
-        mx.eval(out, a, b)
+        pool_k[slots] = k
+        pool_v[slots] = k
+        mx.eval(paged_attention(q, pool_k, pool_v, meta, block_size, d ** -0.5))
 
     def dense():
         mx.eval(mx.fast.scaled_dot_product_attention(q[:, :, None], kc, kc, scale=d ** -0.5))

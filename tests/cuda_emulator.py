@@ -243,6 +243,10 @@ def fused_source() -> str:
     template <typename T, int NH, int KVH, int D>
     void qkv_rope(const T* qkv, const int* positions, const long* positions_shape,
                   const float* log2_base, T* q, T* k, T* v) { """ + fo.SOURCES["qkv_rope"] + r""" }
+    template <typename T, int NH, int KVH, int D>
+    void qkv_rope_store(const T* qkv, const int* positions, const long* positions_shape,
+                        const float* log2_base, const int* slots, const T* k_pool, const T* v_pool,
+                        T* q) { """ + fo.SOURCES["qkv_rope_store"] + r""" }
     template <typename T, int I>
     void swiglu(const T* gu, const long* gu_shape, T* out) { """ + fo.SOURCES["swiglu"] + r""" }
     std::mt19937 rng(5);
@@ -275,6 +279,17 @@ def fused_source() -> str:
       launch((threads + 255) / 256, 256, [&] { qkv_rope<float, NH, KVH, D>(qkv.data(), pos.data(), pshape, &lb, q.data(), k.data(), v.data()); });
       printf("qkv_rope NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
              max(max_err(q.data(), rq), max(max_err(k.data(), rk), max_err(v.data(), rv))));
+      // In place: tokens' K/V go to scrambled pool rows; every other row keeps its value.
+      const int rows = 2 * T_ + 3;
+      std::vector<int> slots(T_); for (int t = 0; t < T_; ++t) slots[t] = (t * 5 + 2) % rows;
+      std::vector<float> kp(rows * KVH * D), vp(rows * KVH * D), q2(q.size());
+      for (auto& x : kp) x = nd(rng); for (auto& x : vp) x = nd(rng);
+      std::vector<double> rkp(kp.begin(), kp.end()), rvp(vp.begin(), vp.end());
+      for (int t = 0; t < T_; ++t) for (int j = 0; j < KVH * D; ++j) {
+        rkp[slots[t] * KVH * D + j] = rk[t * KVH * D + j]; rvp[slots[t] * KVH * D + j] = rv[t * KVH * D + j]; }
+      launch((threads + 255) / 256, 256, [&] { qkv_rope_store<float, NH, KVH, D>(qkv.data(), pos.data(), pshape, &lb, slots.data(), kp.data(), vp.data(), q2.data()); });
+      printf("qkv_rope_store NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
+             max(max_err(q2.data(), rq), max(max_err(kp.data(), rkp), max_err(vp.data(), rvp))));
     }
     template <int I> void swiglu_case(int rows) {
       std::vector<float> gu(rows * 2 * I), out(rows * I); std::vector<double> ref(rows * I); long shape[2] = {rows, 2 * I};

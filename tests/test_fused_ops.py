@@ -54,3 +54,37 @@ def test_portable_off_cuda():
     if mx.cuda.is_available():
         pytest.skip("checks the CPU fallback")
     assert not fused_ops.fused_ops_match_portable(64, 128, 4, 2, 16, 1e4, 1e-5, mx.float32)
+
+
+@cuda
+def test_engine_decode_with_kernels_matches_portable():
+    # The served path (fused kernels, K/V written in place, compiled decode step, decode
+    # attention kernel) against the portable one, over batches that shrink as requests end.
+    from engine.engine import EngineConfig, LLMEngine
+    from loadtest.offline_bench import _NoTokenizer
+    from scheduler.request import SamplingParams
+    from tests.tiny import tiny_model
+
+    def generate(portable: bool):
+        model, args, _ = tiny_model(hidden_size=256, intermediate_size=512, sliding_window=40)
+        engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
+            kv_cache_memory_gib=0.02, max_num_seqs=4, enable_prefix_caching=False,
+            max_num_batched_tokens=64))
+        if portable:
+            model.plan, engine.runner.compile_decode, engine.runner.decode_kernel = PORTABLE, False, False
+        else:
+            assert model.plan.fused and engine.runner.compile_decode and engine.runner.decode_kernel
+        for i in range(3):
+            engine.add_request(f"r{i}", list(range(3 + i, 20 + 9 * i)), SamplingParams(
+                temperature=0, max_tokens=40 + 10 * i, ignore_eos=True, logprobs=1))
+        out = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                toks, lps = out.setdefault(o.request_id, ([], []))
+                toks.extend(o.new_token_ids)
+                lps.extend(lp.logprob for lp in o.logprobs)
+        return out
+    want, got = generate(True), generate(False)
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+    for k in want:
+        assert np.allclose(got[k][1], want[k][1], atol=2e-3), k
