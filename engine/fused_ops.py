@@ -260,7 +260,8 @@ def fused_ops_match_portable(hidden: int, intermediate: int, n_heads: int, kv_he
         return False
     tol = 1e-4 if dtype == mx.float32 else 3e-2
     try:
-        keys = iter(mx.random.split(mx.random.key(1), 16))
+        # One key per random input: the norm weight, then six per row count.
+        keys = iter(mx.random.split(mx.random.key(1), 1 + 6 * len(rows)))
 
         def rand(*shape):
             return mx.random.normal(shape, key=next(keys)).astype(dtype)
