@@ -159,13 +159,18 @@ def source(versions: tuple[str, ...]) -> str:
     return src
 
 
-def run(workdir: Path, versions: tuple[str, ...] = ("v1",)) -> list[tuple[str, int, int, float]]:
-    """Compile and run the emulation; (version, window, splits, max abs error) per case."""
-    cpp, exe = workdir / "emu.cpp", workdir / "emu"
-    cpp.write_text(source(versions))
+def _compile_and_run(workdir: Path, name: str, program: str) -> str:
+    """Build a C++ emulation program with g++ and return what it prints."""
+    cpp, exe = workdir / f"{name}.cpp", workdir / name
+    cpp.write_text(program)
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(exe), str(cpp)],
                    check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
+    return subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
+
+
+def run(workdir: Path, versions: tuple[str, ...] = ("v1",)) -> list[tuple[str, int, int, float]]:
+    """Compile and run the emulation; (version, window, splits, max abs error) per case."""
+    out = _compile_and_run(workdir, "emu", source(versions))
     pattern = r"(\w+) window +(\d+) splits (\d+): max err (\S+)"
     return [(v, int(w), int(s), float(e)) for v, w, s, e in re.findall(pattern, out)]
 
@@ -224,11 +229,7 @@ def gemv_source() -> str:
 
 def run_gemv(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the gemv emulation; (case, relative error) per case."""
-    cpp, exe = workdir / "gemv.cpp", workdir / "gemv"
-    cpp.write_text(gemv_source())
-    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(exe), str(cpp)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
+    out = _compile_and_run(workdir, "gemv", gemv_source())
     return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
 
 
@@ -310,9 +311,5 @@ def fused_source() -> str:
 
 def run_fused(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the fused-op emulation; (case, max abs error) per case."""
-    cpp, exe = workdir / "fused.cpp", workdir / "fused"
-    cpp.write_text(fused_source())
-    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(exe), str(cpp)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
+    out = _compile_and_run(workdir, "fused", fused_source())
     return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
