@@ -148,6 +148,19 @@ def _vec(dtype: mx.Dtype) -> int:
     return 16 // dtype.size
 
 
+def _elementwise_launch(threads: int) -> dict:
+    """grid and threadgroup for one CUDA thread per work item, ELEMENTWISE_THREADS a block."""
+    return dict(grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
+                threadgroup=(ELEMENTWISE_THREADS, 1, 1))
+
+
+def _rope_launch(qkv: mx.array, n_heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Template and launch of the q|k|v RoPE kernels: a thread per (token, head, dim pair)."""
+    threads = qkv.shape[0] * (n_heads + 2 * kv_heads) * (head_dim // 2)
+    return dict(template=[("T", qkv.dtype), ("NH", n_heads), ("KVH", kv_heads), ("D", head_dim)],
+                **_elementwise_launch(threads))
+
+
 @functools.lru_cache(maxsize=None)
 def _constant(value: float) -> mx.array:
     """A float32 scalar input made once (eps, log2 of the RoPE base), not one array per call."""
@@ -189,12 +202,9 @@ def qkv_rope(qkv: mx.array, positions: mx.array, n_heads: int, kv_heads: int, he
                              base=base, scale=1.0, offset=positions).squeeze(2)
                 for a, heads in ((q, n_heads), (k, kv_heads)))
         return q, k, v.reshape(t, kv_heads, head_dim)
-    threads = t * (n_heads + 2 * kv_heads) * (head_dim // 2)
     return tuple(_kernel("qkv_rope", ("qkv", "positions", "log2_base"), ("q", "k", "v"))(
         inputs=[qkv, positions, _constant(math.log2(base))],
-        template=[("T", qkv.dtype), ("NH", n_heads), ("KVH", kv_heads), ("D", head_dim)],
-        grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
-        threadgroup=(ELEMENTWISE_THREADS, 1, 1),
+        **_rope_launch(qkv, n_heads, kv_heads, head_dim),
         output_shapes=[(t, n_heads, head_dim), (t, kv_heads, head_dim), (t, kv_heads, head_dim)],
         output_dtypes=[qkv.dtype] * 3))
 
@@ -216,15 +226,11 @@ def qkv_rope_store(qkv: mx.array, positions: mx.array, slots: mx.array, k_pool: 
     """
     if kernel and in_place and positions.dtype == slots.dtype == mx.int32 and not head_dim % 2 \
             and k_pool.dtype == v_pool.dtype == qkv.dtype:
-        t = qkv.shape[0]
-        threads = t * (n_heads + 2 * kv_heads) * (head_dim // 2)
         q = _kernel("qkv_rope_store", ("qkv", "positions", "log2_base", "slots", "k_pool", "v_pool"),
                     ("q",))(
             inputs=[qkv, positions, _constant(math.log2(base)), slots, k_pool, v_pool],
-            template=[("T", qkv.dtype), ("NH", n_heads), ("KVH", kv_heads), ("D", head_dim)],
-            grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
-            threadgroup=(ELEMENTWISE_THREADS, 1, 1),
-            output_shapes=[(t, n_heads, head_dim)], output_dtypes=[qkv.dtype])[0]
+            **_rope_launch(qkv, n_heads, kv_heads, head_dim),
+            output_shapes=[(qkv.shape[0], n_heads, head_dim)], output_dtypes=[qkv.dtype])[0]
         return q, k_pool, v_pool
     q, k, v = qkv_rope(qkv, positions, n_heads, kv_heads, head_dim, base, kernel)
     k_pool[slots] = k
@@ -242,11 +248,9 @@ def swiglu(gate_up: mx.array, kernel: bool = False) -> mx.array:
         # views of one matmul output here. See loadtest/gpu_diag.py.
         return gate * mx.sigmoid(gate) * up
     rows = gate_up.size // gate_up.shape[-1]
-    threads = rows * inner // _vec(gate_up.dtype)
     return _kernel("swiglu", ("gu",), ("out",))(
         inputs=[gate_up.reshape(rows, 2 * inner)], template=[("T", gate_up.dtype), ("I", inner)],
-        grid=(-(-threads // ELEMENTWISE_THREADS) * ELEMENTWISE_THREADS, 1, 1),
-        threadgroup=(ELEMENTWISE_THREADS, 1, 1),
+        **_elementwise_launch(rows * inner // _vec(gate_up.dtype)),
         output_shapes=[(*gate_up.shape[:-1], inner)], output_dtypes=[gate_up.dtype])[0]
 
 

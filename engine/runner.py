@@ -141,15 +141,17 @@ class ModelRunner:
         """A decode-only step through the mx.compile'd forward pass (see _decode_fn)."""
         group = (self._kernel_group if self.decode_kernel else self._group)(
             decodes, 0, len(decodes), pad_to_power_of_two=True)
-        arrays = (group.block_tables, group.mask if group.mask is not None else group.key_start,
-                  group.query_positions if group.query_positions is not None else group.block_tables)
+        kernel = group.mask is None
+        arrays = ((group.block_tables, group.key_start, group.query_positions) if kernel
+                  else (group.block_tables, group.mask))
         fn = self._compiled.get(self.model.plan)
         if fn is None:  # a new plan (tests and benchmarks switch it) needs its own trace
             fn = self._compiled[self.model.plan] = mx.compile(self._decode_fn)
         out = fn(ids, mx.array(positions), mx.array(slots), arrays, self.kv_cache.state(),
-                 group.splits, group.mask is None)
+                 group.splits, kernel)
         n = len(self.kv_cache.keys)
-        # The old pools are now held only by the step's graph, so its KV writes happen in place.
+        # In-place kernel writes return the same pools; MLX's scatter returns new ones, and
+        # with the old ones now held only by the step's graph it may update them in place.
         self.kv_cache.keys[:], self.kv_cache.values[:] = out[1:1 + n], out[1 + n:]
         return out[0]
 
@@ -157,14 +159,18 @@ class ModelRunner:
         """The forward pass of a decode-only step as a pure function of its arrays, for
         mx.compile: traced once per (batch, block-table width, splits), then replayed without
         rebuilding ~1,000 ops in Python each step (at small batches the host, not the GPU,
-        set the pace: `python -m loadtest.gpu_trace`)."""
+        set the pace: `python -m loadtest.gpu_trace`). `arrays` are the decode group's:
+        (block tables, key starts, query positions) for the kernel, else (tables, mask)."""
         n = len(pools) // 2
         cache = _Pools(list(pools[:n]), list(pools[n:]), self.block_size)
-        tables, second, third = arrays
         g = ids.shape[0]
-        group = AttentionGroup(0, g, None, None, tables, None if kernel else second, g, 1,
-                               key_start=second if kernel else None,
-                               query_positions=third if kernel else None, splits=splits)
+        if kernel:
+            tables, key_start, query_positions = arrays
+            group = AttentionGroup(0, g, None, None, tables, None, g, 1, key_start=key_start,
+                                   query_positions=query_positions, splits=splits)
+        else:
+            tables, mask = arrays
+            group = AttentionGroup(0, g, None, None, tables, mask, g, 1)
         meta = AttentionMetadata(slots, [group], self.args.sliding_window)
         hidden = self.model(ids, positions, cache, meta)
         return [hidden, *cache.keys, *cache.values]

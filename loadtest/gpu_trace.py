@@ -20,13 +20,10 @@ import time
 from collections import defaultdict
 
 import mlx.core as mx
-import numpy as np
 
-from engine.config import ModelArgs
-from engine.engine import DTYPES, EngineConfig, LLMEngine
-from engine.kv_cache import kv_cache_gib
-from loadtest.offline_bench import SHAPES, _NoTokenizer, random_weights
-from scheduler.request import SamplingParams
+from engine.engine import DTYPES, LLMEngine
+from loadtest.offline_bench import SHAPES
+from loadtest.profile_step import decode_engine, start_decoding, stop_all
 
 
 def _busy(intervals: list[tuple[float, float]]) -> float:
@@ -50,11 +47,7 @@ def _short(name: str) -> str:
 def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    rng = np.random.default_rng(0)
-    vocab = engine.model_args.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=2 * steps + 32, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"{label}-{i}", rng.integers(0, vocab, context).tolist(), params)
+    start_decoding(engine, label, batch, context, 2 * steps + 32)
     for _ in range(steps // 2 + 8):  # prefill, compile, warm
         engine.step()
     mx.synchronize()
@@ -64,10 +57,7 @@ def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -
             engine.step()
         mx.synchronize()
         wall = time.perf_counter() - t0
-    for r in list(engine.scheduler.running):
-        engine.abort(r.request_id)
-    while engine.has_unfinished_requests():
-        engine.step()
+    stop_all(engine)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_name = defaultdict(lambda: [0.0, 0])
     for e in kernels:
@@ -95,13 +85,9 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     a = ap.parse_args(argv)
-    args = ModelArgs.from_dict(SHAPES[a.shape])
-    model, _ = random_weights(args, DTYPES[a.dtype], a.bits)
     batches = [int(b) for b in a.batch.split(",")]
-    gib = kv_cache_gib(args, DTYPES[a.dtype], max(batches), a.context + 2 * a.steps + 64)
-    engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
-        kv_cache_memory_gib=gib, max_num_seqs=max(batches), max_num_batched_tokens=4096,
-        enable_prefix_caching=False))
+    engine = decode_engine(a.shape, a.dtype, a.bits, max(batches), a.context + 2 * a.steps + 64)
+    model = engine.model
     chosen, compiled = model.plan, engine.runner.compile_decode
     variants = [("as chosen", chosen, compiled)]
     if compiled:

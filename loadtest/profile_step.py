@@ -39,11 +39,36 @@ def timed(acc, name, fn, *a):
     return out
 
 
-def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, vocab: int):
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+def decode_engine(shape: str, dtype: str, bits, max_batch: int, max_len: int) -> LLMEngine:
+    """A random-weight engine of `shape` with a KV pool for max_batch sequences of max_len."""
+    args = ModelArgs.from_dict(SHAPES[shape])
+    model, _ = random_weights(args, DTYPES[dtype], bits)
+    gib = kv_cache_gib(args, DTYPES[dtype], max_batch, max_len)
+    return LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
+        kv_cache_memory_gib=gib, max_num_seqs=max_batch, max_num_batched_tokens=4096,
+        enable_prefix_caching=False))
+
+
+def start_decoding(engine: LLMEngine, prefix: str, batch: int, context: int, max_tokens: int,
+                   seed: int = 0) -> None:
+    """Add `batch` greedy requests with random `context`-token prompts."""
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    vocab = engine.model_args.vocab_size
     for i in range(batch):
-        engine.add_request(f"p{batch}-{i}", rng.integers(0, vocab, context).tolist(), params)
+        engine.add_request(f"{prefix}{batch}-{i}", rng.integers(0, vocab, context).tolist(), params)
+
+
+def stop_all(engine: LLMEngine) -> None:
+    """Abort every request and step until the engine is idle."""
+    for r in list(engine.scheduler.running):
+        engine.abort(r.request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, vocab: int):
+    start_decoding(engine, "p", batch, context, steps + 8)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) \
             or engine.scheduler.waiting:
         engine.step()
@@ -67,9 +92,7 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, voca
         from scheduler.output import ModelRunnerOutput
         ro = ModelRunnerOutput(sampled=_to_host(rows, out))
         timed(acc, "update", engine.scheduler.update, so, ro)
-    for r in list(engine.scheduler.running):
-        engine.abort(r.request_id)
-    engine.step()
+    stop_all(engine)
     total = sum(np.median(v) for v in acc.values())
     print(f"\n-- decode step, batch {batch}, context ~{context}: {total * 1e3:.2f} ms/step "
           f"({batch / total:.0f} tok/s)")
@@ -80,10 +103,7 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, voca
 def profile_overlap(engine: LLMEngine, batch: int, context: int, steps: int, vocab: int):
     """Time the phases of engine.step() as it runs (async, nothing added in between)."""
     import engine.runner as runner_mod
-    rng = np.random.default_rng(1)
-    params = SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"o{batch}-{i}", rng.integers(0, vocab, context).tolist(), params)
+    start_decoding(engine, "o", batch, context, steps + 16, seed=1)
     for _ in range(8):  # prefill and a few warm decode steps
         engine.step()
     acc: dict[str, float] = defaultdict(float)
@@ -113,10 +133,7 @@ def profile_overlap(engine: LLMEngine, batch: int, context: int, steps: int, voc
     finally:
         for obj, name, fn in saved:
             setattr(obj, name, fn)
-    for r in list(sched.running):
-        engine.abort(r.request_id)
-    while engine.has_unfinished_requests():
-        engine.step()
+    stop_all(engine)
     print(f"\n-- engine.step() loop, batch {batch}, context ~{context}: "
           f"{wall / steps * 1e3:.2f} ms/step ({batch * steps / wall:.0f} tok/s)")
     named = 0.0
@@ -181,13 +198,9 @@ def main(argv=None):
     ap.add_argument("--overlap", action="store_true",
                     help="time the engine's asynchronous step loop instead (see above)")
     a = ap.parse_args(argv)
-    args = ModelArgs.from_dict(SHAPES[a.shape])
-    model, _ = random_weights(args, DTYPES[a.dtype], a.bits)
     batches = [int(b) for b in a.batch.split(",")]
-    gib = kv_cache_gib(args, DTYPES[a.dtype], max(batches), a.context + a.steps)
-    engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
-        kv_cache_memory_gib=gib, max_num_seqs=max(batches), max_num_batched_tokens=4096,
-        enable_prefix_caching=False))
+    engine = decode_engine(a.shape, a.dtype, a.bits, max(batches), a.context + a.steps + 16)
+    args = engine.model_args
     for b in batches:
         if a.overlap:
             profile_overlap(engine, b, a.context, a.steps, args.vocab_size)
