@@ -193,7 +193,8 @@ _BODY_V2 = r"""
         // Scores: lane j takes key t0 + j (lanes past hi repeat key hi and are masked).
         const int p = min(t0 + lane, hi);
         const bool valid = t0 + lane <= hi;
-        const T* krow = k_pool + (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
+        const long koff = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
+        const T* krow = k_pool + koff;
         float s[GQA];
         #pragma unroll
         for (int h = 0; h < GQA; ++h) s[h] = 0.f;
@@ -227,13 +228,14 @@ _BODY_V2 = r"""
             p_s[warp][h][lane] = e;
         }
         __syncwarp();
-        // Values: lanes split the head dims; the tile's keys one after another.
+        // Values: lanes split the head dims; the tile's keys one after another. Key j's row
+        // offset comes from lane j's register (a shuffle), not from the block table again, so
+        // the loads of the unrolled keys do not each wait on a table load first.
         const int n = min(TILE, hi - t0 + 1);
         #pragma unroll 8
         for (int j = 0; j < n; ++j) {
-            const int pj = t0 + j;
-            const Vec<T, DPL> vv = *reinterpret_cast<const Vec<T, DPL>*>(
-                v_pool + (((long)table[pj / BS - first_block] * BS + pj % BS) * KVH + g) * D + lane * DPL);
+            const long voff = __shfl_sync(0xffffffff, koff, j);
+            const Vec<T, DPL> vv = *reinterpret_cast<const Vec<T, DPL>*>(v_pool + voff + lane * DPL);
             #pragma unroll
             for (int h = 0; h < GQA; ++h) {
                 const float w = p_s[warp][h][j];

@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import mlx.core as mx
 
+from engine import paged_decode
 from engine.engine import DTYPES, LLMEngine
 from loadtest.offline_bench import SHAPES
 from loadtest.profile_step import decode_engine, start_decoding, stop_all
@@ -44,8 +45,12 @@ def _short(name: str) -> str:
     return name[:60]
 
 
-def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -> dict:
+def _kernel_events(prof):
     import torch
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
     start_decoding(engine, label, batch, context, 2 * steps + 32)
     for _ in range(steps // 2 + 8):  # prefill, compile, warm
@@ -58,7 +63,7 @@ def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -
         mx.synchronize()
         wall = time.perf_counter() - t0
     stop_all(engine)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = _kernel_events(prof)
     per_name = defaultdict(lambda: [0.0, 0])
     for e in kernels:
         per_name[_short(e.name)][0] += e.time_range.elapsed_us()
@@ -67,13 +72,71 @@ def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -
     result = dict(label=label, batch=batch, context=context, wall_ms=wall / steps * 1e3,
                   gpu_busy_ms=busy / steps, kernels_per_step=len(kernels) / steps,
                   top=sorted(((n, t / 1e3 / steps, c / steps) for n, (t, c) in per_name.items()),
-                             key=lambda x: -x[1])[:12])
+                             key=lambda x: -x[1])[:14])
     print(f"\n-- {label}: batch {batch}, context ~{context}: {result['wall_ms']:.2f} ms/step wall, "
           f"GPU busy {result['gpu_busy_ms']:.2f} ms ({100 * busy / steps / result['wall_ms']:.0f}%), "
           f"{result['kernels_per_step']:.0f} kernels/step")
     for n, t, c in result["top"]:
-        print(f"   {t:7.3f} ms  {c:6.1f}x  {n}")
+        print(f"   {t:7.3f} ms  {c:6.1f}x  {1e3 * t / c:7.1f} us/call  {n}")
     return result
+
+
+def fused_ops_trace(args, dtype: mx.Dtype, rows_list: list[int], reps: int = 32) -> None:
+    """GPU time per call of each fused kernel against its portable MLX ops, alone (not inside
+    a step), at the model's widths: `reps` independent calls per eval under the profiler."""
+    import mlx.nn as nn
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import fused_ops as fo
+    h, inter = args.hidden_size, args.intermediate_size
+    nh, kvh, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    qkv_width = (nh + 2 * kvh) * d
+    for rows in rows_list:
+        x, y = mx.random.normal((rows, h)).astype(dtype), mx.random.normal((rows, h)).astype(dtype)
+        norm = nn.RMSNorm(h)
+        norm.weight = norm.weight.astype(dtype)
+        qkv = mx.random.normal((rows, qkv_width)).astype(dtype)
+        positions = mx.arange(rows, dtype=mx.int32) * 7 + 100
+        slots = mx.arange(rows, dtype=mx.int32) * 3
+        pools = [mx.zeros((4 * rows + 16, kvh, d), dtype) for _ in range(2)]
+        gu = mx.random.normal((rows, 2 * inter)).astype(dtype)
+        mx.eval(x, y, norm.weight, qkv, positions, slots, pools, gu)
+        ops = {
+            "add_rms_norm": lambda k: fo.add_rms_norm(x, y, norm, k),
+            "qkv_rope": lambda k: fo.qkv_rope(qkv, positions, nh, kvh, d, args.rope_theta, k),
+            "qkv_rope_store": lambda k: fo.qkv_rope_store(qkv, positions, slots, *pools, nh, kvh,
+                                                          d, args.rope_theta, k, in_place=k)[0],
+            "swiglu": lambda k: fo.swiglu(gu, k),
+        }
+        for name, fn in ops.items():
+            line = []
+            for k in ((True, False) if mx.cuda.is_available() else (False,)):
+                mx.eval(fn(k))  # build, compile
+                mx.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    mx.eval([fn(k) for _ in range(reps)])
+                    mx.synchronize()
+                ev = _kernel_events(prof)
+                names = sorted({_short(e.name) for e in ev})
+                us = sum(e.time_range.elapsed_us() for e in ev) / reps
+                line.append(f"{'kernel' if k else 'portable'} {us:6.1f} us/call "
+                            f"({len(ev) / reps:.1f} kernels: {', '.join(n[-28:] for n in names)[:90]})")
+            print(f"   rows {rows:4d} {name:15s} " + " | ".join(line))
+
+
+def _variants(engine, names: list[str], min_keys: list[int], warps: list[int]):
+    """(label, plan, compiled, paged_decode overrides) of each variant asked for."""
+    chosen, compiled = engine.model.plan, engine.runner.compile_decode
+    table = {"chosen": ("as chosen", chosen, compiled, {}),
+             "nocompile": ("not compiled", chosen, False, {}),
+             "nofused": ("no fused ops", dataclasses.replace(chosen, fused=False), compiled, {}),
+             "neither": ("neither", dataclasses.replace(chosen, fused=False), False, {}),
+             "nogemv": ("no gemv", dataclasses.replace(chosen, gemv=False, gemv_dense=False),
+                        compiled, {})}
+    out = [table[n] for n in names]
+    out += [(f"splits from {k} keys", chosen, compiled, {"MIN_KEYS_PER_SPLIT": k}) for k in min_keys]
+    out += [(f"{w} warps per block", chosen, compiled, {"NUM_WARPS": w}) for w in warps]
+    return out
 
 
 def main(argv=None):
@@ -84,26 +147,40 @@ def main(argv=None):
     ap.add_argument("--batch", default="1")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--variants", default="chosen,nocompile,nofused,neither,nogemv",
+                    help="of chosen,nocompile,nofused,neither,nogemv (those that differ run)")
+    ap.add_argument("--min-keys-per-split", default="",
+                    help="also run as chosen with paged_decode.MIN_KEYS_PER_SPLIT set to each")
+    ap.add_argument("--warps", default="", help="also run as chosen with these decode-kernel warps")
+    ap.add_argument("--fused-ops", default="",
+                    help="row counts: time each fused kernel against its MLX ops, alone")
     a = ap.parse_args(argv)
-    batches = [int(b) for b in a.batch.split(",")]
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    batches = ints(a.batch)
     engine = decode_engine(a.shape, a.dtype, a.bits, max(batches), a.context + 2 * a.steps + 64)
     model = engine.model
+    if a.fused_ops:
+        fused_ops_trace(engine.model_args, DTYPES[a.dtype], ints(a.fused_ops))
     chosen, compiled = model.plan, engine.runner.compile_decode
-    variants = [("as chosen", chosen, compiled)]
-    if compiled:
-        variants.append(("not compiled", chosen, False))
-    if chosen.fused:
-        variants.append(("no fused ops", dataclasses.replace(chosen, fused=False), compiled))
-    if chosen.fused and compiled:
-        variants.append(("neither", dataclasses.replace(chosen, fused=False), False))
-    if chosen.gemv:
-        variants.append(("no gemv", dataclasses.replace(chosen, gemv=False, gemv_dense=False),
-                         compiled))
     print(f"plan: {chosen}, compiled decode: {compiled}")
+    names = [n for n in a.variants.split(",") if n]
+    names = [n for n in names if n == "chosen" or (n == "nocompile" and compiled)
+             or (n == "nofused" and chosen.fused) or (n == "neither" and chosen.fused and compiled)
+             or (n == "nogemv" and chosen.gemv)]
+    variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps))
     for b in batches:
-        for label, plan, comp in variants:
+        for label, plan, comp, overrides in variants:
+            saved = {k: getattr(paged_decode, k) for k in overrides}
+            for k, v in overrides.items():
+                setattr(paged_decode, k, v)
             model.plan, engine.runner.compile_decode = plan, comp
-            trace(engine, b, a.context, a.steps, label)
+            engine.runner._compiled.clear()  # the compiled step captured the kernel settings
+            try:
+                trace(engine, b, a.context, a.steps, label)
+            finally:
+                for k, v in saved.items():
+                    setattr(paged_decode, k, v)
+                engine.runner._compiled.clear()
     model.plan, engine.runner.compile_decode = chosen, compiled
 
 

@@ -62,6 +62,11 @@ PRELUDE = r"""
       int w = threadIdx.x >> 5, l = threadIdx.x & 31;
       shfl_buf[w][l] = v; warp_bar[w]->arrive_and_wait();
       float r = shfl_buf[w][l ^ off]; warp_bar[w]->arrive_and_wait(); return r; }
+    long shfl_long[32][32];
+    inline long __shfl_sync(unsigned, long v, int src) {
+      int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+      shfl_long[w][l] = v; warp_bar[w]->arrive_and_wait();
+      long r = shfl_long[w][src]; warp_bar[w]->arrive_and_wait(); return r; }
     inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
     struct alignas(16) uint4 { unsigned x, y, z, w; };
     template <typename F> void launch(int blocks, int threads, F f) {
