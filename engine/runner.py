@@ -131,9 +131,10 @@ class ModelRunner:
             groups.append(make(decodes, 0, len(decodes)))
         if chunks:
             groups.append(self._group(chunks, len(decodes), len(input_ids) - len(decodes)))
-        meta = AttentionMetadata(slot_mapping=mx.array(slots), groups=groups,
+        positions, slots = device_ints(positions, slots)
+        meta = AttentionMetadata(slot_mapping=slots, groups=groups,
                                  sliding_window=self.args.sliding_window)
-        hidden = self.model(ids, mx.array(positions), self.kv_cache, meta)
+        hidden = self.model(ids, positions, self.kv_cache, meta)
         return ordered, hidden
 
     def _compiled_decode(self, decodes: Sequence[ScheduledRequest], ids: mx.array,
@@ -147,7 +148,7 @@ class ModelRunner:
         fn = self._compiled.get(self.model.plan)
         if fn is None:  # a new plan (tests and benchmarks switch it) needs its own trace
             fn = self._compiled[self.model.plan] = mx.compile(self._decode_fn)
-        out = fn(ids, mx.array(positions), mx.array(slots), arrays, self.kv_cache.state(),
+        out = fn(ids, *device_ints(positions, slots), arrays, self.kv_cache.state(),
                  group.splits, kernel)
         n = len(self.kv_cache.keys)
         # In-place kernel writes return the same pools; MLX's scatter returns new ones, and
@@ -195,11 +196,13 @@ class ModelRunner:
         tables = np.zeros((len(reqs), n_blocks), np.int32)
         for i, r in enumerate(reqs):
             tables[i, :len(r.block_table)] = r.block_table
+        tables, key_start, query_positions = device_ints(
+            tables, np.array([r.first_block_index * self.block_size for r in reqs]),
+            np.array([r.start_position for r in reqs]))
         return AttentionGroup(
             token_start=token_start, num_tokens=num_tokens, query_index=None, output_index=None,
-            block_tables=mx.array(tables), mask=None, num_seqs=len(reqs), query_len=1,
-            key_start=mx.array([r.first_block_index * self.block_size for r in reqs], mx.int32),
-            query_positions=mx.array([r.start_position for r in reqs], mx.int32),
+            block_tables=tables, mask=None, num_seqs=len(reqs), query_len=1,
+            key_start=key_start, query_positions=query_positions,
             splits=paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
@@ -239,6 +242,29 @@ class ModelRunner:
             num_seqs=g,
             query_len=q_len,
         )
+
+
+STAGE_INPUTS = True  # False: plain mx.array per input (gpu_trace's A/B switch)
+
+
+def device_ints(*arrays: np.ndarray) -> list[mx.array]:
+    """Host integer arrays as int32 arrays written by the device, in one copy for all.
+
+    MLX puts an array made from host data in CUDA managed memory, and one of 8 bytes or less
+    (batch 1's position, slot, key start) in a pool the GPU reads across PCIe on every
+    access. The step's kernels read these per thread block, 32 layers over, while the host
+    already writes the next step's inputs; so they are packed into one host array and
+    converted (int64 -> int32) by the device, whose output is device memory.
+    """
+    if not STAGE_INPUTS:
+        return [mx.array(np.asarray(a, np.int32)) for a in arrays]
+    flat = np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays])
+    staged = mx.array(flat).astype(mx.int32)
+    out, at = [], 0
+    for a in arrays:
+        out.append(staged[at:at + a.size].reshape(a.shape))
+        at += a.size
+    return out
 
 
 def _table_width(blocks: int, power_of_two: bool) -> int:

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import mlx.core as mx
 
-from engine import paged_decode
+from engine import paged_decode, runner
 from engine.engine import DTYPES, LLMEngine
 from loadtest.offline_bench import SHAPES
 from loadtest.profile_step import decode_engine, start_decoding, stop_all
@@ -119,7 +119,10 @@ def fused_ops_trace(args, dtype: mx.Dtype, rows_list: list[int], reps: int = 32)
                 ev = _kernel_events(prof)
                 names = sorted({_short(e.name) for e in ev})
                 us = sum(e.time_range.elapsed_us() for e in ev) / reps
-                line.append(f"{'kernel' if k else 'portable'} {us:6.1f} us/call "
+                # The calls are independent, so the GPU may overlap them: busy time (the union
+                # of the kernels' intervals) per call is the cost; summed durations overstate.
+                busy = _busy([(e.time_range.start, e.time_range.end) for e in ev]) / reps
+                line.append(f"{'kernel' if k else 'portable'} {busy:6.1f} us/call busy, {us:6.1f} summed "
                             f"({len(ev) / reps:.1f} kernels: {', '.join(n[-28:] for n in names)[:90]})")
             print(f"   rows {rows:4d} {name:15s} " + " | ".join(line))
 
@@ -132,10 +135,13 @@ def _variants(engine, names: list[str], min_keys: list[int], warps: list[int]):
              "nofused": ("no fused ops", dataclasses.replace(chosen, fused=False), compiled, {}),
              "neither": ("neither", dataclasses.replace(chosen, fused=False), False, {}),
              "nogemv": ("no gemv", dataclasses.replace(chosen, gemv=False, gemv_dense=False),
-                        compiled, {})}
+                        compiled, {}),
+             "unstaged": ("inputs not staged", chosen, compiled, {(runner, "STAGE_INPUTS"): False})}
     out = [table[n] for n in names]
-    out += [(f"splits from {k} keys", chosen, compiled, {"MIN_KEYS_PER_SPLIT": k}) for k in min_keys]
-    out += [(f"{w} warps per block", chosen, compiled, {"NUM_WARPS": w}) for w in warps]
+    out += [(f"splits from {k} keys", chosen, compiled, {(paged_decode, "MIN_KEYS_PER_SPLIT"): k})
+            for k in min_keys]
+    out += [(f"{w} warps per block", chosen, compiled,
+             {(paged_decode, "NUM_WARPS"): w, (paged_decode, "FEW_BLOCKS_WARPS"): w}) for w in warps]
     return out
 
 
@@ -148,7 +154,7 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--variants", default="chosen,nocompile,nofused,neither,nogemv",
-                    help="of chosen,nocompile,nofused,neither,nogemv (those that differ run)")
+                    help="of chosen,nocompile,nofused,neither,nogemv,unstaged (those that differ run)")
     ap.add_argument("--min-keys-per-split", default="",
                     help="also run as chosen with paged_decode.MIN_KEYS_PER_SPLIT set to each")
     ap.add_argument("--warps", default="", help="also run as chosen with these decode-kernel warps")
@@ -166,20 +172,20 @@ def main(argv=None):
     names = [n for n in a.variants.split(",") if n]
     names = [n for n in names if n == "chosen" or (n == "nocompile" and compiled)
              or (n == "nofused" and chosen.fused) or (n == "neither" and chosen.fused and compiled)
-             or (n == "nogemv" and chosen.gemv)]
+             or (n == "nogemv" and chosen.gemv) or n == "unstaged"]
     variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps))
     for b in batches:
         for label, plan, comp, overrides in variants:
-            saved = {k: getattr(paged_decode, k) for k in overrides}
-            for k, v in overrides.items():
-                setattr(paged_decode, k, v)
+            saved = {k: getattr(*k) for k in overrides}
+            for (mod, attr), v in overrides.items():
+                setattr(mod, attr, v)
             model.plan, engine.runner.compile_decode = plan, comp
             engine.runner._compiled.clear()  # the compiled step captured the kernel settings
             try:
                 trace(engine, b, a.context, a.steps, label)
             finally:
-                for k, v in saved.items():
-                    setattr(paged_decode, k, v)
+                for (mod, attr), v in saved.items():
+                    setattr(mod, attr, v)
                 engine.runner._compiled.clear()
     model.plan, engine.runner.compile_decode = chosen, compiled
 

@@ -11,6 +11,7 @@ Memory-model, bf16 and alignment effects are not emulated: those need the device
 from __future__ import annotations
 
 import functools
+import math
 import re
 import shutil
 import subprocess
@@ -87,9 +88,9 @@ def source(versions: tuple[str, ...]) -> str:
     """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases."""
     prelude = PRELUDE
     params = ("const T* queries, const T* k_pool, const T* v_pool, const int* block_tables, "
-              "const int* key_start, const int* q_pos, const int* window, const long* q_pos_shape, "
+              "const int* key_start, const int* q_pos, const long* q_pos_shape, "
               "const long* block_tables_shape")
-    src = prelude + pd.VEC_HEADER
+    src = prelude + pd.VEC_HEADER + "\n    int WINDOW = 0;  // a template argument on the GPU\n"
     for v in versions:
         src += f"""
     template <typename T, int D, int BS, int KVH, int GQA, int NUM_WARPS, int UNROLL>
@@ -139,16 +140,16 @@ def source(versions: tuple[str, ...]) -> str:
             for (int e = 0; e < D; ++e) ref[((i * KVH + g) * GQA + h) * D + e] += s[j] / den * v[e]; }
         }
         long qshape[1] = {G}, tshape[2] = {G, MAXB};
-        int win[1] = {window};
+        WINDOW = window;
     """ + "".join(f"""
         for (int splits : {{1, 3, 8}}) {{
           std::vector<float> out(ref.size(), 0.f);
           if (splits == 1) {{
-            launch(G * KVH, 32 * NW, [&] {{ final_{v}<float, D, BS, KVH, GQA, NW, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), win, qshape, tshape, out.data()); }});
+            launch(G * KVH, 32 * NW, [&] {{ final_{v}<float, D, BS, KVH, GQA, NW, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, out.data()); }});
           }} else {{
             long rows = (long)G * KVH * splits * GQA;
             std::vector<float> pa(rows * D), pm(rows), pl(rows);
-            launch(G * KVH * splits, 32 * NW, [&] {{ part_{v}<float, D, BS, KVH, GQA, NW, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), win, qshape, tshape, pa.data(), pm.data(), pl.data()); }});
+            launch(G * KVH * splits, 32 * NW, [&] {{ part_{v}<float, D, BS, KVH, GQA, NW, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, pa.data(), pm.data(), pl.data()); }});
             long pms[1] = {{rows}};
             launch(G * KVH * GQA, D, [&] {{ merge<float, D, GQA>(pa.data(), pm.data(), pl.data(), pms, out.data()); }});
           }}
@@ -242,17 +243,18 @@ def fused_source() -> str:
     """The C++ program for engine/fused_ops.py's kernels against double-precision references,
     with shapes that leave threads of the last block idle."""
     from engine import fused_ops as fo
-    return PRELUDE + pd.VEC_HEADER + r"""
-    template <typename T, int H, int NT>
-    void add_rms_norm(const T* x, const T* y, const T* w, const float* eps, T* h, T* n) { """ + \
+    return PRELUDE + pd.VEC_HEADER + f"""
+    constexpr int EPS_BITS = {fo._bits(1e-5)}, LB_BITS = {fo._bits(math.log2(10000.0))};
+    """ + r"""
+    template <typename T, int H, int NT, int EPS_BITS>
+    void add_rms_norm(const T* x, const T* y, const T* w, T* h, T* n) { """ + \
         fo.SOURCES["add_rms_norm"] + r""" }
-    template <typename T, int NH, int KVH, int D>
+    template <typename T, int NH, int KVH, int D, int LOG2_BASE_BITS>
     void qkv_rope(const T* qkv, const int* positions, const long* positions_shape,
-                  const float* log2_base, T* q, T* k, T* v) { """ + fo.SOURCES["qkv_rope"] + r""" }
-    template <typename T, int NH, int KVH, int D>
+                  T* q, T* k, T* v) { """ + fo.SOURCES["qkv_rope"] + r""" }
+    template <typename T, int NH, int KVH, int D, int LOG2_BASE_BITS>
     void qkv_rope_store(const T* qkv, const int* positions, const long* positions_shape,
-                        const float* log2_base, const int* slots, const T* k_pool, const T* v_pool,
-                        T* q) { """ + fo.SOURCES["qkv_rope_store"] + r""" }
+                        const int* slots, const T* k_pool, const T* v_pool, T* q) { """ + fo.SOURCES["qkv_rope_store"] + r""" }
     template <typename T, int I>
     void swiglu(const T* gu, const long* gu_shape, T* out) { """ + fo.SOURCES["swiglu"] + r""" }
     std::mt19937 rng(5);
@@ -266,7 +268,7 @@ def fused_source() -> str:
       for (int r = 0; r < rows; ++r) { double ss = 0;
         for (int i = 0; i < H; ++i) { rh[r * H + i] = (double)x[r * H + i] + y[r * H + i]; ss += rh[r * H + i] * rh[r * H + i]; }
         for (int i = 0; i < H; ++i) rn[r * H + i] = rh[r * H + i] / sqrt(ss / H + eps) * w[i]; }
-      launch(rows, 256, [&] { add_rms_norm<float, H, 256>(x.data(), y.data(), w.data(), &eps, h.data(), n.data()); });
+      launch(rows, 256, [&] { add_rms_norm<float, H, 256, EPS_BITS>(x.data(), y.data(), w.data(), h.data(), n.data()); });
       printf("add_rms_norm H %d rows %d: max err %.2e\n", H, rows, max(max_err(h.data(), rh), max_err(n.data(), rn)));
     }
     template <int NH, int KVH, int D> void rope_case(int T_) {
@@ -282,7 +284,7 @@ def fused_source() -> str:
         double* o = hs < NH ? &rq[(t * NH + hs) * D] : &rk[(t * KVH + hs - NH) * D];
         o[i] = a * c - b * sn; o[i + D / 2] = a * sn + b * c; }
       int threads = T_ * HS * D / 2;
-      launch((threads + 255) / 256, 256, [&] { qkv_rope<float, NH, KVH, D>(qkv.data(), pos.data(), pshape, &lb, q.data(), k.data(), v.data()); });
+      launch((threads + 255) / 256, 256, [&] { qkv_rope<float, NH, KVH, D, LB_BITS>(qkv.data(), pos.data(), pshape, q.data(), k.data(), v.data()); });
       printf("qkv_rope NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
              max(max_err(q.data(), rq), max(max_err(k.data(), rk), max_err(v.data(), rv))));
       // In place: tokens' K/V go to scrambled pool rows; every other row keeps its value.
@@ -293,7 +295,7 @@ def fused_source() -> str:
       std::vector<double> rkp(kp.begin(), kp.end()), rvp(vp.begin(), vp.end());
       for (int t = 0; t < T_; ++t) for (int j = 0; j < KVH * D; ++j) {
         rkp[slots[t] * KVH * D + j] = rk[t * KVH * D + j]; rvp[slots[t] * KVH * D + j] = rv[t * KVH * D + j]; }
-      launch((threads + 255) / 256, 256, [&] { qkv_rope_store<float, NH, KVH, D>(qkv.data(), pos.data(), pshape, &lb, slots.data(), kp.data(), vp.data(), q2.data()); });
+      launch((threads + 255) / 256, 256, [&] { qkv_rope_store<float, NH, KVH, D, LB_BITS>(qkv.data(), pos.data(), pshape, slots.data(), kp.data(), vp.data(), q2.data()); });
       printf("qkv_rope_store NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
              max(max_err(q2.data(), rq), max(max_err(kp.data(), rkp), max_err(vp.data(), rvp))));
     }
