@@ -14,6 +14,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from engine import paged_decode
 from engine.paged_decode import paged_decode_attention
 
 
@@ -101,7 +102,7 @@ def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, b
 
     Sequences of assorted lengths (some past the window, some starting mid-table as after
     window freeing, some shorter than the number of splits) over scrambled blocks; True when
-    every output agrees, for each number of key splits.
+    every output agrees, for each number of key splits and of warps per thread block.
     """
     rng = np.random.default_rng(seed)
     lengths = [1, 5, block_size, 3 * block_size + 7, 40 * block_size + 3]
@@ -131,9 +132,12 @@ def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, b
     tol = 1e-4 if dtype == mx.float32 else 2e-2
     key_start = mx.array((first * block_size).astype(np.int32))
     query_positions = mx.array(q_pos.astype(np.int32))
+    # Every (splits, warps) pair the engine may launch, so that each kernel is also compiled
+    # here at start-up, not mid-run (NVRTC takes seconds on the first launch of a variant).
     for n in splits:
-        got = paged_decode_attention(q, k_pool, v_pool, bt, key_start, query_positions,
-                                     block_size, window, n)
-        if not mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol):
-            return False
+        for warps in sorted({paged_decode.NUM_WARPS, paged_decode.FEW_BLOCKS_WARPS}):
+            got = paged_decode_attention(q, k_pool, v_pool, bt, key_start, query_positions,
+                                         block_size, window, n, warps=warps)
+            if not mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol):
+                return False
     return True

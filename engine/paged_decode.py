@@ -310,7 +310,7 @@ def num_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
 def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
                            block_tables: mx.array, key_start: mx.array, q_pos: mx.array,
                            block_size: int, window: int | None, splits: int = 1,
-                           version: str | None = None) -> mx.array:
+                           version: str | None = None, warps: int | None = None) -> mx.array:
     """One query per sequence: q (G, H, D) -> (G, H, D), reading K/V through block tables.
 
     block_tables (G, max_blocks) hold the live blocks from logical block key_start // block_size;
@@ -320,7 +320,7 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     g, h, d = q.shape
     kvh = k_pool.shape[1]
     gqa = h // kvh
-    warps = num_warps(g * kvh * splits)
+    warps = warps or num_warps(g * kvh * splits)
     # The window is a template argument, not an input: a one-int input array would live in
     # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops._bits).
     template = [("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", gqa),

@@ -75,12 +75,6 @@ def test_engine_tokens_same_with_and_without_kernel(window, tmp_path):
         assert np.allclose(results["cuda"][rid][1], results["portable"][rid][1], atol=1e-3)
 
 
-@pytest.mark.parametrize("few_blocks", [0, 10**6])  # every launch with 4 warps / with 16
-def test_both_warp_counts_match_portable(few_blocks, monkeypatch):
-    monkeypatch.setattr(paged_decode, "FEW_BLOCKS", few_blocks)
-    assert decode_kernel_matches_portable(32, 8, 128, 16, 50, mx.bfloat16, splits=(1, 5))
-
-
 def test_few_blocks_get_more_warps():
     assert paged_decode.num_warps(8) == paged_decode.FEW_BLOCKS_WARPS  # batch 1
     assert paged_decode.num_warps(512) == paged_decode.NUM_WARPS  # batch 64
