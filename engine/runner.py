@@ -74,18 +74,12 @@ class ModelRunner:
         tokens of the previously launched step, on the device, with no host sync.
         """
         errors = dict(self.fault_hook(sched) or {}) if self.fault_hook is not None else {}
-        ordered, hidden = self._forward(sched)
-        # Only the last token of a request that reaches its end is turned into logits.
-        rows, last_index, offset = [], [], 0
-        for r in ordered:
-            offset += r.num_tokens
-            if r.sample:
-                rows.append(r)
-                last_index.append(offset - 1)
+        ordered, hidden, last_index = self._forward(sched, sampled_only=True)
+        rows = [r for r in ordered if r.sample]
         if not rows:
             mx.async_eval(self.kv_cache.state())
             return LaunchedStep(rows, None, errors)
-        logits = self.model.logits(hidden[mx.array(last_index)]).astype(mx.float32)
+        logits = self.model.logits(hidden[last_index]).astype(mx.float32)
         out = sample(logits, SamplingBatch.build(rows, self.args.vocab_size, self.rng))
         arrays = [a for a in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)
                   if a is not None]
@@ -102,7 +96,7 @@ class ModelRunner:
 
     def all_logits(self, sched: SchedulerOutput) -> dict[str, np.ndarray]:
         """Logits (num_tokens, V) of every scheduled token, by request (tests, scoring)."""
-        ordered, hidden = self._forward(sched)
+        ordered, hidden, _ = self._forward(sched)
         logits = np.array(self.model.logits(hidden).astype(mx.float32))
         result, offset = {}, 0
         for r in ordered:
@@ -110,46 +104,63 @@ class ModelRunner:
             offset += r.num_tokens
         return result
 
-    def _forward(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], mx.array]:
+    def _forward(self, sched: SchedulerOutput, sampled_only: bool = False
+                 ) -> tuple[list[ScheduledRequest], mx.array, Optional[mx.array]]:
+        """(requests in step order, hidden states, the step index of each sampling request's
+        last token when `sampled_only`: only those become logits)."""
         # Decodes (one query) first, then prompt chunks: each kind is one attention group.
         decodes = [r for r in sched.scheduled if r.num_tokens == 1]
         chunks = [r for r in sched.scheduled if r.num_tokens > 1]
         ordered = decodes + chunks
         input_ids, positions, slots = self._flat_inputs(ordered)
-        ids = mx.array(np.maximum(input_ids, 0))
-        if (input_ids == INFLIGHT_TOKEN).any():
-            at = np.flatnonzero(input_ids == INFLIGHT_TOKEN)
+        # Every host integer array of the step, brought to the device in one copy.
+        host = dict(ids=np.maximum(input_ids, 0), positions=positions, slots=slots)
+        inflight = input_ids == INFLIGHT_TOKEN
+        if inflight.any():
+            at = np.flatnonzero(inflight)
             owner = np.searchsorted(np.cumsum([r.num_tokens for r in ordered]), at, side="right")
             row_of, tokens = self._last_sampled
-            rows = [row_of[ordered[k].request_id] for k in owner]
-            ids[mx.array(at)] = tokens[mx.array(rows)]
-        if decodes and not chunks and self.compile_decode:
-            return ordered, self._compiled_decode(decodes, ids, positions, slots)
-        groups = []
-        if decodes:
-            make = self._kernel_group if self.decode_kernel else self._group
-            groups.append(make(decodes, 0, len(decodes)))
+            host["at"] = at
+            host["rows"] = np.array([row_of[ordered[k].request_id] for k in owner])
+        if sampled_only:
+            ends = np.cumsum([r.num_tokens for r in ordered]) - 1
+            host["last"] = ends[[i for i, r in enumerate(ordered) if r.sample]]
+        compiled = bool(decodes) and not chunks and self.compile_decode
+        kernel = bool(decodes) and self.decode_kernel
+        if kernel:
+            host["tables"], host["key_start"], host["query_positions"], splits = \
+                self._kernel_tables(decodes, pad_to_power_of_two=compiled)
+        dev = dict(zip(host, device_ints(*host.values())))
+        ids = dev["ids"]
+        if "at" in dev:  # tokens still in flight: from the previous step's samples
+            ids[dev["at"]] = tokens[dev["rows"]]
+        last = dev.get("last")
+        if kernel:
+            group = AttentionGroup(
+                token_start=0, num_tokens=len(decodes), query_index=None, output_index=None,
+                block_tables=dev["tables"], mask=None, num_seqs=len(decodes), query_len=1,
+                key_start=dev["key_start"], query_positions=dev["query_positions"], splits=splits)
+        elif decodes:
+            group = self._group(decodes, 0, len(decodes), pad_to_power_of_two=compiled)
+        if compiled:
+            return ordered, self._compiled_decode(group, ids, dev["positions"], dev["slots"]), last
+        groups = [group] if decodes else []
         if chunks:
             groups.append(self._group(chunks, len(decodes), len(input_ids) - len(decodes)))
-        positions, slots = device_ints(positions, slots)
-        meta = AttentionMetadata(slot_mapping=slots, groups=groups,
+        meta = AttentionMetadata(slot_mapping=dev["slots"], groups=groups,
                                  sliding_window=self.args.sliding_window)
-        hidden = self.model(ids, positions, self.kv_cache, meta)
-        return ordered, hidden
+        return ordered, self.model(ids, dev["positions"], self.kv_cache, meta), last
 
-    def _compiled_decode(self, decodes: Sequence[ScheduledRequest], ids: mx.array,
-                         positions: np.ndarray, slots: np.ndarray) -> mx.array:
+    def _compiled_decode(self, group: AttentionGroup, ids: mx.array, positions: mx.array,
+                         slots: mx.array) -> mx.array:
         """A decode-only step through the mx.compile'd forward pass (see _decode_fn)."""
-        group = (self._kernel_group if self.decode_kernel else self._group)(
-            decodes, 0, len(decodes), pad_to_power_of_two=True)
         kernel = group.mask is None
         arrays = ((group.block_tables, group.key_start, group.query_positions) if kernel
                   else (group.block_tables, group.mask))
         fn = self._compiled.get(self.model.plan)
         if fn is None:  # a new plan (tests and benchmarks switch it) needs its own trace
             fn = self._compiled[self.model.plan] = mx.compile(self._decode_fn)
-        out = fn(ids, *device_ints(positions, slots), arrays, self.kv_cache.state(),
-                 group.splits, kernel)
+        out = fn(ids, positions, slots, arrays, self.kv_cache.state(), group.splits, kernel)
         n = len(self.kv_cache.keys)
         # In-place kernel writes return the same pools; MLX's scatter returns new ones, and
         # with the old ones now held only by the step's graph it may update them in place.
@@ -188,22 +199,18 @@ class ModelRunner:
         return (np.asarray(ids, np.int32), np.concatenate(pos).astype(np.int32),
                 np.concatenate(slots).astype(np.int32))
 
-    def _kernel_group(self, reqs: Sequence[ScheduledRequest], token_start: int,
-                      num_tokens: int, pad_to_power_of_two: bool = False) -> AttentionGroup:
-        """A decode group for the CUDA kernel: block tables and positions, no mask."""
+    def _kernel_tables(self, reqs: Sequence[ScheduledRequest], pad_to_power_of_two: bool
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The CUDA decode kernel's inputs, on the host: block tables, key starts, query
+        positions, and the number of key splits."""
         max_keys = max(r.start_position + 1 - r.first_block_index * self.block_size for r in reqs)
         n_blocks = _table_width(max(len(r.block_table) for r in reqs), pad_to_power_of_two)
         tables = np.zeros((len(reqs), n_blocks), np.int32)
         for i, r in enumerate(reqs):
             tables[i, :len(r.block_table)] = r.block_table
-        tables, key_start, query_positions = device_ints(
-            tables, np.array([r.first_block_index * self.block_size for r in reqs]),
-            np.array([r.start_position for r in reqs]))
-        return AttentionGroup(
-            token_start=token_start, num_tokens=num_tokens, query_index=None, output_index=None,
-            block_tables=tables, mask=None, num_seqs=len(reqs), query_len=1,
-            key_start=key_start, query_positions=query_positions,
-            splits=paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
+        return (tables, np.array([r.first_block_index * self.block_size for r in reqs]),
+                np.array([r.start_position for r in reqs]),
+                paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                num_tokens: int, pad_to_power_of_two: bool = False) -> AttentionGroup:

@@ -119,12 +119,12 @@ def test_fault_after_the_forward_wrote_kv_leaves_other_requests_intact(tokenizer
     forward = engine.runner._forward
     state = {"failed": False}
 
-    def forward_then_fail(sched):
-        ordered, hidden = forward(sched)  # KV writes of this step are queued
+    def forward_then_fail(sched, **kw):
+        result = forward(sched, **kw)  # KV writes of this step are queued
         if not state["failed"] and any(s.request_id in ("p1", "p2") for s in sched.scheduled):
             state["failed"] = True
             raise RuntimeError("fault after the forward pass was built")
-        return ordered, hidden
+        return result
 
     engine.runner._forward = forward_then_fail
     first = run(engine, {"p0": prompts["p0"]}, GREEDY)[0]  # its prefix blocks get cached
