@@ -19,10 +19,10 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
              echo "4-bit single, $v"; env $v timeout 100 $B $S | tail -1; done ;;
   trace) timeout 200 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --batch 1,64 --context 256 --steps 20
          timeout 120 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 1 --context 256 --steps 20 ;;
-  ptests) timeout ${PTESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_paged_kernel.py 2>&1 | tail -8 ;;
+  ptests) timeout ${PTESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_paged_kernel.py ${PTESTS_K:+-k "$PTESTS_K"} 2>&1 | tail -8 ;;
   atrace) T="python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --steps 20"
-          timeout 200 $T --batch 1 --context 256 --variants chosen,unstaged ${ATRACE_B1:---warps 4 --fused-ops 1,64}
-          timeout 150 $T --batch 64 --context 1024 --variants chosen,unstaged,nofused ${ATRACE_B64:-} ;;
+          timeout 200 $T --batch 1 --context 256 --variants chosen,unstaged ${ATRACE_B1---warps 4 --fused-ops 1,64}
+          timeout 150 $T --batch 64 --context 1024 --variants ${ATRACE_B64:-chosen,unstaged,nofused} ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
   gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;
   splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;
