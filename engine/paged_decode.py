@@ -233,30 +233,6 @@ _BODY_V2 = r"""
         // offset comes from lane j's register (a shuffle), not from the block table again, so
         // the loads of the unrolled keys do not each wait on a table load first.
         const int n = min(TILE, hi - t0 + 1);
-        if (n == TILE) {
-            // A full tile: VB keys' V rows loaded before any is used, so a warp has VB loads
-            // in flight rather than 8; at batch 64 the kernel is bound by bytes in flight.
-            constexpr int VB = sizeof(T) == 2 ? 32 : 16;
-            #pragma unroll
-            for (int j0 = 0; j0 < TILE; j0 += VB) {
-                Vec<T, DPL> vb[VB];
-                #pragma unroll
-                for (int j = 0; j < VB; ++j)
-                    vb[j] = *reinterpret_cast<const Vec<T, DPL>*>(
-                        v_pool + __shfl_sync(0xffffffff, koff, j0 + j) + lane * DPL);
-                #pragma unroll
-                for (int j = 0; j < VB; ++j) {
-                    #pragma unroll
-                    for (int h = 0; h < GQA; ++h) {
-                        const float w = p_s[warp][h][j0 + j];
-                        #pragma unroll
-                        for (int i = 0; i < DPL; ++i) acc[h][i] += w * static_cast<float>(vb[j].v[i]);
-                    }
-                }
-            }
-            __syncwarp();
-            continue;
-        }
         #pragma unroll 8
         for (int j = 0; j < n; ++j) {
             const long voff = __shfl_sync(0xffffffff, koff, j);
