@@ -14,7 +14,9 @@ without either; without the gemv kernels) runs in the same process on the same w
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import importlib
 import re
 import time
 from collections import defaultdict
@@ -127,7 +129,21 @@ def fused_ops_trace(args, dtype: mx.Dtype, rows_list: list[int], reps: int = 32)
             print(f"   rows {rows:4d} {name:15s} " + " | ".join(line))
 
 
-def _variants(engine, names: list[str], min_keys: list[int], warps: list[int]):
+def _overrides(spec: str) -> dict:
+    """"module.ATTR=value,..." (modules of the engine package) -> {(module, attr): value}."""
+    out = {}
+    for item in spec.split(","):
+        target, value = item.split("=", 1)
+        module, attr = target.strip().rsplit(".", 1)
+        mod = importlib.import_module(f"engine.{module}")
+        if not hasattr(mod, attr):
+            raise SystemExit(f"--set: engine.{module} has no {attr}")
+        out[(mod, attr)] = ast.literal_eval(value.strip())
+    return out
+
+
+def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
+              sets: list[str] = ()):
     """(label, plan, compiled, paged_decode overrides) of each variant asked for."""
     chosen, compiled = engine.model.plan, engine.runner.compile_decode
     table = {"chosen": ("as chosen", chosen, compiled, {}),
@@ -142,6 +158,7 @@ def _variants(engine, names: list[str], min_keys: list[int], warps: list[int]):
             for k in min_keys]
     out += [(f"{w} warps per block", chosen, compiled,
              {(paged_decode, "NUM_WARPS"): w, (paged_decode, "FEW_BLOCKS_WARPS"): w}) for w in warps]
+    out += [(spec, chosen, compiled, _overrides(spec)) for spec in sets]
     return out
 
 
@@ -158,6 +175,9 @@ def main(argv=None):
     ap.add_argument("--min-keys-per-split", default="",
                     help="also run as chosen with paged_decode.MIN_KEYS_PER_SPLIT set to each")
     ap.add_argument("--warps", default="", help="also run as chosen with these decode-kernel warps")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE,...",
+                    help="also run as chosen with these engine module constants set (repeatable: "
+                         "one variant each), e.g. paged_decode.UNROLL=8")
     ap.add_argument("--fused-ops", default="",
                     help="row counts: time each fused kernel against its MLX ops, alone")
     a = ap.parse_args(argv)
@@ -173,7 +193,7 @@ def main(argv=None):
     names = [n for n in names if n == "chosen" or (n == "nocompile" and compiled)
              or (n == "nofused" and chosen.fused) or (n == "neither" and chosen.fused and compiled)
              or (n == "nogemv" and chosen.gemv) or n == "unstaged"]
-    variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps))
+    variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps), a.set)
     for b in batches:
         for label, plan, comp, overrides in variants:
             saved = {k: getattr(*k) for k in overrides}
