@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 NUM_WARPS = 4
 FEW_BLOCKS, FEW_BLOCKS_WARPS = 64, 16  # up to 64 blocks (8 sequences x 8 KV heads): 16 warps
 UNROLL = 4  # keys each warp loads before using them
+# v2: V rows of a full tile loaded in batches of V_BATCH before use (0: off, the unrolled loop).
+# Untimed on a GPU so far: `gpu_trace --set paged_decode.V_BATCH=32` against 0.
+V_BATCH = 0
 MAX_SPLITS = 32
 # Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
 # at every batch size (H200, 32 layers, `op_profile --splits`: v2 at batch 1 0.63 ms with
@@ -233,6 +236,30 @@ _BODY_V2 = r"""
         // offset comes from lane j's register (a shuffle), not from the block table again, so
         // the loads of the unrolled keys do not each wait on a table load first.
         const int n = min(TILE, hi - t0 + 1);
+        if (V_BATCH > 0 && n == TILE) {
+            // A full tile: VB keys' V rows loaded before any is used, so a warp has VB loads
+            // in flight rather than 8; at batch 64 the kernel is bound by bytes in flight.
+            constexpr int VB = V_BATCH > 0 ? V_BATCH : 1;
+            #pragma unroll
+            for (int j0 = 0; j0 < TILE; j0 += VB) {
+                Vec<T, DPL> vb[VB];
+                #pragma unroll
+                for (int j = 0; j < VB; ++j)
+                    vb[j] = *reinterpret_cast<const Vec<T, DPL>*>(
+                        v_pool + __shfl_sync(0xffffffff, koff, j0 + j) + lane * DPL);
+                #pragma unroll
+                for (int j = 0; j < VB; ++j) {
+                    #pragma unroll
+                    for (int h = 0; h < GQA; ++h) {
+                        const float w = p_s[warp][h][j0 + j];
+                        #pragma unroll
+                        for (int i = 0; i < DPL; ++i) acc[h][i] += w * static_cast<float>(vb[j].v[i]);
+                    }
+                }
+            }
+            __syncwarp();
+            continue;
+        }
         #pragma unroll 8
         for (int j = 0; j < n; ++j) {
             const long voff = __shfl_sync(0xffffffff, koff, j);
@@ -324,7 +351,8 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     # The window is a template argument, not an input: a one-int input array would live in
     # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops._bits).
     template = [("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", gqa),
-                ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0)]
+                ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0),
+                ("V_BATCH", V_BATCH)]
     launch = dict(inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos], template=template,
                   grid=(g * kvh * splits * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1))
     version = version or VERSION

@@ -84,13 +84,14 @@ PRELUDE = r"""
     """
 
 
-def source(versions: tuple[str, ...]) -> str:
+def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
     """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases."""
     prelude = PRELUDE
     params = ("const T* queries, const T* k_pool, const T* v_pool, const int* block_tables, "
               "const int* key_start, const int* q_pos, const long* q_pos_shape, "
               "const long* block_tables_shape")
-    src = prelude + pd.VEC_HEADER + "\n    int WINDOW = 0;  // a template argument on the GPU\n"
+    src = prelude + pd.VEC_HEADER + "\n    int WINDOW = 0;  // a template argument on the GPU\n" \
+        + f"    constexpr int V_BATCH = {v_batch};\n"
     for v in versions:
         src += f"""
     template <typename T, int D, int BS, int KVH, int GQA, int NUM_WARPS, int UNROLL>
@@ -174,9 +175,10 @@ def _compile_and_run(workdir: Path, name: str, program: str) -> str:
     return subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
 
 
-def run(workdir: Path, versions: tuple[str, ...] = ("v1",)) -> list[tuple[str, int, int, float]]:
+def run(workdir: Path, versions: tuple[str, ...] = ("v1",), v_batch: int = 0
+        ) -> list[tuple[str, int, int, float]]:
     """Compile and run the emulation; (version, window, splits, max abs error) per case."""
-    out = _compile_and_run(workdir, "emu", source(versions))
+    out = _compile_and_run(workdir, "emu", source(versions, v_batch))
     pattern = r"(\w+) window +(\d+) splits (\d+): max err (\S+)"
     return [(v, int(w), int(s), float(e)) for v, w, s, e in re.findall(pattern, out)]
 
