@@ -35,6 +35,9 @@ MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
 # in the engine (single stream 128.6 tok/s vs 122.3 with 2x1x4, same run, fourth session).
 DENSE_LAUNCH = (1, 2, 8)
 QUANT_LAUNCH = (4, 1, 2)
+# Quantized kernel: unpack by the exponent trick rather than I2F. Off (as measured) until timed
+# on a GPU: `gpu_trace --bits 4 --set gemv.FAST_UNPACK=True` against False.
+FAST_UNPACK = False
 
 # Both kernels: the block's first output feature n0 and its accumulators, (feature, row).
 _PROLOGUE = r"""
@@ -134,8 +137,15 @@ _QUANT = r"""
                     const unsigned words[4] = {wv[u][r].x, wv[u][r].y, wv[u][r].z, wv[u][r].w};
                     float dot = 0.f;
                     #pragma unroll
-                    for (int j = 0; j < VALS; ++j)
-                        dot += static_cast<float>((words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & MASK) * xf[j];
+                    for (int j = 0; j < VALS; ++j) {
+                        const unsigned q = (words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & MASK;
+                        // FAST_UNPACK: q's bits in the mantissa of 2^23 give 2^23 + q exactly,
+                        // then one full-rate subtraction, instead of an int -> float conversion
+                        // (a quarter-rate instruction on sm_90).
+                        const float qf = FAST_UNPACK ? __int_as_float(0x4B000000 | q) - 8388608.f
+                                                     : static_cast<float>(q);
+                        dot += qf * xf[j];
+                    }
                     acc[r][m] += sv[u][r] * dot + cv[u][r] * xsum;
                 }
             }
@@ -232,7 +242,8 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
                  output_shapes=[(m, n)], output_dtypes=[x.dtype])
     if bits:
         y = _quant_kernel()(inputs=[x.reshape(m, k), w, scales, biases],
-                            template=template + [("BITS", bits), ("GS", group_size)], **shape)[0]
+                            template=template + [("BITS", bits), ("GS", group_size),
+                                                 ("FAST_UNPACK", FAST_UNPACK)], **shape)[0]
     else:
         y = _dense_kernel()(inputs=[x.reshape(m, k), w], template=template, **shape)[0]
     return y.reshape(*x.shape[:-1], n)

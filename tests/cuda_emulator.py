@@ -183,11 +183,13 @@ def run(workdir: Path, versions: tuple[str, ...] = ("v1",), v_batch: int = 0
     return [(v, int(w), int(s), float(e)) for v, w, s, e in re.findall(pattern, out)]
 
 
-def gemv_source() -> str:
+def gemv_source(fast_unpack: bool = False) -> str:
     """The C++ program for engine/gemv.py's kernels: dense and 4/8-bit cases against a
     double-precision reference, with widths that leave lanes, unrolled loads and warps idle."""
     from engine import gemv
-    src = PRELUDE + pd.VEC_HEADER + r"""
+    src = PRELUDE + pd.VEC_HEADER + f"""
+    constexpr bool FAST_UNPACK = {'true' if fast_unpack else 'false'};  // a template argument on the GPU
+    """ + r"""
     template <typename T, int K, int M, int ROWS, int UNROLL, int NW>
     void dense(const T* x, const T* w, const long* w_shape, T* y) { """ + \
         gemv.kernel_source(gemv._DENSE) + r""" }
@@ -235,9 +237,9 @@ def gemv_source() -> str:
     return src
 
 
-def run_gemv(workdir: Path) -> list[tuple[str, float]]:
+def run_gemv(workdir: Path, fast_unpack: bool = False) -> list[tuple[str, float]]:
     """Compile and run the gemv emulation; (case, relative error) per case."""
-    out = _compile_and_run(workdir, "gemv", gemv_source())
+    out = _compile_and_run(workdir, "gemv", gemv_source(fast_unpack))
     return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
 
 

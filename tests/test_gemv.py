@@ -26,8 +26,10 @@ def _layers(k: int, n: int, dtype, bits_list=(0, 4, 8), group_size: int = 64):
 
 
 @cuda
+@pytest.mark.parametrize("fast_unpack", [False, True])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-def test_self_check_passes(dtype):
+def test_self_check_passes(dtype, fast_unpack, monkeypatch):
+    monkeypatch.setattr(gemv, "FAST_UNPACK", fast_unpack)
     # An odd number of output features leaves the last block's second feature empty.
     assert gemv.gemv_matches_layers(_layers(4096, 1001, dtype))
 

@@ -12,8 +12,9 @@ from tests import cuda_emulator
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ (C++20)")
 
 
-def test_gemv_kernels_match_reference(tmp_path):
-    results = cuda_emulator.run_gemv(tmp_path)
+@pytest.mark.parametrize("fast_unpack", [False, True])  # I2F / the exponent trick
+def test_gemv_kernels_match_reference(tmp_path, fast_unpack):
+    results = cuda_emulator.run_gemv(tmp_path, fast_unpack)
     assert len(results) == 9 and {c.split()[0] for c, _ in results} == {"dense", "quant4", "quant8"}
     bad = [r for r in results if not r[1] < 1e-5]
     assert not bad, bad
@@ -28,3 +29,13 @@ def test_emulation_catches_a_broken_unpacking(tmp_path, monkeypatch):
     results = cuda_emulator.run_gemv(tmp_path)
     quant = [err for case, err in results if case.startswith("quant")]
     assert len(quant) == 4 and all(err > 1e-2 for err in quant)
+
+
+def test_emulation_catches_a_broken_fast_unpack(tmp_path, monkeypatch):
+    from engine import gemv
+    broken = gemv._QUANT.replace("- 8388608.f", "- 8388607.f")
+    assert broken != gemv._QUANT
+    monkeypatch.setattr(gemv, "_QUANT", broken)
+    quant = [err for case, err in cuda_emulator.run_gemv(tmp_path, fast_unpack=True)
+             if case.startswith("quant")]
+    assert len(quant) == 4 and all(err > 1e-3 for err in quant)
