@@ -26,6 +26,11 @@ def test_other_shapes_match_portable(heads, kv_heads, head_dim, block_size):
                                           splits=(1, 5))
 
 
+def test_v_batch_matches_portable(monkeypatch):  # the V_BATCH knob, off by default
+    monkeypatch.setattr(paged_decode, "V_BATCH", 32)
+    assert decode_kernel_matches_portable(32, 8, 128, 16, None, mx.bfloat16, splits=(1, 5))
+
+
 def test_v1_matches_portable(monkeypatch):
     monkeypatch.setattr(paged_decode, "VERSION", "v1")
     assert decode_kernel_matches_portable(32, 8, 128, 16, 50, mx.bfloat16, splits=(1, 5))
