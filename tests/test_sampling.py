@@ -34,6 +34,17 @@ def test_greedy_is_argmax():
     assert out.token_ids.tolist() == lg.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("chunk", [0, 8, 16, 64])  # one mx.argmax / two stages / one chunk
+def test_argmax_is_the_first_maximum(chunk, monkeypatch):
+    from engine import sampling
+    monkeypatch.setattr(sampling, "ARGMAX_CHUNK", chunk)
+    rng = np.random.default_rng(1)
+    x = np.round(rng.standard_normal((50, V)), 1).astype(np.float32)  # maxima anywhere, some tied
+    x[3] = 0  # all tied: index 0
+    x[4, [7, 40]] = 9  # the same maximum in two chunks: the first
+    assert sampling.argmax(mx.array(x)).tolist() == x.argmax(-1).tolist()
+
+
 def test_seeded_rows_reproduce_whatever_shares_the_batch():
     lg = logits_rows(1)
     alone = [draw(lg, [row(n_out=i, temperature=1.0, seed=42)]).token_ids.item() for i in range(20)]
