@@ -240,6 +240,7 @@ _BODY_V2 = r"""
             // A full tile: VB keys' V rows loaded before any is used, so a warp has VB loads
             // in flight rather than 8; at batch 64 the kernel is bound by bytes in flight.
             constexpr int VB = V_BATCH > 0 ? V_BATCH : 1;
+            static_assert(TILE % VB == 0, "V_BATCH must divide the 32-key tile");
             #pragma unroll
             for (int j0 = 0; j0 < TILE; j0 += VB) {
                 Vec<T, DPL> vb[VB];

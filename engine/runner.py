@@ -115,16 +115,16 @@ class ModelRunner:
         input_ids, positions, slots = self._flat_inputs(ordered)
         # Every host integer array of the step, brought to the device in one copy.
         host = dict(ids=np.maximum(input_ids, 0), positions=positions, slots=slots)
+        ends = np.cumsum([r.num_tokens for r in ordered])  # each request's end in the step
         inflight = input_ids == INFLIGHT_TOKEN
         if inflight.any():
             at = np.flatnonzero(inflight)
-            owner = np.searchsorted(np.cumsum([r.num_tokens for r in ordered]), at, side="right")
+            owner = np.searchsorted(ends, at, side="right")
             row_of, tokens = self._last_sampled
             host["at"] = at
             host["rows"] = np.array([row_of[ordered[k].request_id] for k in owner])
         if sampled_only:
-            ends = np.cumsum([r.num_tokens for r in ordered]) - 1
-            host["last"] = ends[[i for i, r in enumerate(ordered) if r.sample]]
+            host["last"] = ends[[i for i, r in enumerate(ordered) if r.sample]] - 1
         compiled = bool(decodes) and not chunks and self.compile_decode
         kernel = bool(decodes) and self.decode_kernel
         if kernel:

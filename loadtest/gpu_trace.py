@@ -29,10 +29,10 @@ from loadtest.offline_bench import SHAPES
 from loadtest.profile_step import decode_engine, start_decoding, stop_all
 
 
-def _busy(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals."""
+def _busy(events) -> float:
+    """Length (us) of the union of the kernel events' [start, end) intervals."""
     total, end = 0.0, -1.0
-    for s, e in sorted(intervals):
+    for s, e in sorted((k.time_range.start, k.time_range.end) for k in events):
         if s > end:
             total += e - s
             end = e
@@ -70,7 +70,7 @@ def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -
     for e in kernels:
         per_name[_short(e.name)][0] += e.time_range.elapsed_us()
         per_name[_short(e.name)][1] += 1
-    busy = _busy([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3
+    busy = _busy(kernels) / 1e3
     result = dict(label=label, batch=batch, context=context, wall_ms=wall / steps * 1e3,
                   gpu_busy_ms=busy / steps, kernels_per_step=len(kernels) / steps,
                   top=sorted(((n, t / 1e3 / steps, c / steps) for n, (t, c) in per_name.items()),
@@ -123,7 +123,7 @@ def fused_ops_trace(args, dtype: mx.Dtype, rows_list: list[int], reps: int = 32)
                 us = sum(e.time_range.elapsed_us() for e in ev) / reps
                 # The calls are independent, so the GPU may overlap them: busy time (the union
                 # of the kernels' intervals) per call is the cost; summed durations overstate.
-                busy = _busy([(e.time_range.start, e.time_range.end) for e in ev]) / reps
+                busy = _busy(ev) / reps
                 line.append(f"{'kernel' if k else 'portable'} {busy:6.1f} us/call busy, {us:6.1f} summed "
                             f"({len(ev) / reps:.1f} kernels: {', '.join(n[-28:] for n in names)[:90]})")
             print(f"   rows {rows:4d} {name:15s} " + " | ".join(line))
