@@ -73,6 +73,42 @@ class EngineStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front end needs to know of a loaded engine (plain and picklable: it also
+    crosses from an engine process, see engine/process.py), and request validation."""
+
+    model_args: ModelArgs
+    config: EngineConfig
+    model_path: Optional[str]
+    dtype: str  # the weights' float dtype, e.g. "bfloat16"
+    max_model_len: Optional[int]  # None: window-bounded
+    num_kv_blocks: int
+    capacity: Optional[int]  # most tokens (prompt + output) one request may reach
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValidationError when a request cannot be served; pure, safe from any thread."""
+        if not prompt_token_ids:
+            raise ValidationError("the prompt is empty")
+        vocab = self.model_args.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValidationError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValidationError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
+        if self.capacity is not None and len(prompt_token_ids) >= self.capacity:
+            raise ValidationError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this server holds at most "
+                f"{self.capacity} tokens per sequence (prompt plus at least one generated token)")
+        if len(params.stop) > self.config.max_stop_strings:
+            raise ValidationError(f"at most {self.config.max_stop_strings} stop strings, "
+                                  f"got {len(params.stop)}")
+        if params.logprobs > self.config.max_logprobs:
+            raise ValidationError(f"logprobs must be <= {self.config.max_logprobs}, "
+                                  f"got {params.logprobs}")
+
+
 class LLMEngine:
     """Owns every MLX array. Not thread-safe: see engine/loop.py for the threaded API."""
 
@@ -105,6 +141,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, args, self.kv_cache,
                                   attention_backend=config.attention_backend)
         self.num_steps = 0
+        self.info = EngineInfo(
+            model_args=args, config=config, model_path=str(model_path) if model_path else None,
+            dtype=str(dtype).removeprefix("mlx.core."), max_model_len=self.max_model_len,
+            num_kv_blocks=num_blocks, capacity=self.scheduler.max_tokens_capacity())
         self._inflight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None  # launched, unread
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, config.block_size,
                  self.kv_cache.nbytes / (1 << 30), dtype)
@@ -128,26 +168,7 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValidationError when a request cannot be served; pure, safe from any thread."""
-        if not prompt_token_ids:
-            raise ValidationError("the prompt is empty")
-        vocab = self.model_args.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValidationError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
-        if bad is not None:
-            raise ValidationError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
-        capacity = self.scheduler.max_tokens_capacity()  # the context, or what the KV pool holds
-        if capacity is not None and len(prompt_token_ids) >= capacity:
-            raise ValidationError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this server holds at most "
-                f"{capacity} tokens per sequence (prompt plus at least one generated token)")
-        if len(params.stop) > self.config.max_stop_strings:
-            raise ValidationError(f"at most {self.config.max_stop_strings} stop strings, "
-                                  f"got {len(params.stop)}")
-        if params.logprobs > self.config.max_logprobs:
-            raise ValidationError(f"logprobs must be <= {self.config.max_logprobs}, "
-                                  f"got {params.logprobs}")
+        self.info.validate(prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0) -> Request:

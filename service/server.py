@@ -109,7 +109,7 @@ class Server:
             engine.runner.fault_hook = faults.request_id_faults
         self.engine_loop = EngineLoop(engine, max_waiting=self.config.max_waiting)
         self.engine_loop.start()
-        self.servicer.attach(engine, self.engine_loop)
+        self.servicer.attach(engine.info, engine.tokenizer, self.engine_loop)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s: %d KV blocks of %d tokens", self.model_name,
                  engine.kv_manager.num_blocks, engine.config.block_size)

@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 import grpc
 
-from engine.engine import LLMEngine
+from engine.engine import EngineInfo
+from engine.tokenizer import Tokenizer
 from engine.loop import EngineDeadError, EngineLoop, QueueFullError
 from mistral_serve.v1 import generation_pb2 as pb
 from mistral_serve.v1 import generation_pb2_grpc as pb_grpc
@@ -147,16 +148,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, config: ServerConfig, metrics: ServiceMetrics):
         self.config = config
         self.metrics = metrics
-        self.engine: Optional[LLMEngine] = None
+        self.info: Optional[EngineInfo] = None
+        self.tokenizer: Optional[Tokenizer] = None
         self.engine_loop: Optional[EngineLoop] = None
         self.draining = False
         self._calls: dict[str, _Call] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def attach(self, engine: LLMEngine, engine_loop: EngineLoop) -> None:
-        """Serve with this engine; called on the event loop, before any request."""
-        self.engine, self.engine_loop = engine, engine_loop
+    def attach(self, info: EngineInfo, tokenizer: Tokenizer, engine_loop: EngineLoop) -> None:
+        """Serve with this engine (an EngineLoop, or an EngineProcess with the same API);
+        called on the event loop, before any request."""
+        self.info, self.tokenizer, self.engine_loop = info, tokenizer, engine_loop
         try:
             aio_loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test wiring things by hand): per-output hand-over
@@ -205,7 +208,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     @_map_errors
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        engine = self._ready()[0]
+        self._ready()
         which = request.WhichOneof("input")
         if which is None:
             raise ValidationError("the request has no input: set text or chat")
@@ -214,13 +217,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             ids = await self._encode_text(request.text, add_bos, what="text")
         else:
             ids = self._encode_chat(request.chat)
-        return pb.TokenizeResponse(token_ids=ids, pieces=token_pieces(engine.tokenizer, ids))
+        return pb.TokenizeResponse(token_ids=ids, pieces=token_pieces(self.tokenizer, ids))
 
     @_map_errors
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        engine = self._ready()[0]
-        return model_info(engine, self.metrics.model_name)
+        info = self._ready()[0]
+        return model_info(info, self.tokenizer, self.metrics.model_name)
 
     # ---- generation ------------------------------------------------------------------------
     async def _generate(self, request: pb.GenerateRequest,
@@ -333,14 +336,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                  out.finish_reason.value if out.finish_reason else "?", latency, ttft)
 
     # ---- input -----------------------------------------------------------------------------
-    def _ready(self) -> tuple[LLMEngine, EngineLoop]:
+    def _ready(self) -> tuple[EngineInfo, EngineLoop]:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
-        if self.engine is None or self.engine_loop is None:
+        if self.info is None or self.engine_loop is None:
             raise Unavailable("the model is still loading; retry when health reports SERVING")
         if not self.engine_loop.is_alive:
             raise EngineDeadError("the engine has stopped; the server must be restarted")
-        return self.engine, self.engine_loop
+        return self.info, self.engine_loop
 
     def _request_id(self, request_id: str) -> str:
         if not request_id:
@@ -374,7 +377,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _encode_text(self, text: str, add_bos: bool, what: str) -> list[int]:
         if not text:
             raise ValidationError(f"{what} is empty")
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.tokenizer
         if len(text) <= _INLINE_TOKENIZE_CHARS:
             return list(tokenizer.encode(text, add_bos=add_bos))
         return list(await asyncio.to_thread(tokenizer.encode, text, add_bos=add_bos))
@@ -391,7 +394,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                       f"{', '.join(CHAT_ROLES)}")
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         try:
-            return list(self.engine.tokenizer.encode_chat(messages))
+            return list(self.tokenizer.encode_chat(messages))
         except ValidationError:
             raise
         except ValueError as e:  # the Instruct format rejects this conversation's shape
@@ -444,7 +447,7 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.id_to_piece(i) for i in ids]
 
 
-def model_info(engine: LLMEngine, model_name: str) -> pb.ModelInfo:
+def model_info(engine: EngineInfo, tokenizer: Tokenizer, model_name: str) -> pb.ModelInfo:
     """ModelInfo from the loaded engine."""
     a = engine.model_args
     quant = a.quantization or {}
@@ -454,12 +457,12 @@ def model_info(engine: LLMEngine, model_name: str) -> pb.ModelInfo:
         num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
         num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
         intermediate_size=a.intermediate_size, rope_theta=a.rope_theta,
-        dtype=str(engine.model.model.norm.weight.dtype).removeprefix("mlx.core."),
+        dtype=engine.dtype,
         quantization_bits=quant.get("bits") or 0,
         quantization_group_size=quant.get("group_size", 64) if quant else 0,
-        block_size=engine.config.block_size, kv_blocks_total=engine.kv_manager.num_blocks,
+        block_size=engine.config.block_size, kv_blocks_total=engine.num_kv_blocks,
         max_num_seqs=engine.config.max_num_seqs,
-        bos_token_id=engine.tokenizer.bos_token_id, eos_token_id=engine.tokenizer.eos_token_id)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if a.sliding_window:
         info.sliding_window = a.sliding_window
     if engine.max_model_len:

@@ -748,7 +748,7 @@ def test_engine_fault_is_internal_then_unavailable(model_dir):
                 def fail():
                     raise RuntimeError("injected scheduler fault")
 
-                srv.servicer.engine.scheduler.schedule = fail
+                srv.engine_loop.engine.scheduler.schedule = fail
                 errors = []
                 for _ in range(2):
                     with pytest.raises(grpc.aio.AioRpcError) as err:
