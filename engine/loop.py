@@ -111,6 +111,11 @@ class EngineLoop:
         with self._lock:
             return self._stats
 
+    def num_queued(self) -> int:
+        """Requests submitted and not running yet: still in the command queue or waiting."""
+        with self._lock:
+            return self._pending + self._stats.num_waiting
+
     def set_output_sink(self, sink: Optional[OutputSink]) -> None:
         """Route step outputs through `sink` (None: back to calling each callback).
 
@@ -150,7 +155,7 @@ class EngineLoop:
         queued = [cmd for cmd in self._take_commands() if isinstance(cmd, _Submit)]
         self._fail_all(message, reason)
         for cmd in queued:
-            self._answer(cmd.on_output, _final(cmd.request_id, message, reason))
+            self._answer(cmd.on_output, final_output(cmd.request_id, message, reason))
 
     def _take_commands(self):
         """Every command queued so far, oldest first."""
@@ -169,7 +174,7 @@ class EngineLoop:
                     self.engine.add_request(cmd.request_id, cmd.prompt_token_ids,
                                             cmd.sampling_params, priority=cmd.priority)
                 except Exception as e:  # e.g. a duplicate id: answer this request only
-                    self._answer(cmd.on_output, _final(cmd.request_id, str(e)))
+                    self._answer(cmd.on_output, final_output(cmd.request_id, str(e)))
                 else:  # only now: a refused duplicate must not take the running one's callback
                     self._callbacks[cmd.request_id] = cmd.on_output
             elif self.engine.abort(cmd.request_id):
@@ -222,13 +227,13 @@ class EngineLoop:
         for request_id, callbacks in self._aborted.items():  # their CANCELLED never came
             for cb in callbacks:
                 if cb is not None:
-                    self._answer(cb, _final(request_id, message, FinishReason.CANCELLED))
+                    self._answer(cb, final_output(request_id, message, FinishReason.CANCELLED))
         self._aborted.clear()
-        self._publish([_final(request_id, message, reason)
+        self._publish([final_output(request_id, message, reason)
                        for request_id in list(self._callbacks)])
 
 
-def _final(request_id: str, message: str,
+def final_output(request_id: str, message: str,
            reason: FinishReason = FinishReason.ERROR) -> RequestOutput:
     """A last output made by the loop itself (the engine never saw or can no longer step it)."""
     return RequestOutput(request_id, finished=True, finish_reason=reason,

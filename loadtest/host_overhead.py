@@ -16,6 +16,7 @@ well under --step-ms) and compare serve (through `loadtest.serve_bench`) with of
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -42,6 +43,15 @@ def hold_steps(step_ms: float) -> None:
     ModelRunner.launch, ModelRunner.collect = timed_launch, held_collect
 
 
+def _held_child_main(*args) -> None:
+    """The engine process's entry (`serve --engine-process`) with its steps held too. Spawn
+    imports this module in the child, where engine.process is fresh (unswapped); step_ms
+    comes from the environment."""
+    from engine import process
+    hold_steps(float(os.environ["MISTRAL_SERVE_HOLD_STEP_MS"]))
+    process._child_main(*args)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +60,9 @@ def main(argv=None) -> None:
     a, rest = ap.parse_known_args(argv)
     hold_steps(a.step_ms)
     if a.mode == "serve":
+        from engine import process
+        os.environ["MISTRAL_SERVE_HOLD_STEP_MS"] = str(a.step_ms)
+        process._child_main = _held_child_main
         from service.cli import main as cli_main
         sys.exit(cli_main(["serve", *rest]))
     from loadtest.offline_bench import main as bench_main

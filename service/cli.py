@@ -63,6 +63,8 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--stream-interval", type=int, default=d.stream_interval, metavar="N",
                    help="GenerateStream: first token at once, then one message per N tokens "
                         f"(default {d.stream_interval}; larger cuts per-token server work)")
+    s.add_argument("--engine-process", action="store_true",
+                   help="run the engine in its own process (no GIL shared with gRPC)")
     s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="largest gRPC message accepted")
     s.add_argument("--api-key", help="require 'authorization: Bearer <key>' on every call "
@@ -90,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
             drain_seconds=args.drain_seconds, max_message_bytes=args.max_message_bytes,
             max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
             max_tokens_cap=args.max_tokens_cap, stream_interval=args.stream_interval,
-            log_level=args.log_level)
+            engine_process=args.engine_process, log_level=args.log_level)
         engine_config = EngineConfig(
             model=args.model, dtype=args.dtype, block_size=args.block_size,
             kv_cache_memory_gib=args.kv_cache_memory, max_num_batched_tokens=

@@ -34,6 +34,9 @@ class ServerConfig:
     # (fewer, larger messages: less per-token gRPC work on a busy server; cf. SGLang's and
     # vLLM's --stream-interval). The last message carries whatever is left.
     stream_interval: int = 1
+    # Run the engine in a child process (engine/process.py): the engine's Python and gRPC's
+    # per-message work then no longer share one GIL.
+    engine_process: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from engine import faults
 from engine.engine import EngineConfig, LLMEngine
 from engine.loop import EngineLoop
+from engine.process import EngineProcess
 from mistral_serve.v1 import generation_pb2_grpc as pb_grpc
 from service.auth import ApiKeyInterceptor
 from service.config import ServerConfig
@@ -37,7 +38,8 @@ class Server:
         self.config = config
         self.engine_config = engine_config
         self.model_name = config.model_name or model_name_for(engine_config.model)
-        self.engine_loop: Optional[EngineLoop] = None
+        self.engine_loop: Optional[EngineLoop | EngineProcess] = None
+        self._process: Optional[EngineProcess] = None
         self.metrics = ServiceMetrics(self.model_name, self._stats)
         self.servicer = GenerationServicer(config, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -95,25 +97,42 @@ class Server:
         """Load the model off the event loop; False when a stop signal came first."""
         if self.engine_config.model is None:
             log.info("no --model given: serving the built-in demo model (random weights)")
+        if faults.enabled_by_env():  # tests only: request ids with @fail- marks fail on purpose
+            log.warning("%s=1: FAULT INJECTION IS ON (for tests; never in production)",
+                        faults.ENV_VAR)
+        if self.config.engine_process:
+            process = EngineProcess(self.engine_config, self.config.max_waiting,
+                                    self.config.log_level_number)
+            self._process = process  # stopped by shutdown() even while it still loads
+            loaded = await self._load(process.start)
+            if loaded is None:
+                return False
+            (info, tokenizer), self.engine_loop = loaded, process
+        else:
+            engine = await self._load(LLMEngine.from_config, self.engine_config)
+            if engine is None:
+                return False
+            if faults.enabled_by_env():
+                engine.runner.fault_hook = faults.request_id_faults
+            self.engine_loop = EngineLoop(engine, max_waiting=self.config.max_waiting)
+            self.engine_loop.start()
+            info, tokenizer = engine.info, engine.tokenizer
+        self.servicer.attach(info, tokenizer, self.engine_loop)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s: %d KV blocks of %d tokens%s", self.model_name, info.num_kv_blocks,
+                 info.config.block_size, " (engine process)" if self.config.engine_process else "")
+        return True
+
+    async def _load(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args) on a daemon thread; None when a stop signal came first."""
         future = asyncio.get_running_loop().create_future()
-        _in_daemon_thread(future, LLMEngine.from_config, self.engine_config)
+        _in_daemon_thread(future, fn, *args)
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([future, stop], return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not future.done():
-            return False
-        engine = future.result()  # raises the load error
-        if faults.enabled_by_env():  # tests only: request ids with @fail- marks fail on purpose
-            log.warning("%s=1: FAULT INJECTION IS ON (for tests; never in production)",
-                        faults.ENV_VAR)
-            engine.runner.fault_hook = faults.request_id_faults
-        self.engine_loop = EngineLoop(engine, max_waiting=self.config.max_waiting)
-        self.engine_loop.start()
-        self.servicer.attach(engine.info, engine.tokenizer, self.engine_loop)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s: %d KV blocks of %d tokens", self.model_name,
-                 engine.kv_manager.num_blocks, engine.config.block_size)
-        return True
+            return None
+        return future.result()  # raises the load error
 
     async def run_until_stopped(self) -> None:
         """Serve until request_stop(); watch the engine meanwhile."""
@@ -146,6 +165,8 @@ class Server:
             await self.grpc_server.stop(grace=None)  # cancels what is left; _call_done aborts
         if self.engine_loop is not None:
             await asyncio.to_thread(self.engine_loop.shutdown)
+        elif self._process is not None:  # stopped while the child was loading
+            await asyncio.to_thread(self._process.shutdown, 2.0)
         self.metrics.stop_http()
         log.info("stopped")
 
