@@ -111,10 +111,11 @@ class EngineLoop:
         with self._lock:
             return self._stats
 
-    def num_queued(self) -> int:
-        """Requests submitted and not running yet: still in the command queue or waiting."""
+    def num_queued(self, stats: Optional[EngineStats] = None) -> int:
+        """Requests submitted and not running yet: still in the command queue or waiting
+        (by `stats` when given, fresher than the last published ones)."""
         with self._lock:
-            return self._pending + self._stats.num_waiting
+            return self._pending + (stats or self._stats).num_waiting
 
     def set_output_sink(self, sink: Optional[OutputSink]) -> None:
         """Route step outputs through `sink` (None: back to calling each callback).

@@ -240,20 +240,29 @@ def _child_main(config: EngineConfig, max_waiting: int, log_level: int, conn) ->
     lock = threading.Lock()
     received = 0
 
-    def status() -> _Status:
-        return _Status(loop.stats(), loop.num_queued(), received,
+    def status(stats: Optional[EngineStats] = None) -> _Status:
+        stats = stats or loop.stats()
+        return _Status(stats, loop.num_queued(stats), received,
                        None if loop.error is None else f"{type(loop.error).__name__}: {loop.error}")
 
-    def send(message: tuple) -> None:
+    def send(message: tuple, stats: Optional[EngineStats] = None) -> None:
         if message[0] == "out":
-            message = (*message, status())
+            message = (*message, status(stats))
         with lock:
             try:
                 conn.send(message)
             except (OSError, ValueError):  # the parent is gone; the loop ends below
                 pass
 
-    loop.set_output_sink(lambda pairs: send(("out", [(cb.token, out) for cb, out in pairs])))
+    # On the engine thread, after a step: the engine's own stats are current there (the loop
+    # publishes its snapshot only after the sink), so the parent never admits on stale counts.
+    def current_stats() -> EngineStats:
+        try:
+            return engine.stats()
+        except Exception:  # a broken engine (its outputs must still go out): the snapshot
+            return loop.stats()
+    loop.set_output_sink(lambda pairs: send(("out", [(cb.token, out) for cb, out in pairs]),
+                                            current_stats()))
     loop.start()
     conn.send(("ready", engine.info))
     stop = threading.Event()

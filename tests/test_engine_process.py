@@ -151,7 +151,8 @@ def test_engine_process_admission_and_reused_ids(model_dir):
         proc.abort("z")
         short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
         deadline = time.monotonic() + 30
-        while not (outs.get("a") and outs["a"][-1].finished) and time.monotonic() < deadline:
+        while (not all(outs.get(k) and outs[k][-1].finished for k in ("a", "w1", "w2"))
+               and time.monotonic() < deadline):  # all three cancelled: nothing queued
             time.sleep(0.02)
         proc.submit("x", prompt, short, collect("b"))  # the id again, after its abort
         assert done.wait(30)
