@@ -31,12 +31,23 @@ MAX_ROWS = 8      # activation rows; above this MLX's GEMM is used
 # Launch shapes (ROWS, UNROLL, WARPS): a thread block computes ROWS output features (each
 # activation load serves ROWS of them); its WARPS warps split the input dimension, so even
 # a 4,096-row matrix fills the GPU; each thread keeps UNROLL 16-byte loads per row in flight.
-# H200, 7B shapes: for 4-bit, 4x1x2 read fastest in isolation (`op_profile --gemv-rows`) and
-# in the engine (single stream 128.6 tok/s vs 122.3 with 2x1x4, same run, fourth session).
+# H200, 7B, 4-bit, one row, inside decode steps (`gpu_trace --bits 4 --set
+# gemv.QUANT_LAUNCH=...`, sixth session): gate|up + lm_head 1.03 ms a step with 8x1x2, 1.14
+# with 4x2x2, 1.22 with 4x1x2 (the earlier default), 1.31 with 2x1x4.
 DENSE_LAUNCH = (1, 2, 8)
-QUANT_LAUNCH = (4, 1, 2)
-# Quantized kernel: unpack by the exponent trick rather than I2F. Off (as measured) until timed
-# on a GPU: `gpu_trace --bits 4 --set gemv.FAST_UNPACK=True` against False.
+QUANT_LAUNCH = (8, 1, 2)
+# Matrices with fewer than WIDE_N output features (q|k|v, o, down: 4,096-6,144) get their own
+# launch: at 4 features per block they make only ~1,000-1,500 blocks, and on an H200 they
+# read at a third of the bandwidth gate|up reads at. Same trace: q|k|v + o 0.575 ms a step
+# and down 0.597 with 2x1x4, against 0.63 and 0.652 with 4x1x2; 1x1x4, 1x2x4, 2x2x2, 4x2x2 and
+# 1x1x8 were slower.
+WIDE_N = 16384
+QUANT_LAUNCH_NARROW = (2, 1, 4)
+# Quantized kernel: q read as the float 2^BITS + q, its bits made by a shift and an and-or
+# (two integer ops), not by an int -> float conversion (quarter rate on sm_90); the 2^BITS
+# sum(x) this adds is taken off once per chunk. Untimed on a GPU so far (the first version,
+# 2^23 + q then a subtraction per value, was no faster, sixth session): `gpu_trace --bits 4
+# --set gemv.FAST_UNPACK=True` against False.
 FAST_UNPACK = False
 
 # Both kernels: the block's first output feature n0 and its accumulators, (feature, row).
@@ -138,14 +149,22 @@ _QUANT = r"""
                     float dot = 0.f;
                     #pragma unroll
                     for (int j = 0; j < VALS; ++j) {
-                        const unsigned q = (words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & MASK;
-                        // FAST_UNPACK: q's bits in the mantissa of 2^23 give 2^23 + q exactly,
-                        // then one full-rate subtraction, instead of an int -> float conversion
-                        // (a quarter-rate instruction on sm_90).
-                        const float qf = FAST_UNPACK ? __int_as_float(0x4B000000 | q) - 8388608.f
-                                                     : static_cast<float>(q);
+                        const unsigned word = words[j / PER_WORD];
+                        float qf;
+                        if (FAST_UNPACK) {
+                            // q's bits moved to the top of the mantissa of 2^BITS (a constant
+                            // shift once unrolled): the float 2^BITS + q, exactly.
+                            constexpr unsigned ONE = (127u + BITS) << 23;
+                            constexpr unsigned QMASK = MASK << (23 - BITS);
+                            const int sh = 23 - BITS - BITS * (j % PER_WORD);
+                            const unsigned t = sh >= 0 ? word << sh : word >> -sh;
+                            qf = __uint_as_float((t & QMASK) | ONE);
+                        } else {
+                            qf = static_cast<float>((word >> (BITS * (j % PER_WORD))) & MASK);
+                        }
                         dot += qf * xf[j];
                     }
+                    if (FAST_UNPACK) dot -= static_cast<float>(1u << BITS) * xsum;
                     acc[r][m] += sv[u][r] * dot + cv[u][r] * xsum;
                 }
             }
@@ -232,10 +251,11 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
            launch: tuple[int, int, int] | None = None) -> mx.array:
     """x @ w.T with w (N, K) dense, or packed MLX-style with scales/biases when bits is set;
     launch (ROWS, UNROLL, WARPS) is exposed for loadtest/op_profile.py's sweep."""
-    rows, unroll, warps = launch or (QUANT_LAUNCH if bits else DENSE_LAUNCH)
     k = x.shape[-1]
     m = x.size // k
     n = w.shape[0]
+    rows, unroll, warps = launch or (DENSE_LAUNCH if not bits else
+                                     QUANT_LAUNCH if n >= WIDE_N else QUANT_LAUNCH_NARROW)
     template = [("T", x.dtype), ("K", k), ("M", m), ("ROWS", rows), ("UNROLL", unroll),
                 ("NW", warps)]
     shape = dict(grid=(-(-n // rows) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),

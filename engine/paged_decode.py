@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 NUM_WARPS = 4
 FEW_BLOCKS, FEW_BLOCKS_WARPS = 64, 16  # up to 64 blocks (8 sequences x 8 KV heads): 16 warps
 UNROLL = 4  # keys each warp loads before using them
-# v2: V rows of a full tile loaded in batches of V_BATCH before use (0: off, the unrolled loop).
-# Untimed on a GPU so far: `gpu_trace --set paged_decode.V_BATCH=32` against 0.
-V_BATCH = 0
+# v2: V rows of a full tile loaded in batches of V_BATCH before use (0: the unrolled loop).
+# H200, 7B, 32 layers (`gpu_trace --set paged_decode.V_BATCH=...`, sixth session): batch 64 x
+# 1,024 keys 3.60 ms with 8 against 4.44 with 0 and 4.64 with 16; batch 1 x 1,024 keys 1.12
+# against 1.39. 32 failed to launch with 16 warps (too many registers; v_batch() caps it).
+V_BATCH = 8
 MAX_SPLITS = 32
 # Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
 # at every batch size (H200, 32 layers, `op_profile --splits`: v2 at batch 1 0.63 ms with
@@ -321,6 +323,12 @@ def num_warps(blocks: int) -> int:
     return FEW_BLOCKS_WARPS if blocks <= FEW_BLOCKS else NUM_WARPS
 
 
+def v_batch(warps: int) -> int:
+    """V rows loaded at once: V_BATCH, at most 8 with more than 4 warps (512 threads with 16
+    V rows in registers each asked for more registers than an SM has: the launch failed)."""
+    return V_BATCH if warps <= 4 else min(V_BATCH, 8)
+
+
 def num_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
     """How many thread blocks share one (sequence, KV head)'s keys (flash-decoding).
 
@@ -353,7 +361,7 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops._bits).
     template = [("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", gqa),
                 ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0),
-                ("V_BATCH", V_BATCH)]
+                ("V_BATCH", v_batch(warps))]
     launch = dict(inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos], template=template,
                   grid=(g * kvh * splits * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1))
     version = version or VERSION

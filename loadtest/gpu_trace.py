@@ -43,8 +43,8 @@ def _busy(events) -> float:
 
 
 def _short(name: str) -> str:
-    name = re.sub(r"<.*", "", name.replace("void ", ""))
-    return name[:60]
+    name = re.sub(r"<.*", "", name.replace("void ", "")).replace("mlx::core::cu::custom_kernel_", "")
+    return name[:72]
 
 
 def _kernel_events(prof):
@@ -132,7 +132,8 @@ def fused_ops_trace(args, dtype: mx.Dtype, rows_list: list[int], reps: int = 32)
 def _overrides(spec: str) -> dict:
     """"module.ATTR=value,..." (modules of the engine package) -> {(module, attr): value}."""
     out = {}
-    for item in spec.split(","):
+    # Split at the commas that start a new "name=" so that tuple values stay whole.
+    for item in re.split(r",(?=\s*[\w.]+\s*=)", spec):
         target, value = item.split("=", 1)
         module, attr = target.strip().rsplit(".", 1)
         mod = importlib.import_module(f"engine.{module}")

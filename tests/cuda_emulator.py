@@ -56,6 +56,7 @@ PRELUDE = r"""
     #define __shared__ static
     #define __align__(n) alignas(n)
     inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+    inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
     inline float __expf(float x) { return expf(x); }
     inline void __syncthreads() { block_bar->arrive_and_wait(); }
     inline void __syncwarp() { warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }

@@ -12,7 +12,7 @@ from tests import cuda_emulator
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ (C++20)")
 
 
-@pytest.mark.parametrize("fast_unpack", [False, True])  # I2F / the exponent trick
+@pytest.mark.parametrize("fast_unpack", [False, True])  # I2F / float bits made by shift and mask
 def test_gemv_kernels_match_reference(tmp_path, fast_unpack):
     results = cuda_emulator.run_gemv(tmp_path, fast_unpack)
     assert len(results) == 9 and {c.split()[0] for c, _ in results} == {"dense", "quant4", "quant8"}
@@ -33,7 +33,8 @@ def test_emulation_catches_a_broken_unpacking(tmp_path, monkeypatch):
 
 def test_emulation_catches_a_broken_fast_unpack(tmp_path, monkeypatch):
     from engine import gemv
-    broken = gemv._QUANT.replace("- 8388608.f", "- 8388607.f")
+    # Taking off 2^(BITS-1) sum(x) instead of 2^BITS sum(x) for the offset the trick adds.
+    broken = gemv._QUANT.replace("(1u << BITS) * xsum", "(1u << (BITS - 1)) * xsum")
     assert broken != gemv._QUANT
     monkeypatch.setattr(gemv, "_QUANT", broken)
     quant = [err for case, err in cuda_emulator.run_gemv(tmp_path, fast_unpack=True)

@@ -26,8 +26,9 @@ def test_other_shapes_match_portable(heads, kv_heads, head_dim, block_size):
                                           splits=(1, 5))
 
 
-def test_v_batch_matches_portable(monkeypatch):  # the V_BATCH knob, off by default
-    monkeypatch.setattr(paged_decode, "V_BATCH", 32)
+@pytest.mark.parametrize("v_batch", [0, 16])  # the unrolled loop; more than the default 8
+def test_v_batch_matches_portable(monkeypatch, v_batch):
+    monkeypatch.setattr(paged_decode, "V_BATCH", v_batch)
     assert decode_kernel_matches_portable(32, 8, 128, 16, None, mx.bfloat16, splits=(1, 5))
 
 

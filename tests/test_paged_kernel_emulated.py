@@ -12,7 +12,7 @@ from tests import cuda_emulator
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ (C++20)")
 
 
-@pytest.mark.parametrize("v_batch", [0, 16])  # v2's V rows: unrolled loop / loaded in batches
+@pytest.mark.parametrize("v_batch", [0, 8, 16])  # v2's V rows: unrolled loop / loaded in batches
 def test_decode_kernel_logic_matches_reference(tmp_path, v_batch):
     results = cuda_emulator.run(tmp_path, ("v1", "v2"), v_batch)
     assert {(v, w, s) for v, w, s, _ in results} == {
