@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -292,3 +293,9 @@ def _child_main(config: EngineConfig, max_waiting: int, log_level: int, conn) ->
         loop.shutdown()  # the remaining requests' CANCELLED outputs go out through the sink
         stop.set()
         send(("bye",))
+    # Leave without the interpreter's teardown: on CUDA, MLX's static destructors ran with a
+    # thread of its own still joinable and the child aborted ("terminate called without an
+    # active exception"). Everything the parent needs has been sent.
+    conn.close()
+    logging.shutdown()
+    os._exit(0)

@@ -63,8 +63,10 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--stream-interval", type=int, default=d.stream_interval, metavar="N",
                    help="GenerateStream: first token at once, then one message per N tokens "
                         f"(default {d.stream_interval}; larger cuts per-token server work)")
-    s.add_argument("--engine-process", action="store_true",
-                   help="run the engine in its own process (no GIL shared with gRPC)")
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                   default=d.engine_process,
+                   help="run the engine in its own process, no GIL shared with gRPC (default; "
+                        "--no-engine-process runs it on a thread of the server process)")
     s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="largest gRPC message accepted")
     s.add_argument("--api-key", help="require 'authorization: Bearer <key>' on every call "

@@ -101,7 +101,8 @@ def test_many_streams_get_every_token_in_order_with_one_wakeup_per_step(model_di
     prompts = [tokenizer.encode(f"stream number {i} says hello", add_bos=True) for i in range(n)]
 
     async def main():
-        config = ServerConfig(port=free_port(), metrics_port=0, log_level="warning")
+        config = ServerConfig(port=free_port(), metrics_port=0, log_level="warning",
+                              engine_process=False)  # counts the engine thread's wake-ups
         server = Server(config, EngineConfig(model=str(model_dir), kv_cache_memory_gib=0.05,
                                              max_num_seqs=64))
         aio_loop = asyncio.get_running_loop()

@@ -735,7 +735,7 @@ def test_engine_fault_is_internal_then_unavailable(model_dir):
     from service.server import Server
 
     async def main():
-        srv = Server(ServerConfig(port=free_port(), metrics_port=0),
+        srv = Server(ServerConfig(port=free_port(), metrics_port=0, engine_process=False),
                      EngineConfig(model=str(model_dir), kv_cache_memory_gib=0.05))
         await srv.start()
         assert await srv.load()
