@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import fused_ops, gemv
+from engine import dequant, fused_ops, gemv
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
@@ -27,12 +27,14 @@ class KernelPlan:
     gemv: few rows of a quantized layer go through engine/gemv.py's kernels (after their
     self-check passed); gemv_dense: of a float layer too.
     fused: the small per-layer ops run as engine/fused_ops.py's kernels.
+    dequant_kernel: that dequantize is engine/dequant.py's kernel, not mx.dequantize.
     """
 
     dequant_min_rows: Optional[int] = None
     gemv: bool = False
     gemv_dense: bool = False
     fused: bool = False
+    dequant_kernel: bool = False
 
 
 PORTABLE = KernelPlan()
@@ -44,7 +46,11 @@ def project(layer: nn.Module, x: mx.array, plan: KernelPlan) -> mx.array:
         return gemv.gemv(layer, x)
     if plan.dequant_min_rows is not None and isinstance(layer, nn.QuantizedLinear) \
             and x.shape[0] >= plan.dequant_min_rows:
-        w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        if plan.dequant_kernel and dequant.applies(layer):
+            w = dequant.dequantize(layer)
+        else:
+            w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
+                              layer.bits)
         return x @ w.astype(x.dtype).T
     return layer(x)
 

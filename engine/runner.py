@@ -22,6 +22,7 @@ from engine import paged_decode
 from engine.attention import AttentionGroup, AttentionMetadata, decode_kernel_matches_portable
 from engine.config import ModelArgs
 from engine.fused_ops import fused_ops_match_portable
+from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
@@ -328,6 +329,8 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     faster. For float layers MLX's own matmul was as fast or faster, so they stay opt-in.
     MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0" (none, to measure against MLX's own).
     The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0.
+    MISTRAL_SERVE_DEQUANT_KERNEL=1: many-row quantized matmuls dequantize with
+    engine/dequant.py's kernel (untimed on a GPU so far, so off by default).
     """
     mode = os.environ.get("MISTRAL_SERVE_GEMV", "quant")
     if mode not in ("quant", "all", "0"):
@@ -344,7 +347,14 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
         args.num_key_value_heads, args.head_dim, args.rope_theta, args.rms_norm_eps,
         model.model.norm.weight.dtype)
     log.info("per-layer small ops: %s", "fused CUDA kernels" if fused else "MLX ops")
-    return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all", fused=fused)
+    quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
+    deq = (os.environ.get("MISTRAL_SERVE_DEQUANT_KERNEL", "0") == "1" and bool(quantized)
+           and dequantize_matches_layers(quantized))
+    if quantized:
+        log.info("many-row quantized matmuls: %s + GEMM",
+                 "CUDA dequantize kernel" if deq else "mx.dequantize")
+    return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
+                      fused=fused, dequant_kernel=deq)
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:

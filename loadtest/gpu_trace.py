@@ -143,6 +143,14 @@ def _overrides(spec: str) -> dict:
     return out
 
 
+def _dequant_checked(model) -> bool:
+    """engine/dequant.py's kernel matches mx.dequantize on this model's quantized layers."""
+    from engine.dequant import dequantize_matches_layers
+    first = model.model.layers[0]
+    return dequantize_matches_layers([first.self_attn.qkv_proj, first.self_attn.o_proj,
+                                      first.mlp.gate_up_proj, first.mlp.down_proj, model.lm_head])
+
+
 def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
               sets: list[str] = ()):
     """(label, plan, compiled, paged_decode overrides) of each variant asked for."""
@@ -153,7 +161,10 @@ def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
              "neither": ("neither", dataclasses.replace(chosen, fused=False), False, {}),
              "nogemv": ("no gemv", dataclasses.replace(chosen, gemv=False, gemv_dense=False),
                         compiled, {}),
-             "unstaged": ("inputs not staged", chosen, compiled, {(runner, "STAGE_INPUTS"): False})}
+             "unstaged": ("inputs not staged", chosen, compiled, {(runner, "STAGE_INPUTS"): False}),
+             "dequant": (f"dequantize kernel {'off' if chosen.dequant_kernel else 'on'}",
+                         dataclasses.replace(chosen, dequant_kernel=not chosen.dequant_kernel),
+                         compiled, {})}
     out = [table[n] for n in names]
     out += [(f"splits from {k} keys", chosen, compiled, {(paged_decode, "MIN_KEYS_PER_SPLIT"): k})
             for k in min_keys]
@@ -172,7 +183,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--variants", default="chosen,nocompile,nofused,neither,nogemv",
-                    help="of chosen,nocompile,nofused,neither,nogemv,unstaged (those that differ run)")
+                    help="of chosen,nocompile,nofused,neither,nogemv,unstaged,dequant (those that "
+                         "differ run; dequant: the dequantize kernel switched)")
     ap.add_argument("--min-keys-per-split", default="",
                     help="also run as chosen with paged_decode.MIN_KEYS_PER_SPLIT set to each")
     ap.add_argument("--warps", default="", help="also run as chosen with these decode-kernel warps")
@@ -193,7 +205,8 @@ def main(argv=None):
     names = [n for n in a.variants.split(",") if n]
     names = [n for n in names if n == "chosen" or (n == "nocompile" and compiled)
              or (n == "nofused" and chosen.fused) or (n == "neither" and chosen.fused and compiled)
-             or (n == "nogemv" and chosen.gemv) or n == "unstaged"]
+             or (n == "nogemv" and chosen.gemv) or n == "unstaged"
+             or (n == "dequant" and (chosen.dequant_kernel or _dequant_checked(model)))]
     variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps), a.set)
     for b in batches:
         for label, plan, comp, overrides in variants:

@@ -244,6 +244,46 @@ def run_gemv(workdir: Path, fast_unpack: bool = False) -> list[tuple[str, float]
     return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
 
 
+def dequant_source() -> str:
+    """The C++ program for engine/dequant.py's kernel: 4- and 8-bit cases against a
+    double-precision reference, with chunk counts that leave the last block part idle."""
+    from engine import dequant
+    return PRELUDE + pd.VEC_HEADER + r"""
+    template <typename T, int K, int BITS, int GS>
+    void deq(const unsigned* w, const long* w_shape, const T* scales, const T* biases, T* out) { """ + \
+        dequant.SOURCE + r""" }
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    template <int K, int BITS, int GS> void dequant_case(int N) {
+      constexpr int PER_WORD = 32 / BITS, VALS = 128 / BITS, THREADS = 64;
+      std::vector<float> s((long)N * K / GS), c(s.size()), out((long)N * K, NAN);
+      std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref((long)N * K);
+      for (auto& v : s) v = nd(rng); for (auto& v : c) v = nd(rng);
+      for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) {
+        unsigned q = rng() % (1u << BITS);
+        w[((long)n * K + k) / PER_WORD] |= q << (BITS * (k % PER_WORD));
+        ref[(long)n * K + k] = (double)s[((long)n * K + k) / GS] * q + c[((long)n * K + k) / GS];
+      }
+      long shape[2] = {N, K / PER_WORD};
+      long chunks = (long)N * K / VALS;
+      launch((chunks + THREADS - 1) / THREADS, THREADS, [&] { deq<float, K, BITS, GS>(w.data(), shape, s.data(), c.data(), out.data()); });
+      double err = 0, scale = 1e-9;
+      for (size_t i = 0; i < out.size(); ++i) { err = max(err, std::isnan(out[i]) ? 1e9 : fabs(out[i] - ref[i])); scale = max(scale, fabs(ref[i])); }
+      printf("dequant%d K %d GS %d N %d: rel err %.2e\n", BITS, K, GS, N, err / scale);
+    }
+    int main() {
+      dequant_case<256, 4, 64>(5); dequant_case<128, 4, 32>(7);
+      dequant_case<512, 8, 64>(3); dequant_case<384, 8, 128>(3);
+    }
+    """
+
+
+def run_dequant(workdir: Path) -> list[tuple[str, float]]:
+    """Compile and run the dequantize emulation; (case, relative error) per case."""
+    out = _compile_and_run(workdir, "dequant", dequant_source())
+    return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
+
+
 def fused_source() -> str:
     """The C++ program for engine/fused_ops.py's kernels against double-precision references,
     with shapes that leave threads of the last block idle."""
