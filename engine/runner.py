@@ -321,6 +321,14 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
     return ok
 
 
+def check_layers(model: Mistral) -> list[nn.Module]:
+    """The projections a kernel's self-check runs on: every layer shares these shapes and
+    formats, so the first layer and the head stand for all."""
+    first = model.model.layers[0]
+    return [first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
+            first.mlp.down_proj, model.lm_head]
+
+
 def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     """Which custom kernels run on MLX's CUDA backend, each only after its self-check.
 
@@ -335,10 +343,7 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     mode = os.environ.get("MISTRAL_SERVE_GEMV", "quant")
     if mode not in ("quant", "all", "0"):
         raise ValueError(f"MISTRAL_SERVE_GEMV must be quant, all or 0, got {mode!r}")
-    first = model.model.layers[0]
-    # Every layer shares these shapes and formats, so the first layer and the head stand for all.
-    layers = [first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
-              first.mlp.down_proj, model.lm_head]
+    layers = check_layers(model)
     used = [l for l in layers if mode == "all" or (mode == "quant" and type(l) is nn.QuantizedLinear)]
     ok = bool(used) and gemv_matches_layers(used)
     log.info("few-row matmuls: %s", f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")

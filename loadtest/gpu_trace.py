@@ -146,9 +146,7 @@ def _overrides(spec: str) -> dict:
 def _dequant_checked(model) -> bool:
     """engine/dequant.py's kernel matches mx.dequantize on this model's quantized layers."""
     from engine.dequant import dequantize_matches_layers
-    first = model.model.layers[0]
-    return dequantize_matches_layers([first.self_attn.qkv_proj, first.self_attn.o_proj,
-                                      first.mlp.gate_up_proj, first.mlp.down_proj, model.lm_head])
+    return dequantize_matches_layers(runner.check_layers(model))
 
 
 def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
