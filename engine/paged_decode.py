@@ -27,7 +27,7 @@ UNROLL = 4  # keys each warp loads before using them
 # v2: V rows of a full tile loaded in batches of V_BATCH before use (0: the unrolled loop).
 # H200, 7B, 32 layers (`gpu_trace --set paged_decode.V_BATCH=...`, sixth session): batch 64 x
 # 1,024 keys 3.60 ms with 8 against 4.44 with 0 and 4.64 with 16; batch 1 x 1,024 keys 1.12
-# against 1.39. 32 failed to launch with 16 warps (too many registers; v_batch() caps it).
+# against 1.39. 16 and 32 failed to launch with 16 warps (too many registers: v_batch()).
 V_BATCH = 8
 MAX_SPLITS = 32
 # Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
@@ -324,8 +324,8 @@ def num_warps(blocks: int) -> int:
 
 
 def v_batch(warps: int) -> int:
-    """V rows loaded at once: V_BATCH, at most 8 with more than 4 warps (512 threads with 16
-    V rows in registers each asked for more registers than an SM has: the launch failed)."""
+    """V rows loaded at once: V_BATCH, at most 8 with more than 4 warps (512 threads holding
+    16 or 32 V rows each asked for more registers than an SM has: the launch failed)."""
     return V_BATCH if warps <= 4 else min(V_BATCH, 8)
 
 
