@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import dequant, fused_ops, gemv
+from engine import dequant, fused_ops, gemv, qgemm
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
@@ -28,6 +28,8 @@ class KernelPlan:
     self-check passed); gemv_dense: of a float layer too.
     fused: the small per-layer ops run as engine/fused_ops.py's kernels.
     dequant_kernel: that dequantize is engine/dequant.py's kernel, not mx.dequantize.
+    qgemm: quantized layers fed engine/qgemm.py's row counts use its tensor-core kernel
+    (before dequantize + GEMM is considered).
     """
 
     dequant_min_rows: Optional[int] = None
@@ -35,6 +37,7 @@ class KernelPlan:
     gemv_dense: bool = False
     fused: bool = False
     dequant_kernel: bool = False
+    qgemm: bool = False
 
 
 PORTABLE = KernelPlan()
@@ -44,6 +47,8 @@ def project(layer: nn.Module, x: mx.array, plan: KernelPlan) -> mx.array:
     """layer(x), run the way `plan` says is fastest here."""
     if plan.gemv and gemv.applies(layer, x, plan.gemv_dense):
         return gemv.gemv(layer, x)
+    if plan.qgemm and qgemm.applies(layer, x):
+        return qgemm.qgemm(layer, x)
     if plan.dequant_min_rows is not None and isinstance(layer, nn.QuantizedLinear) \
             and x.shape[0] >= plan.dequant_min_rows:
         if plan.dequant_kernel and dequant.applies(layer):

@@ -24,6 +24,7 @@ from engine.config import ModelArgs
 from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers
+from engine.qgemm import qgemm_matches_layers
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
@@ -338,7 +339,8 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0" (none, to measure against MLX's own).
     The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0.
     MISTRAL_SERVE_DEQUANT_KERNEL=1: many-row quantized matmuls dequantize with
-    engine/dequant.py's kernel (untimed on a GPU so far, so off by default).
+    engine/dequant.py's kernel; MISTRAL_SERVE_QGEMM=1: 9-256 rows of a quantized layer run as
+    engine/qgemm.py's tensor-core kernel. Both untimed on a GPU so far, so off by default.
     """
     mode = os.environ.get("MISTRAL_SERVE_GEMV", "quant")
     if mode not in ("quant", "all", "0"):
@@ -355,11 +357,14 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
     deq = (os.environ.get("MISTRAL_SERVE_DEQUANT_KERNEL", "0") == "1" and bool(quantized)
            and dequantize_matches_layers(quantized))
+    qg = (os.environ.get("MISTRAL_SERVE_QGEMM", "0") == "1" and bool(quantized)
+          and qgemm_matches_layers(quantized))
     if quantized:
-        log.info("many-row quantized matmuls: %s + GEMM",
+        log.info("many-row quantized matmuls: %s%s + GEMM",
+                 "CUDA tensor-core kernel up to 256 rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq)
+                      fused=fused, dequant_kernel=deq, qgemm=qg)
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:

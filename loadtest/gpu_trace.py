@@ -149,6 +149,12 @@ def _dequant_checked(model) -> bool:
     return dequantize_matches_layers(runner.check_layers(model))
 
 
+def _qgemm_checked(model) -> bool:
+    """engine/qgemm.py's kernel matches dequantize + matmul on this model's quantized layers."""
+    from engine.qgemm import qgemm_matches_layers
+    return qgemm_matches_layers(runner.check_layers(model))
+
+
 def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
               sets: list[str] = ()):
     """(label, plan, compiled, paged_decode overrides) of each variant asked for."""
@@ -162,7 +168,9 @@ def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
              "unstaged": ("inputs not staged", chosen, compiled, {(runner, "STAGE_INPUTS"): False}),
              "dequant": (f"dequantize kernel {'off' if chosen.dequant_kernel else 'on'}",
                          dataclasses.replace(chosen, dequant_kernel=not chosen.dequant_kernel),
-                         compiled, {})}
+                         compiled, {}),
+             "qgemm": (f"tensor-core 4/8-bit GEMM {'off' if chosen.qgemm else 'on'}",
+                       dataclasses.replace(chosen, qgemm=not chosen.qgemm), compiled, {})}
     out = [table[n] for n in names]
     out += [(f"splits from {k} keys", chosen, compiled, {(paged_decode, "MIN_KEYS_PER_SPLIT"): k})
             for k in min_keys]
@@ -181,8 +189,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--variants", default="chosen,nocompile,nofused,neither,nogemv",
-                    help="of chosen,nocompile,nofused,neither,nogemv,unstaged,dequant (those that "
-                         "differ run; dequant: the dequantize kernel switched)")
+                    help="of chosen,nocompile,nofused,neither,nogemv,unstaged,dequant,qgemm (those "
+                         "that differ run; dequant / qgemm: that kernel switched)")
     ap.add_argument("--min-keys-per-split", default="",
                     help="also run as chosen with paged_decode.MIN_KEYS_PER_SPLIT set to each")
     ap.add_argument("--warps", default="", help="also run as chosen with these decode-kernel warps")
@@ -204,7 +212,8 @@ def main(argv=None):
     names = [n for n in names if n == "chosen" or (n == "nocompile" and compiled)
              or (n == "nofused" and chosen.fused) or (n == "neither" and chosen.fused and compiled)
              or (n == "nogemv" and chosen.gemv) or n == "unstaged"
-             or (n == "dequant" and (chosen.dequant_kernel or _dequant_checked(model)))]
+             or (n == "dequant" and (chosen.dequant_kernel or _dequant_checked(model)))
+             or (n == "qgemm" and (chosen.qgemm or _qgemm_checked(model)))]
     variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps), a.set)
     for b in batches:
         for label, plan, comp, overrides in variants:

@@ -284,6 +284,93 @@ def run_dequant(workdir: Path) -> list[tuple[str, float]]:
     return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
 
 
+# bf16 as the GPU stores it (round to nearest even), and mma.sync m16n8k16 done by one warp:
+# each lane posts its fragment registers, then computes its own four outputs from the whole
+# A and B, rebuilt by the PTX ISA's fragment layout (engine/qgemm.py's comment gives it).
+QGEMM_PRELUDE = r"""
+    struct __nv_bfloat16 {
+      unsigned short bits;
+      __nv_bfloat16() = default;
+      __nv_bfloat16(float f) { unsigned u; memcpy(&u, &f, 4); u += 0x7FFF + ((u >> 16) & 1); bits = u >> 16; }
+      operator float() const { unsigned u = (unsigned)bits << 16; float f; memcpy(&f, &u, 4); return f; }
+    };
+    inline float bf16_half(unsigned reg, int hi) { __nv_bfloat16 h; h.bits = hi ? reg >> 16 : reg & 0xFFFF; return h; }
+    unsigned mma_a[32][32][4], mma_b[32][32][2];
+    template <bool BF16> void mma16816(float* c, const unsigned* a, const unsigned* b) {
+      static_assert(BF16, "the emulation stores bf16 only");
+      int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+      for (int i = 0; i < 4; ++i) mma_a[w][l][i] = a[i];
+      for (int i = 0; i < 2; ++i) mma_b[w][l][i] = b[i];
+      warp_bar[w]->arrive_and_wait();
+      float A[16][16], B[16][8];
+      for (int L = 0; L < 32; ++L) {
+        int g = L >> 2, t = L & 3;
+        for (int e = 0; e < 2; ++e) {
+          A[g][2 * t + e] = bf16_half(mma_a[w][L][0], e);
+          A[g + 8][2 * t + e] = bf16_half(mma_a[w][L][1], e);
+          A[g][2 * t + 8 + e] = bf16_half(mma_a[w][L][2], e);
+          A[g + 8][2 * t + 8 + e] = bf16_half(mma_a[w][L][3], e);
+          B[2 * t + e][g] = bf16_half(mma_b[w][L][0], e);
+          B[2 * t + 8 + e][g] = bf16_half(mma_b[w][L][1], e);
+        }
+      }
+      int g = l >> 2, t = l & 3;
+      for (int e = 0; e < 4; ++e) {
+        int row = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+        float s = 0.f;
+        for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+        c[e] += s;
+      }
+      warp_bar[w]->arrive_and_wait();
+    }
+    """
+
+
+def qgemm_source() -> str:
+    """The C++ program for engine/qgemm.py's kernel (bf16) against a double-precision
+    reference, with row and feature counts that leave parts of tiles empty."""
+    from engine import qgemm
+    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + r"""
+    template <typename T, int K, int BITS, int GS, bool BF16>
+    void qg(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
+            const T* biases, T* y) { """ + qgemm.SOURCE + r""" }
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd;
+    using bf = __nv_bfloat16;
+    template <int K, int BITS, int GS> void qgemm_case(int M, int N) {
+      constexpr int PER_WORD = 32 / BITS;
+      std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
+      std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref((long)M * N, 0.0);
+      for (auto& v : x) v = bf(nd(rng)); for (auto& v : s) v = bf(0.1f * nd(rng)); for (auto& v : c) v = bf(0.1f * nd(rng));
+      std::vector<float> wf((long)N * K);
+      for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) {
+        unsigned q = rng() % (1u << BITS);
+        long i = (long)n * K + k;
+        w[i / PER_WORD] |= q << (BITS * (k % PER_WORD));
+        wf[i] = bf((float)s[i / GS] * (float)q + (float)c[i / GS]);  // as the kernel rounds it
+      }
+      for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
+        ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf[(long)n * K + k];
+      int xs[2] = {M, K}, ws[2] = {N, K / PER_WORD};
+      for (int by = 0; by < (M + 63) / 64; ++by)
+        launch((N + 63) / 64, 128, [&, by] { blockIdx.y = by; qg<bf, K, BITS, GS, true>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); });
+      double err = 0, scale = 1e-9;
+      for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
+      printf("qgemm%d K %d GS %d M %d N %d: rel err %.2e\n", BITS, K, GS, M, N, err / scale);
+    }
+    int main() {
+      qgemm_case<128, 4, 64>(70, 72); qgemm_case<64, 4, 32>(9, 64);
+      qgemm_case<128, 8, 64>(16, 40); qgemm_case<256, 8, 128>(65, 8);
+    }
+    """
+
+
+def run_qgemm(workdir: Path) -> list[tuple[str, float]]:
+    """Compile and run the qgemm emulation; (case, relative error) per case."""
+    out = _compile_and_run(workdir, "qgemm", qgemm_source())
+    return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
+
+
 def fused_source() -> str:
     """The C++ program for engine/fused_ops.py's kernels against double-precision references,
     with shapes that leave threads of the last block idle."""

@@ -1,0 +1,60 @@
+"""engine/qgemm.py's tensor-core kernel on the device: equal to dequantize + matmul on the
+7B's shapes (4- and 8-bit, bf16 and fp16, row counts that fill, split and part-fill tiles),
+through project() too; applies() turns away what it does not compute (this part runs
+everywhere). The CPU emulation is tests/test_qgemm_emulated.py."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from engine import qgemm
+from engine.model import KernelPlan, project
+
+cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
+
+
+def _quantized(k: int, n: int, bits: int, group_size: int = 64, dtype=mx.bfloat16):
+    q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=group_size, bits=bits)
+    q.set_dtype(dtype)
+    return q
+
+
+def _reference(layer, x):
+    w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    return (x.astype(mx.float32) @ w.astype(mx.float32).T)
+
+
+@cuda
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, 64), (4, 128)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
+    for k, n in ((4096, 6144), (14336, 4096), (4096, 28672)):
+        layer = _quantized(k, n, bits, group_size, dtype)
+        for rows in (9, 64, 100, 256):
+            x = mx.random.normal((rows, k)).astype(dtype)
+            assert qgemm.applies(layer, x)
+            got, want = qgemm.qgemm(layer, x).astype(mx.float32), _reference(layer, x)
+            err = mx.abs(got - want).max().item()
+            assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, err)
+
+
+@cuda
+def test_self_check_and_project():
+    layer = _quantized(4096, 4096, 4)
+    assert qgemm.qgemm_matches_layers([layer])
+    x = mx.random.normal((64, 4096)).astype(mx.bfloat16)
+    plain = project(layer, x, KernelPlan(dequant_min_rows=8)).astype(mx.float32)
+    fast = project(layer, x, KernelPlan(dequant_min_rows=8, qgemm=True)).astype(mx.float32)
+    assert mx.abs(fast - plain).max().item() <= 2e-2 * max(mx.abs(plain).max().item(), 1.0)
+
+
+def test_applies_only_where_it_computes_the_layer():
+    layer = _quantized(128, 64, 4)
+    x = mx.zeros((qgemm.MIN_ROWS, 128), mx.bfloat16)
+    assert qgemm.applies(layer, x)
+    assert not qgemm.applies(layer, mx.zeros((qgemm.MIN_ROWS - 1, 128), mx.bfloat16))  # gemv's
+    assert not qgemm.applies(layer, mx.zeros((qgemm.MAX_ROWS + 1, 128), mx.bfloat16))
+    assert not qgemm.applies(layer, x.astype(mx.float16))  # scales are bf16
+    assert not qgemm.applies(_quantized(128, 64, 4, dtype=mx.float32), x.astype(mx.float32))
+    assert not qgemm.applies(nn.Linear(128, 64, bias=False), x)
+    assert not qgemm.applies(_quantized(96, 64, 4, group_size=32), mx.zeros((16, 96), mx.bfloat16))
