@@ -55,16 +55,21 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsi
 }
 """
 
-# y (M, N) = x (M, K) @ dequantize(w)^T. Block (blockIdx.x, blockIdx.y) computes output
-# features n0.. n0+63 of rows m0.. m0+63; each step along K loads a 64 x 64 tile of x and
-# dequantizes a 64 x 64 tile of w (16-byte chunks of VALS values, each in one group) into
-# shared memory, rows padded by 8 values so that the warps' fragment loads hit 32 banks.
+# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z) computes output features n0..n0+63
+# of rows m0..m0+63 over split z's share of K. Each 64-wide step along K stores a tile of x
+# and a dequantized tile of w (16-byte chunks of VALS values, each in one group) in shared
+# memory, rows padded by 8 values so the warps' fragment loads hit 32 banks; the next step's
+# global loads are issued into registers before this step's mma, so they are in flight
+# while it runs. With one split the block writes y (T); with several, float partial sums
+# (split, M, N) that qgemm() adds up.
 SOURCE = r"""
     constexpr int BM = 64, BN = 64, BK = 64, LD = BK + 8;
     constexpr int VALS = 128 / BITS;
     constexpr int PER_WORD = 32 / BITS;
     constexpr unsigned MASK = (1u << BITS) - 1u;
     constexpr int XV = 8;  // 16-bit values per 16-byte load
+    constexpr int XL = BM * BK / XV / 128;    // x chunks per thread and step
+    constexpr int WL = BN * BK / VALS / 128;  // w chunks per thread and step
     __align__(16) __shared__ T xs[BM * LD];
     __align__(16) __shared__ T ws[BN * LD];
     const int M = x_shape[0];
@@ -72,6 +77,7 @@ SOURCE = r"""
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, k_end = k_begin + k_len;
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;  // this warp's quarter
     float acc[2][4][4];
     #pragma unroll
@@ -81,30 +87,46 @@ SOURCE = r"""
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-    for (int k0 = 0; k0 < K; k0 += BK) {
+    // One step's global data, in registers: x chunks (rows past M as zeros), and packed w
+    // chunks with their group's scale and bias (features past N repeat the last one).
+    Vec<T, XV> xr[XL];
+    uint4 wr[WL];
+    float sr[WL], br[WL];
+    auto load = [&](int k0) {
         #pragma unroll
-        for (int i = 0; i < BM * BK / XV / 128; ++i) {  // x: rows past M read as zeros
+        for (int i = 0; i < XL; ++i) {
             const int c = tid + i * 128;
             const int row = c / (BK / XV), col = (c % (BK / XV)) * XV;
-            Vec<T, XV> v;
             if (m0 + row < M) {
-                v = *reinterpret_cast<const Vec<T, XV>*>(x + (long)(m0 + row) * K + k0 + col);
+                xr[i] = *reinterpret_cast<const Vec<T, XV>*>(x + (long)(m0 + row) * K + k0 + col);
             } else {
                 #pragma unroll
-                for (int j = 0; j < XV; ++j) v.v[j] = static_cast<T>(0.f);
+                for (int j = 0; j < XV; ++j) xr[i].v[j] = static_cast<T>(0.f);
             }
-            *reinterpret_cast<Vec<T, XV>*>(xs + row * LD + col) = v;
         }
         #pragma unroll
-        for (int i = 0; i < BN * BK / VALS / 128; ++i) {  // w: features past N repeat the last
+        for (int i = 0; i < WL; ++i) {
             const int c = tid + i * 128;
             const int row = c / (BK / VALS), col = (c % (BK / VALS)) * VALS;
             const long n = min(n0 + row, N - 1);
             const int k = k0 + col;
-            const uint4 wv = *reinterpret_cast<const uint4*>(w + n * (K / PER_WORD) + k / PER_WORD);
-            const unsigned words[4] = {wv.x, wv.y, wv.z, wv.w};
-            const float s = static_cast<float>(scales[n * (K / GS) + k / GS]);
-            const float b = static_cast<float>(biases[n * (K / GS) + k / GS]);
+            wr[i] = *reinterpret_cast<const uint4*>(w + n * (K / PER_WORD) + k / PER_WORD);
+            sr[i] = static_cast<float>(scales[n * (K / GS) + k / GS]);
+            br[i] = static_cast<float>(biases[n * (K / GS) + k / GS]);
+        }
+    };
+    load(k_begin);
+    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+        #pragma unroll
+        for (int i = 0; i < XL; ++i) {
+            const int c = tid + i * 128;
+            *reinterpret_cast<Vec<T, XV>*>(xs + (c / (BK / XV)) * LD + (c % (BK / XV)) * XV) = xr[i];
+        }
+        #pragma unroll
+        for (int i = 0; i < WL; ++i) {
+            const int c = tid + i * 128;
+            const int row = c / (BK / VALS), col = (c % (BK / VALS)) * VALS;
+            const unsigned words[4] = {wr[i].x, wr[i].y, wr[i].z, wr[i].w};
             #pragma unroll
             for (int j0 = 0; j0 < VALS; j0 += XV) {
                 Vec<T, XV> o;
@@ -112,12 +134,13 @@ SOURCE = r"""
                 for (int j = 0; j < XV; ++j) {
                     const int v = j0 + j;
                     const unsigned q = (words[v / PER_WORD] >> (BITS * (v % PER_WORD))) & MASK;
-                    o.v[j] = static_cast<T>(s * static_cast<float>(q) + b);
+                    o.v[j] = static_cast<T>(sr[i] * static_cast<float>(q) + br[i]);
                 }
                 *reinterpret_cast<Vec<T, XV>*>(ws + row * LD + col + j0) = o;
             }
         }
         __syncthreads();
+        if (k0 + BK < k_end) load(k0 + BK);  // in flight during this step's mma
         #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a[2][4], bf[4][2];
@@ -142,6 +165,7 @@ SOURCE = r"""
         }
         __syncthreads();
     }
+    O* dst = y + (long)blockIdx.z * M * N;
     #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
         #pragma unroll
@@ -150,9 +174,24 @@ SOURCE = r"""
             for (int e = 0; e < 4; ++e) {
                 const int row = m0 + wm + mt * 16 + g + (e >> 1) * 8;
                 const int col = n0 + wn + nt * 8 + 2 * t + (e & 1);
-                if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[mt][nt][e]);
+                if (row < M && col < N) dst[(long)row * N + col] = static_cast<O>(acc[mt][nt][e]);
             }
 """
+
+# Split K over more blocks when the output tiles alone would leave SMs idle (down and o of
+# the 7B at 64 rows make 64 tiles for 132 SMs): up to TARGET_BLOCKS blocks, each split at
+# least MIN_STEPS_PER_SPLIT 64-wide steps long.
+TARGET_BLOCKS = 256
+MIN_STEPS_PER_SPLIT = 8
+
+
+def num_splits(m: int, n: int, k: int) -> int:
+    """A power of two dividing the K steps evenly (so every split has k_len = K / splits)."""
+    tiles, steps, splits = -(-m // TILE) * -(-n // TILE), k // TILE, 1
+    while (tiles * splits * 2 <= TARGET_BLOCKS and steps % (2 * splits) == 0
+           and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT):
+        splits *= 2
+    return splits
 
 
 @functools.lru_cache(maxsize=1)
@@ -182,11 +221,15 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
+    splits = num_splits(m, n, k)
+    out = x.dtype if splits == 1 else mx.float32
     y = _kernel()(inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
-                  template=[("T", x.dtype), ("K", k), ("BITS", layer.bits),
+                  template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
                             ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16)],
-                  grid=(-(-n // TILE) * THREADS, -(-m // TILE), 1), threadgroup=(THREADS, 1, 1),
-                  output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+                  grid=(-(-n // TILE) * THREADS, -(-m // TILE), splits),
+                  threadgroup=(THREADS, 1, 1),
+                  output_shapes=[(splits, m, n)], output_dtypes=[out])[0]
+    y = y[0] if splits == 1 else y.sum(axis=0).astype(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 

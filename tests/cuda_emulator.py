@@ -71,8 +71,10 @@ PRELUDE = r"""
       long r = shfl_long[w][src]; warp_bar[w]->arrive_and_wait(); return r; }
     inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
     struct alignas(16) uint4 { unsigned x, y, z, w; };
-    template <typename F> void launch(int blocks, int threads, F f) {
-      gridDim = {blocks, 1, 1}; blockDim = {threads, 1, 1};
+    // Blocks along x; a caller with a y or z grid runs launch per (y, z), passing the grid's
+    // y and z sizes for gridDim and setting blockIdx.y / .z in its lambda.
+    template <typename F> void launch(int blocks, int threads, F f, int gy = 1, int gz = 1) {
+      gridDim = {blocks, gy, gz}; blockDim = {threads, 1, 1};
       for (int b = 0; b < blocks; ++b) {
         std::barrier<> bb(threads); block_bar = &bb;
         for (int w = 0; w < threads / 32; ++w) warp_bar[w] = new std::barrier<>(32);
@@ -331,15 +333,16 @@ def qgemm_source() -> str:
     reference, with row and feature counts that leave parts of tiles empty."""
     from engine import qgemm
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + r"""
-    template <typename T, int K, int BITS, int GS, bool BF16>
+    template <typename T, typename O, int K, int BITS, int GS, bool BF16>
     void qg(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
-            const T* biases, T* y) { """ + qgemm.SOURCE + r""" }
+            const T* biases, O* y) { """ + qgemm.SOURCE + r""" }
     std::mt19937 rng(7);
     std::normal_distribution<float> nd;
     using bf = __nv_bfloat16;
-    template <int K, int BITS, int GS> void qgemm_case(int M, int N) {
+    template <int K, int BITS, int GS> void qgemm_case(int M, int N, int S = 1) {
       constexpr int PER_WORD = 32 / BITS;
       std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
+      std::vector<float> parts((long)S * M * N, NAN);
       std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref((long)M * N, 0.0);
       for (auto& v : x) v = bf(nd(rng)); for (auto& v : s) v = bf(0.1f * nd(rng)); for (auto& v : c) v = bf(0.1f * nd(rng));
       std::vector<float> wf((long)N * K);
@@ -352,15 +355,23 @@ def qgemm_source() -> str:
       for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
         ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf[(long)n * K + k];
       int xs[2] = {M, K}, ws[2] = {N, K / PER_WORD};
-      for (int by = 0; by < (M + 63) / 64; ++by)
-        launch((N + 63) / 64, 128, [&, by] { blockIdx.y = by; qg<bf, K, BITS, GS, true>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); });
+      for (int bz = 0; bz < S; ++bz)
+        for (int by = 0; by < (M + 63) / 64; ++by) {
+          if (S == 1)
+            launch((N + 63) / 64, 128, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, (M + 63) / 64, S);
+          else
+            launch((N + 63) / 64, 128, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, (M + 63) / 64, S);
+        }
+      if (S > 1)  // qgemm() sums the float partials of the splits
+        for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; y[i] = bf(v); }
       double err = 0, scale = 1e-9;
       for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
-      printf("qgemm%d K %d GS %d M %d N %d: rel err %.2e\n", BITS, K, GS, M, N, err / scale);
+      printf("qgemm%d K %d GS %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, M, N, S, err / scale);
     }
     int main() {
       qgemm_case<128, 4, 64>(70, 72); qgemm_case<64, 4, 32>(9, 64);
       qgemm_case<128, 8, 64>(16, 40); qgemm_case<256, 8, 128>(65, 8);
+      qgemm_case<256, 4, 64>(20, 72, 2); qgemm_case<512, 8, 128>(70, 8, 4);
     }
     """
 

@@ -48,6 +48,17 @@ def test_self_check_and_project():
     assert mx.abs(fast - plain).max().item() <= 2e-2 * max(mx.abs(plain).max().item(), 1.0)
 
 
+def test_num_splits_fills_the_gpu_with_even_splits():
+    # The 7B at 64 rows: gate|up makes 448 tiles (no split); o and down make 64 tiles.
+    assert qgemm.num_splits(64, 28672, 4096) == 1
+    assert qgemm.num_splits(64, 4096, 4096) == 4 and qgemm.num_splits(64, 4096, 14336) == 4
+    assert qgemm.num_splits(128, 4096, 14336) == 2  # twice the row tiles
+    for m, n, k in ((9, 6144, 4096), (200, 4096, 14336), (9, 64, 128)):
+        s = qgemm.num_splits(m, n, k)
+        steps = k // qgemm.TILE
+        assert steps % s == 0 and (s == 1 or steps // s >= qgemm.MIN_STEPS_PER_SPLIT)
+
+
 def test_applies_only_where_it_computes_the_layer():
     layer = _quantized(128, 64, 4)
     x = mx.zeros((qgemm.MIN_ROWS, 128), mx.bfloat16)

@@ -15,7 +15,8 @@ BF16_OUT = 5e-3  # outputs are stored as bf16: 2^-8 relative rounding, plus floa
 
 def test_qgemm_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemm(tmp_path)
-    assert len(results) == 4 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
+    assert len(results) == 6 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
+    assert {c.split("splits ")[1] for c, _ in results} == {"1", "2", "4"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
@@ -25,6 +26,8 @@ def test_qgemm_kernel_matches_reference(tmp_path):
     ("bf[nt][1] = *reinterpret_cast<const unsigned*>(p + 8)",
      "bf[nt][1] = *reinterpret_cast<const unsigned*>(p + 4)"),   # B's second k half misplaced
     ("x + (long)(m0 + row) * K", "x + (long)row * K"),  # a second row tile re-reads the first
+    ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
+    ("if (k0 + BK < k_end) load(k0 + BK);", "if (k0 + BK < k_end) load(k0);"),  # no next step
 ])
 def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
     from engine import qgemm
