@@ -21,6 +21,7 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.gemv import chunked_affine, input_width
 from engine.paged_decode import VEC_HEADER
 
 log = logging.getLogger(__name__)
@@ -66,23 +67,15 @@ def _kernel():
 
 
 def applies(layer: nn.Module) -> bool:
-    """Whether dequantize() handles this layer: an affine 4/8-bit QuantizedLinear whose groups
-    hold whole 16-byte chunks, with float scales."""
-    if type(layer) is not nn.QuantizedLinear or getattr(layer, "mode", "affine") != "affine":
-        return False
-    if layer.bits not in (4, 8):
-        return False
-    vals = 128 // layer.bits
-    k = layer.weight.shape[1] * 32 // layer.bits
-    return (layer.group_size % vals == 0 and k % layer.group_size == 0
-            and layer.scales.dtype in (mx.float32, mx.float16, mx.bfloat16)
-            and layer.biases.dtype == layer.scales.dtype)
+    """Whether dequantize() handles this layer: an affine 4/8-bit QuantizedLinear in the
+    kernels' chunk layout (gemv.chunked_affine), with float scales."""
+    return chunked_affine(layer) and layer.scales.dtype in (mx.float32, mx.float16, mx.bfloat16)
 
 
 def dequantize(layer: nn.QuantizedLinear) -> mx.array:
     """The layer's weight as an (out, in) matrix of its scales' dtype (see applies())."""
     w, scales = layer.weight, layer.scales
-    n, k = w.shape[0], w.shape[1] * 32 // layer.bits
+    n, k = w.shape[0], input_width(layer)
     chunks = n * k * layer.bits // 128
     return _kernel()(inputs=[w, scales, layer.biases],
                      template=[("T", scales.dtype), ("K", k), ("BITS", layer.bits),

@@ -227,12 +227,7 @@ def applies(layer: nn.Module, x: mx.array, dense: bool = True) -> bool:
         return False
     k = x.shape[-1]
     if type(layer) is nn.QuantizedLinear:
-        if getattr(layer, "mode", "affine") != "affine" or layer.bits not in (4, 8):
-            return False
-        vals = 128 // layer.bits
-        return (input_width(layer) == k and k % layer.group_size == 0
-                and layer.group_size % vals == 0
-                and layer.scales.dtype == layer.biases.dtype == x.dtype)
+        return chunked_affine(layer) and input_width(layer) == k and layer.scales.dtype == x.dtype
     if type(layer) is nn.Linear and dense:
         return (input_width(layer) == k and k % (16 // x.itemsize) == 0
                 and layer.weight.dtype == x.dtype)
@@ -267,6 +262,16 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
     else:
         y = _dense_kernel()(inputs=[x.reshape(m, k), w], template=template, **shape)[0]
     return y.reshape(*x.shape[:-1], n)
+
+
+def chunked_affine(layer: nn.Module) -> bool:
+    """An affine 4/8-bit QuantizedLinear in the layout the CUDA kernels unpack (here and in
+    engine/dequant.py, engine/qgemm.py): 16-byte chunks of 128 / bits values, each inside one
+    group, groups tiling the input width, biases in the scales' dtype."""
+    return (type(layer) is nn.QuantizedLinear and getattr(layer, "mode", "affine") == "affine"
+            and layer.bits in (4, 8) and layer.group_size % (128 // layer.bits) == 0
+            and input_width(layer) % layer.group_size == 0
+            and layer.biases.dtype == layer.scales.dtype)
 
 
 def input_width(layer: nn.Module) -> int:

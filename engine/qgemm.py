@@ -23,6 +23,7 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.gemv import chunked_affine, input_width
 from engine.paged_decode import VEC_HEADER
 
 log = logging.getLogger(__name__)
@@ -207,13 +208,10 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     rows = x.size // x.shape[-1]
     if not MIN_ROWS <= rows <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16):
         return False
-    if type(layer) is not nn.QuantizedLinear or "bias" in layer:
+    if "bias" in layer or not chunked_affine(layer):
         return False
-    if getattr(layer, "mode", "affine") != "affine" or layer.bits not in (4, 8):
-        return False
-    k = layer.weight.shape[1] * 32 // layer.bits
-    return (x.shape[-1] == k and k % TILE == 0 and layer.group_size % (128 // layer.bits) == 0
-            and k % layer.group_size == 0 and layer.scales.dtype == layer.biases.dtype == x.dtype)
+    k = input_width(layer)
+    return x.shape[-1] == k and k % TILE == 0 and layer.scales.dtype == x.dtype
 
 
 def qgemm(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
@@ -243,7 +241,7 @@ def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
         checked = 0
         for layer in layers:
             for m, key in zip((MIN_ROWS, 64, 100), mx.random.split(mx.random.key(1), 3)):
-                x = mx.random.normal((m, layer.weight.shape[1] * 32 // layer.bits), key=key)
+                x = mx.random.normal((m, input_width(layer)), key=key)
                 x = x.astype(layer.scales.dtype)
                 if not applies(layer, x):
                     continue

@@ -24,6 +24,8 @@ from collections import defaultdict
 import mlx.core as mx
 
 from engine import paged_decode, runner
+from engine.dequant import dequantize_matches_layers
+from engine.qgemm import qgemm_matches_layers
 from engine.engine import DTYPES, LLMEngine
 from loadtest.offline_bench import SHAPES
 from loadtest.profile_step import decode_engine, start_decoding, stop_all
@@ -143,18 +145,6 @@ def _overrides(spec: str) -> dict:
     return out
 
 
-def _dequant_checked(model) -> bool:
-    """engine/dequant.py's kernel matches mx.dequantize on this model's quantized layers."""
-    from engine.dequant import dequantize_matches_layers
-    return dequantize_matches_layers(runner.check_layers(model))
-
-
-def _qgemm_checked(model) -> bool:
-    """engine/qgemm.py's kernel matches dequantize + matmul on this model's quantized layers."""
-    from engine.qgemm import qgemm_matches_layers
-    return qgemm_matches_layers(runner.check_layers(model))
-
-
 def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
               sets: list[str] = ()):
     """(label, plan, compiled, paged_decode overrides) of each variant asked for."""
@@ -212,8 +202,10 @@ def main(argv=None):
     names = [n for n in names if n == "chosen" or (n == "nocompile" and compiled)
              or (n == "nofused" and chosen.fused) or (n == "neither" and chosen.fused and compiled)
              or (n == "nogemv" and chosen.gemv) or n == "unstaged"
-             or (n == "dequant" and (chosen.dequant_kernel or _dequant_checked(model)))
-             or (n == "qgemm" and (chosen.qgemm or _qgemm_checked(model)))]
+             # switched on only where its self-check passes on this model's layers
+             or (n == "dequant" and (chosen.dequant_kernel or
+                                     dequantize_matches_layers(runner.check_layers(model))))
+             or (n == "qgemm" and (chosen.qgemm or qgemm_matches_layers(runner.check_layers(model))))]
     variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps), a.set)
     for b in batches:
         for label, plan, comp, overrides in variants:

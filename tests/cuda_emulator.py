@@ -178,6 +178,11 @@ def _compile_and_run(workdir: Path, name: str, program: str) -> str:
     return subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
 
 
+def _rel_errs(out: str) -> list[tuple[str, float]]:
+    """(case, relative error) from a program's "CASE: rel err E" lines."""
+    return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
+
+
 def run(workdir: Path, versions: tuple[str, ...] = ("v1",), v_batch: int = 0
         ) -> list[tuple[str, int, int, float]]:
     """Compile and run the emulation; (version, window, splits, max abs error) per case."""
@@ -243,7 +248,7 @@ def gemv_source(fast_unpack: bool = False) -> str:
 def run_gemv(workdir: Path, fast_unpack: bool = False) -> list[tuple[str, float]]:
     """Compile and run the gemv emulation; (case, relative error) per case."""
     out = _compile_and_run(workdir, "gemv", gemv_source(fast_unpack))
-    return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
+    return _rel_errs(out)
 
 
 def dequant_source() -> str:
@@ -283,7 +288,7 @@ def dequant_source() -> str:
 def run_dequant(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the dequantize emulation; (case, relative error) per case."""
     out = _compile_and_run(workdir, "dequant", dequant_source())
-    return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
+    return _rel_errs(out)
 
 
 # bf16 as the GPU stores it (round to nearest even), and mma.sync m16n8k16 done by one warp:
@@ -379,7 +384,7 @@ def qgemm_source() -> str:
 def run_qgemm(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the qgemm emulation; (case, relative error) per case."""
     out = _compile_and_run(workdir, "qgemm", qgemm_source())
-    return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
+    return _rel_errs(out)
 
 
 def fused_source() -> str:
