@@ -78,15 +78,36 @@ def build_peer(args: ModelArgs, weights, bits: int | None):
     return peer
 
 
-def run_ours(engine: LLMEngine, prompts, output_len: int) -> Result:
+def run_ours(engine: LLMEngine, prompts, output_len: int, step_log: bool = False) -> Result:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
-    tokens = 0
+    tokens, calls = 0, []
     while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
         tokens += sum(len(o.new_token_ids) for o in engine.step())
+        if step_log:  # (seconds, batched tokens of the step this call launched)
+            inflight = engine._inflight
+            calls.append((time.perf_counter() - t0, inflight[0].num_batched_tokens if inflight else 0))
+    if step_log:
+        print_step_log(calls)
     return Result("mistral-serve", len(prompts), tokens, time.perf_counter() - start)
+
+
+def print_step_log(calls: list[tuple[float, int]]) -> None:
+    """Where a run's time went: step() calls grouped by the size of the step they launched
+    (each call waits for the step before it, so its time is roughly that step's)."""
+    print(f"{len(calls)} step() calls, {sum(c[0] for c in calls):.2f} s")
+    groups: dict[str, list[float]] = {}
+    for sec, n in calls:
+        key = "0" if n == 0 else f"<= {1 << (n - 1).bit_length()}"
+        groups.setdefault(key, []).append(sec)
+    for key, secs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  launched {key:>7} tokens: {len(secs):4d} calls, {sum(secs):6.2f} s, "
+              f"median {1e3 * sorted(secs)[len(secs) // 2]:7.2f} ms, max {1e3 * max(secs):7.2f} ms")
+    slow = sorted(range(len(calls)), key=lambda i: -calls[i][0])[:8]
+    print("  slowest: " + ", ".join(f"#{i} {1e3 * calls[i][0]:.0f} ms ({calls[i][1]} tok)" for i in sorted(slow)))
 
 
 def run_peer(peer, prompts, output_len: int, batch_size: int) -> Result:
@@ -120,6 +141,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--step-log", action="store_true", help="print where our run's time went, by step size")
     a = ap.parse_args(argv)
 
     if a.model:
@@ -142,7 +164,7 @@ def main(argv=None) -> None:
         max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=False))
     results = []
     run_ours(engine, warm, 8)
-    results.append(run_ours(engine, prompts, a.output_len))
+    results.append(run_ours(engine, prompts, a.output_len, a.step_log))
     if not a.no_peer:
         peer = build_peer(args, weights, bits)
         for bs in [int(x) for x in a.peer_batch_sizes.split(",")]:
