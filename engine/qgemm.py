@@ -1,18 +1,21 @@
 """4/8-bit matmul for tens to hundreds of rows on tensor cores, as a CUDA kernel.
 
 Decode steps of a big batch multiply ~10-256 activation rows by every quantized weight. MLX's
-CUDA quantized matmul is slow there, so the engine dequantizes each weight to bf16 and runs a
-dense GEMM (engine/model.py's project()); on an H200 the dequantizing alone took 14.7 ms of a
-20.2 ms 4-bit step at batch 64, and a 4-bit batched run reached 0.28x of bf16's throughput
-(loadtest/RESULTS.md, sixth session). This kernel never writes the float weights out: each
-thread block dequantizes a 64 x 64 tile of the packed weights into shared memory, next to a
-64 x 64 tile of the activations, and its four warps multiply them with `mma.sync` (m16n8k16,
-float accumulators), so the weights are read once, at 4 or 8 bits.
+CUDA quantized matmul is slow there, so without this kernel the engine dequantizes each weight
+to bf16 and runs a dense GEMM (engine/model.py's project()); on an H200 the dequantizing alone
+took 14.7 ms of a 20.2 ms 4-bit step at batch 64 (loadtest/RESULTS.md, sixth session). This
+kernel never writes the float weights out. Each block owns 128 output features of up to 64
+rows: a cp.async pipeline (STAGES deep) copies the block's activation tile, packed weights,
+scales and biases for the next K steps into shared memory while its four warps work on the
+current one; each warp unpacks its own 32 features' weights straight into mma.sync (m16n8k16)
+fragments in registers and accumulates in float. Weights are read once, at 4 or 8 bits.
 
-Opt-in (MISTRAL_SERVE_QGEMM=1) until timed on a GPU; used only after qgemm_matches_layers has
+Its first version (a dequantized 64 x 64 tile in shared memory, one step of register prefetch)
+made the 4-bit batch-64 step 1.85x faster on an H200 but stayed latency-bound, ~2x slower
+than the bf16 GEMMs (RESULTS.md, seventh session). Used only after qgemm_matches_layers has
 shown it equal to dequantize + matmul on the model's own layers (engine/runner.py). The CPU
-emulation (tests/test_qgemm_emulated.py) runs this source with mma16816 emulated per the PTX
-fragment layout; tests/test_qgemm.py runs the real one on a GPU.
+emulation (tests/test_qgemm_emulated.py) runs this source with mma, cp.async and the bf16
+pair arithmetic emulated; tests/test_qgemm.py runs the real one on a GPU.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ log = logging.getLogger(__name__)
 
 MIN_ROWS = 9      # fewer rows go to engine/gemv.py's kernels
 MAX_ROWS = 256    # more rows (prompt chunks) keep dequantize + GEMM
-TILE = 64         # rows, output features and input features of a block's tile
-THREADS = 128     # four warps, each a 32 x 32 quarter of the output tile
+BN = 128          # output features per block: four warps of 32
+BK = 128          # input features per pipeline step: 32 per lane of a quad
+THREADS = 128
+STAGES = 4        # K steps in flight (shared memory: STAGES x ~25 KB at 64 rows, 4-bit)
+FAST_DEQUANT = True  # 4-bit: unpack into bf16/fp16 pairs by bit tricks, not through float
 
 # D (16x8, f32) += A (16x16, row-major) B (16x8, column-major): one warp-wide tensor-core op.
 # Fragments (PTX ISA, mma.m16n8k16 for .bf16/.f16; g = lane / 4, t = lane % 4, two 16-bit
@@ -39,7 +45,11 @@ THREADS = 128     # four warps, each a 32 x 32 quarter of the output tile
 #   a[0]: A[g][2t..2t+1]   a[1]: A[g+8][2t..2t+1]   a[2]: A[g][2t+8..]   a[3]: A[g+8][2t+8..]
 #   b[0]: B[2t..2t+1][g]   b[1]: B[2t+8..2t+9][g]
 #   c[0..1]: D[g][2t..2t+1]   c[2..3]: D[g+8][2t..2t+1]
-HEADER = VEC_HEADER + r"""
+# A sum over k does not care which k goes to which mma slot, so lane t of a quad takes 32
+# consecutive input features of the step, 32t..32t+31, as 4 pieces of 8 = two mma each:
+# logical k (2t, 2t+1, 2t+8, 2t+9) of a piece's first mma are its values 0-3, of the second
+# 4-7. Then one 16-byte load of x and one packed word (4-bit) feed two mma.
+DEVICE = r"""
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
   if (BF16) {
@@ -54,164 +64,249 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsi
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 }
+// BYTES (4, 8 or 16) from global to shared memory, asynchronously; zeros when !ok.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool ok) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(ok ? 16 : 0));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;"
+                 :: "r"(d), "l"(src), "n"(BYTES), "r"(ok ? BYTES : 0));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N));
+}
+// Two 16-bit floats in a register: a - b, a * b + c (one rounding), and two floats packed.
+template <bool BF16> __device__ __forceinline__ unsigned sub2(unsigned a, unsigned b) {
+  unsigned r;
+  if (BF16) { __nv_bfloat162 v = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b)); r = *reinterpret_cast<unsigned*>(&v); }
+  else { __half2 v = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b)); r = *reinterpret_cast<unsigned*>(&v); }
+  return r;
+}
+template <bool BF16> __device__ __forceinline__ unsigned fma2(unsigned a, unsigned b, unsigned c) {
+  unsigned r;
+  if (BF16) { __nv_bfloat162 v = __hfma2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b), *reinterpret_cast<__nv_bfloat162*>(&c)); r = *reinterpret_cast<unsigned*>(&v); }
+  else { __half2 v = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b), *reinterpret_cast<__half2*>(&c)); r = *reinterpret_cast<unsigned*>(&v); }
+  return r;
+}
+template <bool BF16> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  unsigned r;
+  if (BF16) { __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); r = *reinterpret_cast<unsigned*>(&v); }
+  else { __half2 v = __floats2half2_rn(lo, hi); r = *reinterpret_cast<unsigned*>(&v); }
+  return r;
+}
 """
 
-# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z) computes output features n0..n0+63
-# of rows m0..m0+63 over split z's share of K. Each 64-wide step along K stores a tile of x
-# and a dequantized tile of w (16-byte chunks of VALS values, each in one group) in shared
-# memory, rows padded by 8 values so the warps' fragment loads hit 32 banks; the next step's
-# global loads are issued into registers before this step's mma, so they are in flight
-# while it runs. With one split the block writes y (T); with several, float partial sums
-# (split, M, N) that qgemm() adds up.
-SOURCE = r"""
-    constexpr int BM = 64, BN = 64, BK = 64, LD = BK + 8;
-    constexpr int VALS = 128 / BITS;
+# Eight consecutive packed values (one 4-bit word, or two 8-bit words) as four registers of
+# dequantized pairs (v0,v1) (v2,v3) (v4,v5) (v6,v7); sb is the group's scale and bias as
+# 16-bit bit patterns. The 4-bit fast path builds each pair as the 16-bit floats 128 + q
+# (bf16) or 1024 + q (fp16), exact, by a byte permute and a mask: two values per three
+# integer ops, then q * scale + bias in one paired fma; the other path goes through float.
+UNPACK = r"""
+template <int BITS, bool BF16, bool FAST>
+__device__ __forceinline__ void unpack8(const unsigned* words, unsigned short s, unsigned short b,
+                                        unsigned* out) {
+  if (BITS == 4 && FAST) {
+    const unsigned magic = BF16 ? 0x43004300u : 0x64006400u;
+    const unsigned s2 = s | (unsigned(s) << 16), b2 = b | (unsigned(b) << 16);
+    const unsigned w = words[0], w4 = w >> 4;
+    const unsigned p[4] = {__byte_perm(w, w4, 0x5410), __byte_perm(w, w4, 0x7531),
+                           __byte_perm(w, w4, 0x7632), __byte_perm(w, w4, 0x7733)};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i)
+      out[i] = fma2<BF16>(sub2<BF16>((p[i] & 0x000F000Fu) | magic, magic), s2, b2);
+  } else {
     constexpr int PER_WORD = 32 / BITS;
     constexpr unsigned MASK = (1u << BITS) - 1u;
-    constexpr int XV = 8;  // 16-bit values per 16-byte load
-    constexpr int XL = BM * BK / XV / 128;    // x chunks per thread and step
-    constexpr int WL = BN * BK / VALS / 128;  // w chunks per thread and step
-    __align__(16) __shared__ T xs[BM * LD];
-    __align__(16) __shared__ T ws[BN * LD];
+    const float sf = half_bits_to_float<BF16>(s), bf = half_bits_to_float<BF16>(b);
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int v = 2 * i;
+      const unsigned q0 = (words[v / PER_WORD] >> (BITS * (v % PER_WORD))) & MASK;
+      const unsigned q1 = (words[(v + 1) / PER_WORD] >> (BITS * ((v + 1) % PER_WORD))) & MASK;
+      out[i] = pack2<BF16>(sf * static_cast<float>(q0) + bf, sf * static_cast<float>(q1) + bf);
+    }
+  }
+}
+"""
+
+HALF_BITS = r"""
+template <bool BF16> __device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+  if (BF16) return __uint_as_float(unsigned(h) << 16);
+  return __half2float(*reinterpret_cast<const __half*>(&h));
+}
+"""
+
+HEADER = VEC_HEADER + DEVICE + HALF_BITS + UNPACK
+
+# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z) computes output features
+# n0..n0+BN-1 of rows m0..m0+BM-1 over split z's share of K, in BK-wide steps through a ring
+# of STAGES shared-memory stages (dynamic shared memory). A stage holds the x tile (BM rows of
+# BK values; 16-byte chunks XOR-swizzled so a quad's four loads and the next row's land in
+# distinct banks), the packed weights (BN rows of BK * BITS / 8 bytes; 8-bit rows swizzled
+# by row parity) and each row's scales and biases for the step (4 or 8 bytes, aligned down,
+# so a 128-wide group's value may sit at offset 1). Rows past M / N are zero-filled.
+# Warp w computes features w * 32..+31 (NT = 4 n-tiles of 8) of all BM rows (MT m-tiles of 16).
+SOURCE = r"""
+    constexpr int MT = BM / 16, NT = 4;
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr int W_ROW = BK * BITS / 8;                  // weight bytes per row and step
+    constexpr int SB = BK / GS < 2 ? 2 : BK / GS;         // scale values per row and step
+    constexpr int X_BYTES = BM * BK * 2, W_BYTES = BN * W_ROW, S_BYTES = BN * SB * 2;
+    constexpr int STAGE = X_BYTES + W_BYTES + 2 * S_BYTES;
+    extern __shared__ __align__(16) unsigned char smem[];
     const int M = x_shape[0];
     const int N = w_shape[0];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, k_end = k_begin + k_len;
-    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;  // this warp's quarter
-    float acc[2][4][4];
+    const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, steps = k_len / BK;
+    const int wn = warp * 32;
+    float acc[MT][NT][4];
     #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MT; ++i)
         #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < NT; ++j)
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-    // One step's global data, in registers: x chunks (rows past M as zeros), and packed w
-    // chunks with their group's scale and bias (features past N repeat the last one).
-    Vec<T, XV> xr[XL];
-    uint4 wr[WL];
-    float sr[WL], br[WL];
-    auto load = [&](int k0) {
-        #pragma unroll
-        for (int i = 0; i < XL; ++i) {
-            const int c = tid + i * 128;
-            const int row = c / (BK / XV), col = (c % (BK / XV)) * XV;
-            if (m0 + row < M) {
-                xr[i] = *reinterpret_cast<const Vec<T, XV>*>(x + (long)(m0 + row) * K + k0 + col);
-            } else {
-                #pragma unroll
-                for (int j = 0; j < XV; ++j) xr[i].v[j] = static_cast<T>(0.f);
-            }
+    auto load = [&](int stage, int k0) {
+        unsigned char* base = smem + stage * STAGE;
+        for (int c = tid; c < BM * (BK / 8); c += THREADS) {
+            const int r = c / (BK / 8), ch = c % (BK / 8);
+            const int sw = ch ^ ((ch >> 3) << 1) ^ (r & 1);
+            const bool ok = m0 + r < M;
+            cp_async<16>(base + r * (BK * 2) + sw * 16, ok ? x + (long)(m0 + r) * K + k0 + ch * 8 : x, ok);
         }
-        #pragma unroll
-        for (int i = 0; i < WL; ++i) {
-            const int c = tid + i * 128;
-            const int row = c / (BK / VALS), col = (c % (BK / VALS)) * VALS;
-            const long n = min(n0 + row, N - 1);
-            const int k = k0 + col;
-            wr[i] = *reinterpret_cast<const uint4*>(w + n * (K / PER_WORD) + k / PER_WORD);
-            sr[i] = static_cast<float>(scales[n * (K / GS) + k / GS]);
-            br[i] = static_cast<float>(biases[n * (K / GS) + k / GS]);
+        for (int c = tid; c < BN * (W_ROW / 16); c += THREADS) {
+            const int r = c / (W_ROW / 16), ch = c % (W_ROW / 16);
+            const int sw = BITS == 8 ? ch ^ (r & 1) : ch;
+            const bool ok = n0 + r < N;
+            const unsigned* src = w + (long)(n0 + r) * (K / PER_WORD) + k0 / PER_WORD + ch * 4;
+            cp_async<16>(base + X_BYTES + r * W_ROW + sw * 16, ok ? src : w, ok);
+        }
+        for (int r = tid; r < BN; r += THREADS) {
+            const bool ok = n0 + r < N;
+            const long at = ((long)(n0 + r) * (K / GS) + k0 / GS) & ~(long)(SB - 1);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + r * SB * 2, ok ? scales + at : scales, ok);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + r * SB * 2, ok ? biases + at : biases, ok);
         }
     };
-    load(k_begin);
-    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < steps) load(s, k_begin + s * BK);
+        cp_async_commit();
+    }
+    for (int i = 0; i < steps; ++i) {
+        cp_async_wait<STAGES - 2>();  // this thread's copies for step i have landed
+        __syncthreads();              // everyone's have; and step i - 1's stage is free
+        const int next = i + STAGES - 1;
+        if (next < steps) load(next % STAGES, k_begin + next * BK);
+        cp_async_commit();
+        const int k0 = k_begin + i * BK;
+        const unsigned char* base = smem + (i % STAGES) * STAGE;
+        unsigned wq[NT][BITS];  // this lane's 32 values of each of its rows: 4 or 8 words
+        unsigned short sv[NT], bv[NT];
         #pragma unroll
-        for (int i = 0; i < XL; ++i) {
-            const int c = tid + i * 128;
-            *reinterpret_cast<Vec<T, XV>*>(xs + (c / (BK / XV)) * LD + (c % (BK / XV)) * XV) = xr[i];
+        for (int nt = 0; nt < NT; ++nt) {
+            const int r = wn + nt * 8 + g;
+            const uint4* row = reinterpret_cast<const uint4*>(base + X_BYTES + r * W_ROW);
+            #pragma unroll
+            for (int h = 0; h < BITS / 4; ++h) {
+                const int ch = (BITS / 4) * t + h;
+                const uint4 v = row[BITS == 8 ? ch ^ (r & 1) : ch];
+                wq[nt][4 * h] = v.x; wq[nt][4 * h + 1] = v.y; wq[nt][4 * h + 2] = v.z; wq[nt][4 * h + 3] = v.w;
+            }
+            const int at = (int)(((long)(n0 + r) * (K / GS) + k0 / GS) & (SB - 1)) + 32 * t / GS;
+            sv[nt] = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES)[r * SB + at];
+            bv[nt] = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES + S_BYTES)[r * SB + at];
         }
         #pragma unroll
-        for (int i = 0; i < WL; ++i) {
-            const int c = tid + i * 128;
-            const int row = c / (BK / VALS), col = (c % (BK / VALS)) * VALS;
-            const unsigned words[4] = {wr[i].x, wr[i].y, wr[i].z, wr[i].w};
+        for (int j = 0; j < 4; ++j) {  // piece j: values 32t + 8j .. +7 of the step
+            unsigned a[MT][2][4];        // rows g and g + 8 of each m-tile: four pairs each
             #pragma unroll
-            for (int j0 = 0; j0 < VALS; j0 += XV) {
-                Vec<T, XV> o;
+            for (int mt = 0; mt < MT; ++mt)
                 #pragma unroll
-                for (int j = 0; j < XV; ++j) {
-                    const int v = j0 + j;
-                    const unsigned q = (words[v / PER_WORD] >> (BITS * (v % PER_WORD))) & MASK;
-                    o.v[j] = static_cast<T>(sr[i] * static_cast<float>(q) + br[i]);
+                for (int h = 0; h < 2; ++h) {
+                    const int r = mt * 16 + g + 8 * h, ch = 4 * t + j;
+                    const uint4 v = *reinterpret_cast<const uint4*>(
+                        base + r * (BK * 2) + (ch ^ ((ch >> 3) << 1) ^ (r & 1)) * 16);
+                    a[mt][h][0] = v.x; a[mt][h][1] = v.y; a[mt][h][2] = v.z; a[mt][h][3] = v.w;
                 }
-                *reinterpret_cast<Vec<T, XV>*>(ws + row * LD + col + j0) = o;
-            }
-        }
-        __syncthreads();
-        if (k0 + BK < k_end) load(k0 + BK);  // in flight during this step's mma
-        #pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            unsigned a[2][4], bf[4][2];
             #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                const T* p = xs + (wm + mt * 16 + g) * LD + kk + 2 * t;
-                a[mt][0] = *reinterpret_cast<const unsigned*>(p);
-                a[mt][1] = *reinterpret_cast<const unsigned*>(p + 8 * LD);
-                a[mt][2] = *reinterpret_cast<const unsigned*>(p + 8);
-                a[mt][3] = *reinterpret_cast<const unsigned*>(p + 8 * LD + 8);
-            }
-            #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {  // B[k][n] = w[n][k]: a row of ws is a column of B
-                const T* p = ws + (wn + nt * 8 + g) * LD + kk + 2 * t;
-                bf[nt][0] = *reinterpret_cast<const unsigned*>(p);
-                bf[nt][1] = *reinterpret_cast<const unsigned*>(p + 8);
-            }
-            #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
+            for (int nt = 0; nt < NT; ++nt) {
+                unsigned b[4];
+                unpack8<BITS, BF16, FAST>(&wq[nt][(BITS / 4) * j], sv[nt], bv[nt], b);
                 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) mma16816<BF16>(acc[mt][nt], a[mt], bf[nt]);
+                for (int mt = 0; mt < MT; ++mt) {
+                    const unsigned a0[4] = {a[mt][0][0], a[mt][1][0], a[mt][0][1], a[mt][1][1]};
+                    const unsigned a1[4] = {a[mt][0][2], a[mt][1][2], a[mt][0][3], a[mt][1][3]};
+                    mma16816<BF16>(acc[mt][nt], a0, b);
+                    mma16816<BF16>(acc[mt][nt], a1, b + 2);
+                }
+            }
         }
-        __syncthreads();
     }
     O* dst = y + (long)blockIdx.z * M * N;
     #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int row = m0 + wm + mt * 16 + g + (e >> 1) * 8;
+                const int row = m0 + mt * 16 + g + (e >> 1) * 8;
                 const int col = n0 + wn + nt * 8 + 2 * t + (e & 1);
                 if (row < M && col < N) dst[(long)row * N + col] = static_cast<O>(acc[mt][nt][e]);
             }
 """
 
-# Split K over more blocks when the output tiles alone would leave SMs idle (down and o of
-# the 7B at 64 rows make 64 tiles for 132 SMs): up to TARGET_BLOCKS blocks, each split at
-# least MIN_STEPS_PER_SPLIT 64-wide steps long.
-TARGET_BLOCKS = 256
+# Split K over more blocks when the output tiles alone would leave SMs idle (o and down of
+# the 7B at 64 rows make 32 tiles for an H200's 132 SMs): up to TARGET_BLOCKS blocks (two
+# per SM there), each split at least MIN_STEPS_PER_SPLIT steps long.
+TARGET_BLOCKS = 264
 MIN_STEPS_PER_SPLIT = 8
+
+
+def block_rows(m: int) -> int:
+    """Rows per block: the fewest m-tiles of 16 that hold m, at most 64."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def num_splits(m: int, n: int, k: int) -> int:
     """A power of two dividing the K steps evenly (so every split has k_len = K / splits)."""
-    tiles, steps, splits = -(-m // TILE) * -(-n // TILE), k // TILE, 1
+    tiles, steps, splits = -(-m // block_rows(m)) * -(-n // BN), k // BK, 1
     while (tiles * splits * 2 <= TARGET_BLOCKS and steps % (2 * splits) == 0
            and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT):
         splits *= 2
     return splits
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    return mx.fast.cuda_kernel(name="qgemm_mma", input_names=["x", "w", "scales", "biases"],
-                               output_names=["y"], source=SOURCE, header=HEADER)
+def shared_bytes(bm: int, bits: int, group_size: int) -> int:
+    """Dynamic shared memory of a launch: STAGES stages of x, weights, scales and biases."""
+    sb = max(2, BK // group_size)
+    return STAGES * (bm * BK * 2 + BN * BK * bits // 8 + 2 * BN * sb * 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(smem: int):
+    return mx.fast.cuda_kernel(name=f"qgemm_mma_{smem}", input_names=["x", "w", "scales", "biases"],
+                               output_names=["y"], source=SOURCE, header=HEADER,
+                               shared_memory=smem)
 
 
 def applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether qgemm() computes layer(x): MIN_ROWS..MAX_ROWS rows of bf16/fp16 x into an
     affine 4/8-bit QuantizedLinear without bias whose scales share x's dtype, with an input
-    width of whole 64-wide tiles and groups of whole 16-byte chunks."""
+    width of whole BK-wide steps and groups of at least 32 (a lane's 32 values share one)."""
     rows = x.size // x.shape[-1]
     if not MIN_ROWS <= rows <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16):
         return False
-    if "bias" in layer or not chunked_affine(layer):
+    if "bias" in layer or not chunked_affine(layer) or layer.group_size < 32:
         return False
     k = input_width(layer)
-    return x.shape[-1] == k and k % TILE == 0 and layer.scales.dtype == x.dtype
+    return x.shape[-1] == k and k % BK == 0 and layer.scales.dtype == x.dtype
 
 
 def qgemm(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
@@ -219,28 +314,32 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
+    bm = block_rows(m)
     splits = num_splits(m, n, k)
     out = x.dtype if splits == 1 else mx.float32
-    y = _kernel()(inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
-                  template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
-                            ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16)],
-                  grid=(-(-n // TILE) * THREADS, -(-m // TILE), splits),
-                  threadgroup=(THREADS, 1, 1),
-                  output_shapes=[(splits, m, n)], output_dtypes=[out])[0]
-    y = y[0] if splits == 1 else y.sum(axis=0).astype(x.dtype)
+    y = _kernel(shared_bytes(bm, layer.bits, layer.group_size))(
+        inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
+        template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
+                  ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("BM", bm),
+                  ("BN", BN), ("BK", BK), ("STAGES", STAGES), ("THREADS", THREADS),
+                  ("FAST", FAST_DEQUANT)],
+        grid=(-(-n // BN) * THREADS, -(-m // bm), splits), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
+    if splits > 1:
+        y = y.sum(axis=0).astype(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
 def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     """The kernel against dequantize + matmul on the model's own quantized layers, at row
-    counts that fill one tile, leave one part empty and span several: the runner's start-up
-    self-check (which also compiles the kernels before the first request)."""
+    counts of each block height (16, 32, 64) and across two row tiles: the runner's start-up
+    self-check (which also compiles those kernels before the first request)."""
     if not mx.cuda.is_available():
         return False
     try:
         checked = 0
         for layer in layers:
-            for m, key in zip((MIN_ROWS, 64, 100), mx.random.split(mx.random.key(1), 3)):
+            for m, key in zip((MIN_ROWS, 20, 64, 100), mx.random.split(mx.random.key(1), 4)):
                 x = mx.random.normal((m, input_width(layer)), key=key)
                 x = x.astype(layer.scales.dtype)
                 if not applies(layer, x):

@@ -294,6 +294,8 @@ def run_dequant(workdir: Path) -> list[tuple[str, float]]:
 # bf16 as the GPU stores it (round to nearest even), and mma.sync m16n8k16 done by one warp:
 # each lane posts its fragment registers, then computes its own four outputs from the whole
 # A and B, rebuilt by the PTX ISA's fragment layout (engine/qgemm.py's comment gives it).
+# cp.async copies at once (the emulation checks which stage is read, not when data lands);
+# the paired bf16 ops compute in float and round once to bf16.
 QGEMM_PRELUDE = r"""
     struct __nv_bfloat16 {
       unsigned short bits;
@@ -302,6 +304,7 @@ QGEMM_PRELUDE = r"""
       operator float() const { unsigned u = (unsigned)bits << 16; float f; memcpy(&f, &u, 4); return f; }
     };
     inline float bf16_half(unsigned reg, int hi) { __nv_bfloat16 h; h.bits = hi ? reg >> 16 : reg & 0xFFFF; return h; }
+    inline unsigned bf16_pair(float lo, float hi) { return __nv_bfloat16(lo).bits | ((unsigned)__nv_bfloat16(hi).bits << 16); }
     unsigned mma_a[32][32][4], mma_b[32][32][2];
     template <bool BF16> void mma16816(float* c, const unsigned* a, const unsigned* b) {
       static_assert(BF16, "the emulation stores bf16 only");
@@ -330,21 +333,48 @@ QGEMM_PRELUDE = r"""
       }
       warp_bar[w]->arrive_and_wait();
     }
+    template <int BYTES> void cp_async(void* dst, const void* src, bool ok) {
+      static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+      if (((uintptr_t)dst | (uintptr_t)src) % BYTES) { printf("misaligned cp.async\n"); abort(); }
+      if (ok) memcpy(dst, src, BYTES); else memset(dst, 0, BYTES);
+    }
+    inline void cp_async_commit() {}
+    template <int N> void cp_async_wait() {}
+    inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+      unsigned long long pool = x | ((unsigned long long)y << 32); unsigned r = 0;
+      for (int i = 0; i < 4; ++i) r |= (unsigned)((pool >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+      return r; }
+    template <bool BF16> unsigned sub2(unsigned a, unsigned b) {
+      return bf16_pair(bf16_half(a, 0) - bf16_half(b, 0), bf16_half(a, 1) - bf16_half(b, 1)); }
+    template <bool BF16> unsigned fma2(unsigned a, unsigned b, unsigned c) {
+      return bf16_pair(fmaf(bf16_half(a, 0), bf16_half(b, 0), bf16_half(c, 0)),
+                       fmaf(bf16_half(a, 1), bf16_half(b, 1), bf16_half(c, 1))); }
+    template <bool BF16> unsigned pack2(float lo, float hi) { return bf16_pair(lo, hi); }
+    template <bool BF16> float half_bits_to_float(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
+    #define __device__
+    #define __forceinline__ inline
     """
 
 
 def qgemm_source() -> str:
     """The C++ program for engine/qgemm.py's kernel (bf16) against a double-precision
-    reference, with row and feature counts that leave parts of tiles empty."""
+    reference: every block height, 4 and 8 bits, group sizes 32-128 (a 128 group at an odd
+    offset), features and rows that part-fill tiles, K splits, a pipeline ring that wraps, and
+    both 4-bit unpack paths."""
     from engine import qgemm
-    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + r"""
-    template <typename T, typename O, int K, int BITS, int GS, bool BF16>
+    src = qgemm.SOURCE.replace("extern __shared__ __align__(16) unsigned char smem[];",
+                               "alignas(16) static unsigned char smem[1 << 18];")
+    assert src != qgemm.SOURCE
+    consts = (f"constexpr int BN = {qgemm.BN}, BK = {qgemm.BK}, STAGES = {qgemm.STAGES}, "
+              f"THREADS = {qgemm.THREADS};\n")
+    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + qgemm.UNPACK + consts + r"""
+    template <typename T, typename O, int K, int BITS, int GS, bool BF16, int BM, bool FAST>
     void qg(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
-            const T* biases, O* y) { """ + qgemm.SOURCE + r""" }
+            const T* biases, O* y) { """ + src + r""" }
     std::mt19937 rng(7);
     std::normal_distribution<float> nd;
     using bf = __nv_bfloat16;
-    template <int K, int BITS, int GS> void qgemm_case(int M, int N, int S = 1) {
+    template <int K, int BITS, int GS, int BM, bool FAST = true> void qgemm_case(int M, int N, int S = 1) {
       constexpr int PER_WORD = 32 / BITS;
       std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
       std::vector<float> parts((long)S * M * N, NAN);
@@ -360,23 +390,25 @@ def qgemm_source() -> str:
       for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
         ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf[(long)n * K + k];
       int xs[2] = {M, K}, ws[2] = {N, K / PER_WORD};
+      const int gx = (N + BN - 1) / BN, gy = (M + BM - 1) / BM;
       for (int bz = 0; bz < S; ++bz)
-        for (int by = 0; by < (M + 63) / 64; ++by) {
+        for (int by = 0; by < gy; ++by) {
           if (S == 1)
-            launch((N + 63) / 64, 128, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, (M + 63) / 64, S);
+            launch(gx, THREADS, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true, BM, FAST>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, gy, S);
           else
-            launch((N + 63) / 64, 128, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, (M + 63) / 64, S);
+            launch(gx, THREADS, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true, BM, FAST>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, gy, S);
         }
       if (S > 1)  // qgemm() sums the float partials of the splits
         for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; y[i] = bf(v); }
       double err = 0, scale = 1e-9;
       for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
-      printf("qgemm%d K %d GS %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, M, N, S, err / scale);
+      printf("qgemm%d K %d GS %d BM %d fast %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, BM, (int)FAST, M, N, S, err / scale);
     }
     int main() {
-      qgemm_case<128, 4, 64>(70, 72); qgemm_case<64, 4, 32>(9, 64);
-      qgemm_case<128, 8, 64>(16, 40); qgemm_case<256, 8, 128>(65, 8);
-      qgemm_case<256, 4, 64>(20, 72, 2); qgemm_case<512, 8, 128>(70, 8, 4);
+      qgemm_case<128, 4, 64, 64>(70, 136); qgemm_case<256, 4, 32, 16>(9, 128);
+      qgemm_case<256, 8, 64, 32>(20, 40); qgemm_case<384, 8, 128, 64>(65, 8);
+      qgemm_case<1024, 4, 128, 64>(33, 8); qgemm_case<256, 4, 64, 16, false>(12, 16);
+      qgemm_case<512, 4, 64, 32>(20, 72, 2); qgemm_case<1024, 8, 64, 16>(16, 8, 4);
     }
     """
 

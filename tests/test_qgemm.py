@@ -30,7 +30,7 @@ def _reference(layer, x):
 def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
     for k, n in ((4096, 6144), (14336, 4096), (4096, 28672)):
         layer = _quantized(k, n, bits, group_size, dtype)
-        for rows in (9, 64, 100, 256):
+        for rows in (9, 20, 64, 100, 256):
             x = mx.random.normal((rows, k)).astype(dtype)
             assert qgemm.applies(layer, x)
             got, want = qgemm.qgemm(layer, x).astype(mx.float32), _reference(layer, x)
@@ -49,13 +49,14 @@ def test_self_check_and_project():
 
 
 def test_num_splits_fills_the_gpu_with_even_splits():
-    # The 7B at 64 rows: gate|up makes 448 tiles (no split); o and down make 64 tiles.
+    # The 7B at 64 rows: gate|up makes 224 tiles of 128 features (no split); o and down make
+    # 32, split until ~2 blocks per SM of an H200 or the splits get shorter than 8 steps.
     assert qgemm.num_splits(64, 28672, 4096) == 1
-    assert qgemm.num_splits(64, 4096, 4096) == 4 and qgemm.num_splits(64, 4096, 14336) == 4
-    assert qgemm.num_splits(128, 4096, 14336) == 2  # twice the row tiles
+    assert qgemm.num_splits(64, 4096, 4096) == 4 and qgemm.num_splits(64, 4096, 14336) == 8
+    assert qgemm.num_splits(128, 4096, 14336) == 4  # twice the row tiles
     for m, n, k in ((9, 6144, 4096), (200, 4096, 14336), (9, 64, 128)):
         s = qgemm.num_splits(m, n, k)
-        steps = k // qgemm.TILE
+        steps = k // qgemm.BK
         assert steps % s == 0 and (s == 1 or steps // s >= qgemm.MIN_STEPS_PER_SPLIT)
 
 
@@ -68,4 +69,5 @@ def test_applies_only_where_it_computes_the_layer():
     assert not qgemm.applies(layer, x.astype(mx.float16))  # scales are bf16
     assert not qgemm.applies(_quantized(128, 64, 4, dtype=mx.float32), x.astype(mx.float32))
     assert not qgemm.applies(nn.Linear(128, 64, bias=False), x)
-    assert not qgemm.applies(_quantized(96, 64, 4, group_size=32), mx.zeros((16, 96), mx.bfloat16))
+    assert not qgemm.applies(_quantized(192, 64, 4, group_size=32), mx.zeros((16, 192), mx.bfloat16))
+    assert qgemm.applies(_quantized(256, 64, 4, group_size=128), mx.zeros((16, 256), mx.bfloat16))

@@ -15,24 +15,31 @@ BF16_OUT = 5e-3  # outputs are stored as bf16: 2^-8 relative rounding, plus floa
 
 def test_qgemm_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemm(tmp_path)
-    assert len(results) == 6 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
+    assert len(results) == 8 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
     assert {c.split("splits ")[1] for c, _ in results} == {"1", "2", "4"}
+    assert {c.split("BM ")[1].split()[0] for c, _ in results} == {"16", "32", "64"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
 
 @pytest.mark.parametrize("wrong, right", [
-    ("p + 8 * LD + 8)", "p + 8 * LD)"),           # A's last register from the wrong row
-    ("bf[nt][1] = *reinterpret_cast<const unsigned*>(p + 8)",
-     "bf[nt][1] = *reinterpret_cast<const unsigned*>(p + 4)"),   # B's second k half misplaced
-    ("x + (long)(m0 + row) * K", "x + (long)row * K"),  # a second row tile re-reads the first
+    ("const int r = mt * 16 + g + 8 * h", "const int r = mt * 16 + g"),  # A's rows g+8 from g
+    ("mma16816<BF16>(acc[mt][nt], a1, b + 2)", "mma16816<BF16>(acc[mt][nt], a1, b)"),  # B pairs
+    ("x + (long)(m0 + r) * K", "x + (long)r * K"),          # a second row tile re-reads the first
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
-    ("if (k0 + BK < k_end) load(k0 + BK);", "if (k0 + BK < k_end) load(k0);"),  # no next step
+    ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
+    ("const int sw = ch ^ ((ch >> 3) << 1) ^ (r & 1);", "const int sw = ch;"),  # swizzle mismatch
+    ("__byte_perm(w, w4, 0x7531)", "__byte_perm(w, w4, 0x5410)"),  # 4-bit pair (q2, q3) misbuilt
+    ("+ 32 * t / GS;", ";"),                                   # every lane reads group 0's scale
+    ("& (SB - 1)) + 32 * t / GS", "& 0) + 32 * t / GS"),   # 128-wide groups at odd offsets
 ])
 def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
     from engine import qgemm
-    broken = qgemm.SOURCE.replace(wrong, right, 1)
-    assert broken != qgemm.SOURCE
-    monkeypatch.setattr(qgemm, "SOURCE", broken)
+    broken = qgemm.SOURCE.replace(wrong, right, 1) if wrong in qgemm.SOURCE else None
+    target = "SOURCE"
+    if broken is None:
+        broken, target = qgemm.UNPACK.replace(wrong, right, 1), "UNPACK"
+    assert broken != getattr(qgemm, target)
+    monkeypatch.setattr(qgemm, target, broken)
     results = cuda_emulator.run_qgemm(tmp_path)
     assert results and max(err for _, err in results) > 5e-2
