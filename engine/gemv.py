@@ -287,16 +287,18 @@ def activation_dtype(layer: nn.Module):
 
 def gemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     """Run the kernels on `layers` (the model's own: its widths, dtype, bits and group size)
-    for 1 and MAX_ROWS rows against layer(x): the runner's start-up self-check, which also
-    compiles those kernels before the first request. Layers applies() rejects are skipped
+    for 1..MAX_ROWS rows against layer(x): the runner's start-up self-check, which also
+    compiles every one of those kernels before the first request. Layers applies() rejects are skipped
     (they keep MLX's matmul at run time too)."""
     if not mx.cuda.is_available():
         return False
     try:
         # Explicit keys: a start-up check must not reseed the process's global generator.
-        keys = mx.random.split(mx.random.key(0), 2)
+        # Every row count: each is its own compiled kernel, and one first compiled mid-run
+        # stalled a 4-bit H200 benchmark's step for 4.9 s (loadtest/RESULTS.md, seventh session).
+        keys = mx.random.split(mx.random.key(0), MAX_ROWS)
         for layer in layers:
-            for m, key in zip((1, MAX_ROWS), keys):
+            for m, key in zip(range(1, MAX_ROWS + 1), keys):
                 x = mx.random.normal((m, input_width(layer)), key=key).astype(activation_dtype(layer))
                 if not applies(layer, x):
                     continue

@@ -35,8 +35,8 @@ MIN_ROWS = 9      # fewer rows go to engine/gemv.py's kernels
 MAX_ROWS = 256    # more rows (prompt chunks) keep dequantize + GEMM
 BN = 128          # output features per block: four warps of 32
 BK = 128          # input features per pipeline step: 32 per lane of a quad
-THREADS = 128
-STAGES = 4        # K steps in flight (shared memory: STAGES x ~25 KB at 64 rows, 4-bit)
+K_WARPS = 1       # warp groups splitting each K step (their sums are added at the end)
+STAGES = 3        # K steps in flight (shared memory: STAGES x ~25 KB at 64 rows, 4-bit)
 FAST_DEQUANT = True  # 4-bit: unpack into bf16/fp16 pairs by bit tricks, not through float
 
 # D (16x8, f32) += A (16x16, row-major) B (16x8, column-major): one warp-wide tensor-core op.
@@ -149,7 +149,9 @@ HEADER = VEC_HEADER + DEVICE + HALF_BITS + UNPACK
 # distinct banks), the packed weights (BN rows of BK * BITS / 8 bytes; 8-bit rows swizzled
 # by row parity) and each row's scales and biases for the step (4 or 8 bytes, aligned down,
 # so a 128-wide group's value may sit at offset 1). Rows past M / N are zero-filled.
-# Warp w computes features w * 32..+31 (NT = 4 n-tiles of 8) of all BM rows (MT m-tiles of 16).
+# Warp w computes features (w % 4) * 32..+31 (NT = 4 n-tiles of 8) of all BM rows (MT m-tiles
+# of 16); with KW = 2 warp groups, group w / 4 takes half of each lane's pieces of a step and
+# the groups' sums meet in shared memory at the end (twice the warps per SM, same tiles).
 SOURCE = r"""
     constexpr int MT = BM / 16, NT = 4;
     constexpr int PER_WORD = 32 / BITS;
@@ -164,7 +166,8 @@ SOURCE = r"""
     const int g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, steps = k_len / BK;
-    const int wn = warp * 32;
+    const int wn = (warp & 3) * 32, kw = warp >> 2;
+    constexpr int PIECES = 4 / KW;  // of a lane's four 8-value pieces per step, this warp's
     float acc[MT][NT][4];
     #pragma unroll
     for (int i = 0; i < MT; ++i)
@@ -207,24 +210,29 @@ SOURCE = r"""
         cp_async_commit();
         const int k0 = k_begin + i * BK;
         const unsigned char* base = smem + (i % STAGES) * STAGE;
-        unsigned wq[NT][BITS];  // this lane's 32 values of each of its rows: 4 or 8 words
+        unsigned wq[NT][BITS / KW];  // this warp's share of the lane's 32 values of each row
         unsigned short sv[NT], bv[NT];
         #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int r = wn + nt * 8 + g;
             const uint4* row = reinterpret_cast<const uint4*>(base + X_BYTES + r * W_ROW);
+            unsigned all[BITS];  // 4 or 8 words: 32 values
             #pragma unroll
             for (int h = 0; h < BITS / 4; ++h) {
                 const int ch = (BITS / 4) * t + h;
                 const uint4 v = row[BITS == 8 ? ch ^ (r & 1) : ch];
-                wq[nt][4 * h] = v.x; wq[nt][4 * h + 1] = v.y; wq[nt][4 * h + 2] = v.z; wq[nt][4 * h + 3] = v.w;
+                all[4 * h] = v.x; all[4 * h + 1] = v.y; all[4 * h + 2] = v.z; all[4 * h + 3] = v.w;
             }
+            #pragma unroll
+            for (int q = 0; q < BITS / KW; ++q)  // a select, not a runtime index (registers)
+                wq[nt][q] = KW == 2 && kw ? all[(q + BITS / 2) % BITS] : all[q];
             const int at = (int)(((long)(n0 + r) * (K / GS) + k0 / GS) & (SB - 1)) + 32 * t / GS;
             sv[nt] = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES)[r * SB + at];
             bv[nt] = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES + S_BYTES)[r * SB + at];
         }
         #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // piece j: values 32t + 8j .. +7 of the step
+        for (int jj = 0; jj < PIECES; ++jj) {  // piece j: values 32t + 8j .. +7 of the step
+            const int j = kw * PIECES + jj;
             unsigned a[MT][2][4];        // rows g and g + 8 of each m-tile: four pairs each
             #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -238,7 +246,7 @@ SOURCE = r"""
             #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 unsigned b[4];
-                unpack8<BITS, BF16, FAST>(&wq[nt][(BITS / 4) * j], sv[nt], bv[nt], b);
+                unpack8<BITS, BF16, FAST>(&wq[nt][(BITS / 4) * jj], sv[nt], bv[nt], b);
                 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     const unsigned a0[4] = {a[mt][0][0], a[mt][1][0], a[mt][0][1], a[mt][1][1]};
@@ -248,6 +256,27 @@ SOURCE = r"""
                 }
             }
         }
+    }
+    if (KW == 2) {  // group 1 hands its sums to group 0 through the (now idle) stages
+        cp_async_wait<0>();
+        __syncthreads();
+        float* red = reinterpret_cast<float*>(smem);
+        if (kw == 1) {
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) red[((mt * NT + nt) * 4 + e) * 128 + (tid & 127)] = acc[mt][nt][e];
+        }
+        __syncthreads();
+        if (kw == 1) return;
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[((mt * NT + nt) * 4 + e) * 128 + tid];
     }
     O* dst = y + (long)blockIdx.z * M * N;
     #pragma unroll
@@ -286,7 +315,8 @@ def num_splits(m: int, n: int, k: int) -> int:
 def shared_bytes(bm: int, bits: int, group_size: int) -> int:
     """Dynamic shared memory of a launch: STAGES stages of x, weights, scales and biases."""
     sb = max(2, BK // group_size)
-    return STAGES * (bm * BK * 2 + BN * BK * bits // 8 + 2 * BN * sb * 2)
+    stages = STAGES * (bm * BK * 2 + BN * BK * bits // 8 + 2 * BN * sb * 2)
+    return max(stages, bm // 16 * 4 * 4 * 128 * 4 if K_WARPS == 2 else 0)  # + the groups' sums
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,21 +339,22 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     return x.shape[-1] == k and k % BK == 0 and layer.scales.dtype == x.dtype
 
 
-def qgemm(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
-    """layer(x) for x of MIN_ROWS..MAX_ROWS rows (see applies())."""
+def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
+    """layer(x) for x of MIN_ROWS..MAX_ROWS rows (see applies()); K split num_splits() ways
+    unless `splits` (dividing the K steps) is given."""
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
-    bm = block_rows(m)
-    splits = num_splits(m, n, k)
+    bm, threads = block_rows(m), 128 * K_WARPS
+    splits = splits or num_splits(m, n, k)
     out = x.dtype if splits == 1 else mx.float32
     y = _kernel(shared_bytes(bm, layer.bits, layer.group_size))(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
                   ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("BM", bm),
-                  ("BN", BN), ("BK", BK), ("STAGES", STAGES), ("THREADS", THREADS),
-                  ("FAST", FAST_DEQUANT)],
-        grid=(-(-n // BN) * THREADS, -(-m // bm), splits), threadgroup=(THREADS, 1, 1),
+                  ("BN", BN), ("BK", BK), ("STAGES", STAGES), ("KW", K_WARPS),
+                  ("THREADS", threads), ("FAST", FAST_DEQUANT)],
+        grid=(-(-n // BN) * threads, -(-m // bm), splits), threadgroup=(threads, 1, 1),
         output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
     if splits > 1:
         y = y.sum(axis=0).astype(x.dtype)
@@ -332,25 +363,29 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
 
 def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     """The kernel against dequantize + matmul on the model's own quantized layers, at row
-    counts of each block height (16, 32, 64) and across two row tiles: the runner's start-up
-    self-check (which also compiles those kernels before the first request)."""
+    counts of each block height (16, 32, 64), with and without a K split, and across two row
+    tiles: the runner's start-up self-check, which also compiles every kernel variant a run
+    can launch before the first request."""
     if not mx.cuda.is_available():
         return False
     try:
         checked = 0
         for layer in layers:
-            for m, key in zip((MIN_ROWS, 20, 64, 100), mx.random.split(mx.random.key(1), 4)):
+            w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
+                              layer.bits)
+            # Each block height, writing bf16 (one split) and float partials (two): every
+            # kernel a run can meet is compiled now, not mid-run (see gemv_matches_layers).
+            cases = [(m, s) for m in (MIN_ROWS, 20, 64) for s in (1, 2)] + [(100, 0)]
+            for (m, splits), key in zip(cases, mx.random.split(mx.random.key(1), len(cases))):
                 x = mx.random.normal((m, input_width(layer)), key=key)
                 x = x.astype(layer.scales.dtype)
-                if not applies(layer, x):
+                if not applies(layer, x) or (input_width(layer) // BK) % max(splits, 1):
                     continue
-                w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
-                                  layer.bits)
                 want = (x @ w.T).astype(mx.float32)
-                err = mx.abs(qgemm(layer, x).astype(mx.float32) - want).max().item()
+                err = mx.abs(qgemm(layer, x, splits).astype(mx.float32) - want).max().item()
                 if not err <= atol * max(mx.abs(want).max().item(), 1.0):
-                    log.warning("4/8-bit GEMM kernel off by %.3g (%s, %d rows); using "
-                                "dequantize + GEMM", err, layer.weight.shape, m)
+                    log.warning("4/8-bit GEMM kernel off by %.3g (%s, %d rows, %d splits); using "
+                                "dequantize + GEMM", err, layer.weight.shape, m, splits)
                     return False
                 checked += 1
         return checked > 0

@@ -365,16 +365,15 @@ def qgemm_source() -> str:
     src = qgemm.SOURCE.replace("extern __shared__ __align__(16) unsigned char smem[];",
                                "alignas(16) static unsigned char smem[1 << 18];")
     assert src != qgemm.SOURCE
-    consts = (f"constexpr int BN = {qgemm.BN}, BK = {qgemm.BK}, STAGES = {qgemm.STAGES}, "
-              f"THREADS = {qgemm.THREADS};\n")
+    consts = f"constexpr int BN = {qgemm.BN}, BK = {qgemm.BK}, STAGES = {qgemm.STAGES};\n"
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + qgemm.UNPACK + consts + r"""
-    template <typename T, typename O, int K, int BITS, int GS, bool BF16, int BM, bool FAST>
+    template <typename T, typename O, int K, int BITS, int GS, bool BF16, int BM, bool FAST, int KW>
     void qg(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
-            const T* biases, O* y) { """ + src + r""" }
+            const T* biases, O* y) { constexpr int THREADS = 128 * KW; """ + src + r""" }
     std::mt19937 rng(7);
     std::normal_distribution<float> nd;
     using bf = __nv_bfloat16;
-    template <int K, int BITS, int GS, int BM, bool FAST = true> void qgemm_case(int M, int N, int S = 1) {
+    template <int K, int BITS, int GS, int BM, bool FAST = true, int KW = 1> void qgemm_case(int M, int N, int S = 1) {
       constexpr int PER_WORD = 32 / BITS;
       std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
       std::vector<float> parts((long)S * M * N, NAN);
@@ -394,21 +393,23 @@ def qgemm_source() -> str:
       for (int bz = 0; bz < S; ++bz)
         for (int by = 0; by < gy; ++by) {
           if (S == 1)
-            launch(gx, THREADS, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true, BM, FAST>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, gy, S);
+            launch(gx, 128 * KW, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true, BM, FAST, KW>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, gy, S);
           else
-            launch(gx, THREADS, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true, BM, FAST>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, gy, S);
+            launch(gx, 128 * KW, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true, BM, FAST, KW>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, gy, S);
         }
       if (S > 1)  // qgemm() sums the float partials of the splits
         for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; y[i] = bf(v); }
       double err = 0, scale = 1e-9;
       for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
-      printf("qgemm%d K %d GS %d BM %d fast %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, BM, (int)FAST, M, N, S, err / scale);
+      printf("qgemm%d K %d GS %d BM %d fast %d kw %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, BM, (int)FAST, KW, M, N, S, err / scale);
     }
     int main() {
       qgemm_case<128, 4, 64, 64>(70, 136); qgemm_case<256, 4, 32, 16>(9, 128);
       qgemm_case<256, 8, 64, 32>(20, 40); qgemm_case<384, 8, 128, 64>(65, 8);
       qgemm_case<1024, 4, 128, 64>(33, 8); qgemm_case<256, 4, 64, 16, false>(12, 16);
       qgemm_case<512, 4, 64, 32>(20, 72, 2); qgemm_case<1024, 8, 64, 16>(16, 8, 4);
+      qgemm_case<512, 4, 64, 64, true, 2>(70, 136); qgemm_case<384, 8, 128, 16, true, 2>(9, 40, 1);
+      qgemm_case<512, 4, 32, 32, true, 2>(20, 8, 2);
     }
     """
 

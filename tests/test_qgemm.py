@@ -71,3 +71,16 @@ def test_applies_only_where_it_computes_the_layer():
     assert not qgemm.applies(nn.Linear(128, 64, bias=False), x)
     assert not qgemm.applies(_quantized(192, 64, 4, group_size=32), mx.zeros((16, 192), mx.bfloat16))
     assert qgemm.applies(_quantized(256, 64, 4, group_size=128), mx.zeros((16, 256), mx.bfloat16))
+
+
+@cuda
+@pytest.mark.parametrize("bits, dtype", [(4, mx.bfloat16), (8, mx.float16)])
+def test_two_warp_groups_per_block_match(bits, dtype, monkeypatch):
+    monkeypatch.setattr(qgemm, "K_WARPS", 2)  # each K step split between two warp groups
+    for k, n in ((4096, 6144), (14336, 4096)):
+        layer = _quantized(k, n, bits, 64, dtype)
+        for rows in (9, 20, 64, 100):
+            x = mx.random.normal((rows, k)).astype(dtype)
+            got, want = qgemm.qgemm(layer, x).astype(mx.float32), _reference(layer, x)
+            err = mx.abs(got - want).max().item()
+            assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, err)

@@ -15,9 +15,10 @@ BF16_OUT = 5e-3  # outputs are stored as bf16: 2^-8 relative rounding, plus floa
 
 def test_qgemm_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemm(tmp_path)
-    assert len(results) == 8 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
+    assert len(results) == 11 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
     assert {c.split("splits ")[1] for c, _ in results} == {"1", "2", "4"}
     assert {c.split("BM ")[1].split()[0] for c, _ in results} == {"16", "32", "64"}
+    assert {c.split("kw ")[1].split()[0] for c, _ in results} == {"1", "2"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
@@ -32,6 +33,8 @@ def test_qgemm_kernel_matches_reference(tmp_path):
     ("__byte_perm(w, w4, 0x7531)", "__byte_perm(w, w4, 0x5410)"),  # 4-bit pair (q2, q3) misbuilt
     ("+ 32 * t / GS;", ";"),                                   # every lane reads group 0's scale
     ("& (SB - 1)) + 32 * t / GS", "& 0) + 32 * t / GS"),   # 128-wide groups at odd offsets
+    ("const int j = kw * PIECES + jj;", "const int j = jj;"),   # both warp groups on one half
+    ("acc[mt][nt][e] += red[", "acc[mt][nt][e] = red["),        # group 0's own sums dropped
 ])
 def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
     from engine import qgemm
