@@ -1,6 +1,6 @@
 """4/8-bit matmul for tens to hundreds of rows on tensor cores, as a CUDA kernel.
 
-Decode steps of a big batch multiply ~10-256 activation rows by every quantized weight. MLX's
+Decode steps of a big batch multiply ~10-128 activation rows by every quantized weight. MLX's
 CUDA quantized matmul is slow there, so without this kernel the engine dequantizes each weight
 to bf16 and runs a dense GEMM (engine/model.py's project()); on an H200 the dequantizing alone
 took 14.7 ms of a 20.2 ms 4-bit step at batch 64 (loadtest/RESULTS.md, sixth session). This
@@ -32,10 +32,14 @@ from engine.paged_decode import VEC_HEADER
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 9      # fewer rows go to engine/gemv.py's kernels
-MAX_ROWS = 256    # more rows (prompt chunks) keep dequantize + GEMM
+MAX_ROWS = 128    # more rows: dequantize + GEMM (H200, 4-bit b192 step: 18.4 ms busy vs 23.6)
 BN = 128          # output features per block: four warps of 32
 BK = 128          # input features per pipeline step: 32 per lane of a quad
-K_WARPS = 1       # warp groups splitting each K step (their sums are added at the end)
+# Warp groups splitting each K step (their sums are added at the end): two where a block has
+# 16 or 32 rows, whose few mma per step leave four warps waiting on latency (H200, 4-bit b16
+# step: 5.72 vs 6.47 ms busy); one at 64 rows, where they slowed the b64 step (9.92 vs 8.66).
+K_WARPS = 2
+K_WARPS_64_ROWS = 1
 STAGES = 3        # K steps in flight (shared memory: STAGES x ~25 KB at 64 rows, 4-bit)
 FAST_DEQUANT = True  # 4-bit: unpack into bf16/fp16 pairs by bit tricks, not through float
 
@@ -312,11 +316,11 @@ def num_splits(m: int, n: int, k: int) -> int:
     return splits
 
 
-def shared_bytes(bm: int, bits: int, group_size: int) -> int:
+def shared_bytes(bm: int, bits: int, group_size: int, k_warps: int) -> int:
     """Dynamic shared memory of a launch: STAGES stages of x, weights, scales and biases."""
     sb = max(2, BK // group_size)
     stages = STAGES * (bm * BK * 2 + BN * BK * bits // 8 + 2 * BN * sb * 2)
-    return max(stages, bm // 16 * 4 * 4 * 128 * 4 if K_WARPS == 2 else 0)  # + the groups' sums
+    return max(stages, bm // 16 * 4 * 4 * 128 * 4 if k_warps == 2 else 0)  # or the groups' sums
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,14 +349,16 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
-    bm, threads = block_rows(m), 128 * K_WARPS
+    bm = block_rows(m)
+    kw = K_WARPS_64_ROWS if bm == 64 else K_WARPS
+    threads = 128 * kw
     splits = splits or num_splits(m, n, k)
     out = x.dtype if splits == 1 else mx.float32
-    y = _kernel(shared_bytes(bm, layer.bits, layer.group_size))(
+    y = _kernel(shared_bytes(bm, layer.bits, layer.group_size, kw))(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
                   ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("BM", bm),
-                  ("BN", BN), ("BK", BK), ("STAGES", STAGES), ("KW", K_WARPS),
+                  ("BN", BN), ("BK", BK), ("STAGES", STAGES), ("KW", kw),
                   ("THREADS", threads), ("FAST", FAST_DEQUANT)],
         grid=(-(-n // BN) * threads, -(-m // bm), splits), threadgroup=(threads, 1, 1),
         output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]

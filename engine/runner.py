@@ -338,7 +338,7 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     faster. For float layers MLX's own matmul was as fast or faster, so they stay opt-in.
     MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0" (none, to measure against MLX's own).
     The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0.
-    9-256 rows of a quantized layer run as engine/qgemm.py's tensor-core kernel (4-bit batch-64
+    9-128 rows of a quantized layer run as engine/qgemm.py's tensor-core kernel (4-bit batch-64
     step 1.85x faster on an H200 with its first version; MISTRAL_SERVE_QGEMM=0 turns it off), and
     more rows dequantize with engine/dequant.py's kernel (5-20% faster than mx.dequantize + GEMM
     there; MISTRAL_SERVE_DEQUANT_KERNEL=0 for MLX's).
