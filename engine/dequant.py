@@ -1,6 +1,6 @@
 """MLX's affine 4/8-bit weights dequantized to a float matrix by a CUDA kernel.
 
-A quantized layer fed many rows (prompt chunks, big decode batches) runs as dequantize +
+A quantized layer fed more rows than engine/qgemm.py takes (prompt chunks) runs as dequantize +
 dense GEMM (engine/model.py's project(); MLX's CUDA quantized matmul is slow there). On an
 H200, `mx.dequantize` then took 14.7 ms of a 20.2 ms 4-bit decode step at batch 64: 130 calls
 moving ~18 GB (4-bit in, bf16 out) at ~1.2 TB/s (loadtest/RESULTS.md, sixth session). This
@@ -8,9 +8,10 @@ kernel gives each thread one 16-byte chunk of packed weights (128 / BITS values 
 quantization group, the layout engine/gemv.py reads too) and writes its values with 16-byte
 stores, so the whole copy is two streams of wide accesses.
 
-Not yet timed on a GPU, so off unless MISTRAL_SERVE_DEQUANT_KERNEL=1 (to time: `gpu_trace
---bits 4 --batch 64` with and without it); used only after dequantize_matches_layers has
-shown it equal to `mx.dequantize` on the model's own layers (engine/runner.py).
+On an H200 it beat `mx.dequantize` + GEMM by 5-20% at the 7B's shapes (loadtest/RESULTS.md,
+seventh session), so it is on unless MISTRAL_SERVE_DEQUANT_KERNEL=0; used only after
+dequantize_matches_layers has shown it equal to `mx.dequantize` on the model's own layers
+(engine/runner.py).
 """
 
 from __future__ import annotations
