@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,6 +41,9 @@ BK = 128          # input features per pipeline step: 32 per lane of a quad
 # step: 5.72 vs 6.47 ms busy); one at 64 rows, where they slowed the b64 step (9.92 vs 8.66).
 K_WARPS = 2
 K_WARPS_64_ROWS = 1
+# 65-128 rows in one 128-row block of eight warps, 16 features each, so every weight is
+# unpacked once (two 64-row blocks unpack it twice). Untimed on a GPU yet, so off.
+TALL_TILE = False
 STAGES = 3        # K steps in flight (shared memory: STAGES x ~25 KB at 64 rows, 4-bit)
 FAST_DEQUANT = True  # 4-bit: unpack into bf16/fp16 pairs by bit tricks, not through float
 
@@ -153,11 +157,12 @@ HEADER = VEC_HEADER + DEVICE + HALF_BITS + UNPACK
 # distinct banks), the packed weights (BN rows of BK * BITS / 8 bytes; 8-bit rows swizzled
 # by row parity) and each row's scales and biases for the step (4 or 8 bytes, aligned down,
 # so a 128-wide group's value may sit at offset 1). Rows past M / N are zero-filled.
-# Warp w computes features (w % 4) * 32..+31 (NT = 4 n-tiles of 8) of all BM rows (MT m-tiles
-# of 16); with KW = 2 warp groups, group w / 4 takes half of each lane's pieces of a step and
-# the groups' sums meet in shared memory at the end (twice the warps per SM, same tiles).
+# Warp w computes WN features from (w % WARPS_N) * WN (NT = WN / 8 n-tiles of 8) of all BM rows
+# (MT m-tiles of 16); with KW = 2 warp groups, group w / WARPS_N takes half of each lane's
+# pieces of a step and the groups' sums meet in shared memory at the end (twice the warps per
+# SM, same tiles).
 SOURCE = r"""
-    constexpr int MT = BM / 16, NT = 4;
+    constexpr int MT = BM / 16, NT = WN / 8, WARPS_N = BN / WN;
     constexpr int PER_WORD = 32 / BITS;
     constexpr int W_ROW = BK * BITS / 8;                  // weight bytes per row and step
     constexpr int SB = BK / GS < 2 ? 2 : BK / GS;         // scale values per row and step
@@ -170,7 +175,7 @@ SOURCE = r"""
     const int g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, steps = k_len / BK;
-    const int wn = (warp & 3) * 32, kw = warp >> 2;
+    const int wn = (warp % WARPS_N) * WN, kw = warp / WARPS_N;
     constexpr int PIECES = 4 / KW;  // of a lane's four 8-value pieces per step, this warp's
     float acc[MT][NT][4];
     #pragma unroll
@@ -271,7 +276,7 @@ SOURCE = r"""
                 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
                     #pragma unroll
-                    for (int e = 0; e < 4; ++e) red[((mt * NT + nt) * 4 + e) * 128 + (tid & 127)] = acc[mt][nt][e];
+                    for (int e = 0; e < 4; ++e) red[((mt * NT + nt) * 4 + e) * (32 * WARPS_N) + tid - 32 * WARPS_N] = acc[mt][nt][e];
         }
         __syncthreads();
         if (kw == 1) return;
@@ -280,7 +285,7 @@ SOURCE = r"""
             #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
                 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[((mt * NT + nt) * 4 + e) * 128 + tid];
+                for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[((mt * NT + nt) * 4 + e) * (32 * WARPS_N) + tid];
     }
     O* dst = y + (long)blockIdx.z * M * N;
     #pragma unroll
@@ -303,8 +308,33 @@ MIN_STEPS_PER_SPLIT = 8
 
 
 def block_rows(m: int) -> int:
-    """Rows per block: the fewest m-tiles of 16 that hold m, at most 64."""
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+    """Rows per block: the fewest m-tiles of 16 that hold m, at most 64 (128 with TALL_TILE)."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 or not TALL_TILE else 128
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How qgemm() runs m rows of an (n, k) layer; variant() is what makes it its own
+    compiled kernel (n and m are runtime values)."""
+
+    rows: int      # per block (BM)
+    features: int  # per warp (WN)
+    k_warps: int   # warp groups per K step (KW)
+    splits: int    # K splits (float partial sums when > 1)
+
+    @property
+    def threads(self) -> int:
+        return 32 * (BN // self.features) * self.k_warps
+
+    def variant(self) -> tuple:
+        return (self.rows, self.features, self.k_warps, self.splits > 1)
+
+
+def launch_for(m: int, n: int, k: int, splits: int = 0) -> Launch:
+    """The block shape for m rows (see block_rows, K_WARPS) and num_splits() unless given."""
+    bm = block_rows(m)
+    kw = K_WARPS if bm < 64 else K_WARPS_64_ROWS
+    return Launch(bm, 16 if bm == 128 else 32, kw, splits or num_splits(m, n, k))
 
 
 def num_splits(m: int, n: int, k: int) -> int:
@@ -316,11 +346,13 @@ def num_splits(m: int, n: int, k: int) -> int:
     return splits
 
 
-def shared_bytes(bm: int, bits: int, group_size: int, k_warps: int) -> int:
-    """Dynamic shared memory of a launch: STAGES stages of x, weights, scales and biases."""
+def shared_bytes(run: Launch, bits: int, group_size: int) -> int:
+    """Dynamic shared memory of a launch: STAGES stages of x, weights, scales and biases (or,
+    if more, the second warp group's sums)."""
     sb = max(2, BK // group_size)
-    stages = STAGES * (bm * BK * 2 + BN * BK * bits // 8 + 2 * BN * sb * 2)
-    return max(stages, bm // 16 * 4 * 4 * 128 * 4 if k_warps == 2 else 0)  # or the groups' sums
+    stages = STAGES * (run.rows * BK * 2 + BN * BK * bits // 8 + 2 * BN * sb * 2)
+    sums = run.rows // 16 * run.features // 8 * 4 * 4 * run.threads // run.k_warps
+    return max(stages, sums if run.k_warps == 2 else 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -349,22 +381,27 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
-    bm = block_rows(m)
-    kw = K_WARPS_64_ROWS if bm == 64 else K_WARPS
-    threads = 128 * kw
-    splits = splits or num_splits(m, n, k)
-    out = x.dtype if splits == 1 else mx.float32
-    y = _kernel(shared_bytes(bm, layer.bits, layer.group_size, kw))(
+    run = launch_for(m, n, k, splits)
+    out = x.dtype if run.splits == 1 else mx.float32
+    y = _kernel(shared_bytes(run, layer.bits, layer.group_size))(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
-                  ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("BM", bm),
-                  ("BN", BN), ("BK", BK), ("STAGES", STAGES), ("KW", kw),
-                  ("THREADS", threads), ("FAST", FAST_DEQUANT)],
-        grid=(-(-n // BN) * threads, -(-m // bm), splits), threadgroup=(threads, 1, 1),
-        output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
-    if splits > 1:
+                  ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("BM", run.rows),
+                  ("BN", BN), ("BK", BK), ("WN", run.features), ("STAGES", STAGES),
+                  ("KW", run.k_warps), ("THREADS", run.threads), ("FAST", FAST_DEQUANT)],
+        grid=(-(-n // BN) * run.threads, -(-m // run.rows), run.splits),
+        threadgroup=(run.threads, 1, 1),
+        output_shapes=[(m, n) if run.splits == 1 else (run.splits, m, n)], output_dtypes=[out])[0]
+    if run.splits > 1:
         y = y.sum(axis=0).astype(x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def check_cases() -> list[tuple[int, int]]:
+    """(rows, splits) the self-check runs: each block height, writing bf16 (one split) and
+    float partials (two), and two row tiles (splits 0: num_splits's choice)."""
+    heights = (MIN_ROWS, 20, 64) + ((100,) if TALL_TILE else ())
+    return [(m, s) for m in heights for s in (1, 2)] + [(MAX_ROWS, 0) if TALL_TILE else (100, 0)]
 
 
 def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
@@ -381,7 +418,7 @@ def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
                               layer.bits)
             # Each block height, writing bf16 (one split) and float partials (two): every
             # kernel a run can meet is compiled now, not mid-run (see gemv_matches_layers).
-            cases = [(m, s) for m in (MIN_ROWS, 20, 64) for s in (1, 2)] + [(100, 0)]
+            cases = check_cases()
             for (m, splits), key in zip(cases, mx.random.split(mx.random.key(1), len(cases))):
                 x = mx.random.normal((m, input_width(layer)), key=key)
                 x = x.astype(layer.scales.dtype)

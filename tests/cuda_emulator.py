@@ -367,13 +367,14 @@ def qgemm_source() -> str:
     assert src != qgemm.SOURCE
     consts = f"constexpr int BN = {qgemm.BN}, BK = {qgemm.BK}, STAGES = {qgemm.STAGES};\n"
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + qgemm.UNPACK + consts + r"""
-    template <typename T, typename O, int K, int BITS, int GS, bool BF16, int BM, bool FAST, int KW>
+    template <typename T, typename O, int K, int BITS, int GS, bool BF16, int BM, bool FAST, int KW, int WN>
     void qg(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
-            const T* biases, O* y) { constexpr int THREADS = 128 * KW; """ + src + r""" }
+            const T* biases, O* y) { constexpr int THREADS = 32 * (BN / WN) * KW; """ + src + r""" }
     std::mt19937 rng(7);
     std::normal_distribution<float> nd;
     using bf = __nv_bfloat16;
     template <int K, int BITS, int GS, int BM, bool FAST = true, int KW = 1> void qgemm_case(int M, int N, int S = 1) {
+      constexpr int WN = BM == 128 ? 16 : 32, THREADS = 32 * (BN / WN) * KW;  // as qgemm.launch_for
       constexpr int PER_WORD = 32 / BITS;
       std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
       std::vector<float> parts((long)S * M * N, NAN);
@@ -393,9 +394,9 @@ def qgemm_source() -> str:
       for (int bz = 0; bz < S; ++bz)
         for (int by = 0; by < gy; ++by) {
           if (S == 1)
-            launch(gx, 128 * KW, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true, BM, FAST, KW>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, gy, S);
+            launch(gx, THREADS, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true, BM, FAST, KW, WN>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, gy, S);
           else
-            launch(gx, 128 * KW, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true, BM, FAST, KW>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, gy, S);
+            launch(gx, THREADS, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true, BM, FAST, KW, WN>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, gy, S);
         }
       if (S > 1)  // qgemm() sums the float partials of the splits
         for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; y[i] = bf(v); }
@@ -410,6 +411,7 @@ def qgemm_source() -> str:
       qgemm_case<512, 4, 64, 32>(20, 72, 2); qgemm_case<1024, 8, 64, 16>(16, 8, 4);
       qgemm_case<512, 4, 64, 64, true, 2>(70, 136); qgemm_case<384, 8, 128, 16, true, 2>(9, 40, 1);
       qgemm_case<512, 4, 32, 32, true, 2>(20, 8, 2);
+      qgemm_case<256, 4, 64, 128>(100, 136); qgemm_case<512, 8, 64, 128, true, 2>(128, 40, 2);
     }
     """
 
