@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MIN_ROWS = 9      # fewer rows go to engine/gemv.py's kernels
 MAX_ROWS = 128    # more rows: dequantize + GEMM (H200, 4-bit b192 step: 18.4 ms busy vs 23.6)
-BN = 128          # output features per block: four warps of 32
+BN = 128          # output features per block: four warps of 32 (a tall tile: eight of 16)
 BK = 128          # input features per pipeline step: 32 per lane of a quad
 # Warp groups splitting each K step (their sums are added at the end): two where a block has
 # 16 or 32 rows, whose few mma per step leave four warps waiting on latency (H200, 4-bit b16
@@ -44,7 +44,7 @@ K_WARPS_64_ROWS = 1
 # 65-128 rows in one 128-row block of eight warps, 16 features each, so every weight is
 # unpacked once (two 64-row blocks unpack it twice). Untimed on a GPU yet, so off.
 TALL_TILE = False
-STAGES = 3        # K steps in flight (shared memory: STAGES x ~25 KB at 64 rows, 4-bit)
+STAGES = 3        # K steps in flight, ~25 KB each at 64 rows, 4-bit (H200 b64: beat 2 and 4)
 FAST_DEQUANT = True  # 4-bit: unpack into bf16/fp16 pairs by bit tricks, not through float
 
 # D (16x8, f32) += A (16x16, row-major) B (16x8, column-major): one warp-wide tensor-core op.
@@ -333,7 +333,8 @@ class Launch:
 def launch_for(m: int, n: int, k: int, splits: int = 0) -> Launch:
     """The block shape for m rows (see block_rows, K_WARPS) and num_splits() unless given."""
     bm = block_rows(m)
-    kw = K_WARPS if bm < 64 else K_WARPS_64_ROWS
+    # A tall tile has eight warps already; sixteen would want more registers than an SM has.
+    kw = K_WARPS if bm < 64 else K_WARPS_64_ROWS if bm == 64 else 1
     return Launch(bm, 16 if bm == 128 else 32, kw, splits or num_splits(m, n, k))
 
 

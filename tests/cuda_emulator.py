@@ -411,7 +411,7 @@ def qgemm_source() -> str:
       qgemm_case<512, 4, 64, 32>(20, 72, 2); qgemm_case<1024, 8, 64, 16>(16, 8, 4);
       qgemm_case<512, 4, 64, 64, true, 2>(70, 136); qgemm_case<384, 8, 128, 16, true, 2>(9, 40, 1);
       qgemm_case<512, 4, 32, 32, true, 2>(20, 8, 2);
-      qgemm_case<256, 4, 64, 128>(100, 136); qgemm_case<512, 8, 64, 128, true, 2>(128, 40, 2);
+      qgemm_case<256, 4, 64, 128>(100, 136); qgemm_case<512, 8, 64, 128>(128, 40, 2);
     }
     """
 

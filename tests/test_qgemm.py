@@ -88,10 +88,8 @@ def test_two_warp_groups_per_block_match(bits, dtype, monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("k_warps", [1, 2])
-def test_tall_tile_matches(k_warps, monkeypatch):
+def test_tall_tile_matches(monkeypatch):
     monkeypatch.setattr(qgemm, "TALL_TILE", True)  # 65-128 rows in one 128-row block
-    monkeypatch.setattr(qgemm, "K_WARPS_64_ROWS", k_warps)
     for bits, dtype in ((4, mx.bfloat16), (8, mx.float16)):
         layer = _quantized(4096, 6144, bits, 64, dtype)
         for rows in (65, 100, 128):
