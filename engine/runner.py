@@ -24,7 +24,7 @@ from engine.config import ModelArgs
 from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers
-from engine.qgemm import qgemm_matches_layers
+from engine.qgemm import MAX_ROWS as QGEMM_MAX_ROWS, qgemm_matches_layers
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
@@ -362,7 +362,7 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
           and qgemm_matches_layers(quantized))
     if quantized:
         log.info("many-row quantized matmuls: %s%s + GEMM",
-                 "CUDA tensor-core kernel up to 256 rows, then " if qg else "",
+                 f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
                       fused=fused, dequant_kernel=deq, qgemm=qg)
