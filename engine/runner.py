@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -57,8 +58,10 @@ class ModelRunner:
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
         on_cuda = mx.cuda.is_available() and mx.default_device() == mx.gpu
-        if on_cuda:
+        if on_cuda:  # the self-checks compile every kernel variant: minutes on a fresh machine
+            t0 = time.perf_counter()
             model.plan = _choose_plan(model, args)
+            log.info("kernel self-checks took %.1f s", time.perf_counter() - t0)
         # Decode-only steps run an mx.compile'd forward pass on CUDA (MISTRAL_SERVE_COMPILE=0:
         # never; =1: on any backend, as the tests do on the CPU).
         compile_env = os.environ.get("MISTRAL_SERVE_COMPILE", "auto")
