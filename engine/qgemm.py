@@ -414,13 +414,12 @@ def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
         return False
     try:
         checked = 0
+        cases = check_cases()
+        keys = mx.random.split(mx.random.key(1), len(cases))
         for layer in layers:
             w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
                               layer.bits)
-            # Each block height, writing bf16 (one split) and float partials (two): every
-            # kernel a run can meet is compiled now, not mid-run (see gemv_matches_layers).
-            cases = check_cases()
-            for (m, splits), key in zip(cases, mx.random.split(mx.random.key(1), len(cases))):
+            for (m, splits), key in zip(cases, keys):
                 x = mx.random.normal((m, input_width(layer)), key=key)
                 x = x.astype(layer.scales.dtype)
                 if not applies(layer, x) or (input_width(layer) // BK) % max(splits, 1):
