@@ -1,0 +1,150 @@
+"""What bounds the 4-bit kernels: each one timed as written and with one part of its work taken
+out, on the device, at the 7B's shapes (a profile by ablation, for a GPU without ncu).
+
+    python -m loadtest.kernel_ablate [--rows 1,64,128]     (gpu_profile.sh step `ablate`)
+
+Each variant is engine/qgemm.py's or engine/gemv.py's source with one line replaced (its
+results are wrong on purpose; only its time counts): `no-unpack` feeds the packed words to
+the arithmetic as they are, `no-mma` / `no-dot` replaces the tensor-core op / the float dot
+product by one integer op, `no-loads` stops the copies from global memory after the first
+stages. If taking a part out barely changes the time, that part is not what bounds it.
+Kernel times come from CUPTI through torch.profiler (the GPU machines ship torch), so host
+launch costs do not count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine import gemv, qgemm
+
+SHAPES = {"gate|up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144)}
+
+QGEMM_CUTS = {
+    "no-unpack": ("unpack8<BITS, BF16, FAST>(&wq[nt][(BITS / 4) * jj], sv[nt], bv[nt], b);",
+                  "b[0] = wq[nt][(BITS / 4) * jj]; b[1] = b[0] ^ sv[nt]; b[2] = b[0] ^ bv[nt]; "
+                  "b[3] = b[0] + 1u;"),
+    "no-mma": ("mma16816<BF16>(acc[mt][nt], a0, b);\n"
+               "                    mma16816<BF16>(acc[mt][nt], a1, b + 2);",
+               "acc[mt][nt][0] += __uint_as_float((a0[0] ^ a0[1] ^ a0[2] ^ a0[3]) & b[0]);\n"
+               "                    acc[mt][nt][1] += __uint_as_float((a1[0] ^ a1[1] ^ a1[2] ^ a1[3]) & b[2] & b[1] & b[3]);"),
+    "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
+}
+GEMV_CUTS = {
+    "no-dot": ("dot += qf * xf[j];", "dot = __uint_as_float(__float_as_uint(dot) ^ word);"),
+    "no-convert": ("qf = static_cast<float>((word >> (BITS * (j % PER_WORD))) & MASK);",
+                   "qf = __uint_as_float(word);"),
+}
+
+
+def _cut(source: str, old: str, new: str) -> str:
+    if old not in source:
+        raise SystemExit(f"kernel_ablate: the source no longer has {old!r}; update the cut")
+    return source.replace(old, new)
+
+
+@functools.lru_cache(maxsize=None)
+def _qgemm_kernel(variant: str, smem: int):
+    src = qgemm.SOURCE if variant == "as written" else _cut(qgemm.SOURCE, *QGEMM_CUTS[variant])
+    return mx.fast.cuda_kernel(name=f"abl_qgemm_{variant.replace('-', '_').replace(' ', '_')}",
+                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
+                               source=src, header=qgemm.HEADER, shared_memory=smem)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv_kernel(variant: str):
+    body = gemv._QUANT if variant == "as written" else _cut(gemv._QUANT, *GEMV_CUTS[variant])
+    return mx.fast.cuda_kernel(name=f"abl_gemv_{variant.replace('-', '_').replace(' ', '_')}",
+                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
+                               source=gemv.kernel_source(body), header=gemv.VEC_HEADER)
+
+
+def _layer(k: int, n: int, bits: int = 4) -> nn.QuantizedLinear:
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=64, bits=bits)
+    layer.set_dtype(mx.bfloat16)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def _qgemm_call(variant: str, layer, x):
+    """engine/qgemm.qgemm() with the variant's kernel (same launch)."""
+    k = x.shape[-1]
+    m, n = x.shape[0], layer.weight.shape[0]
+    run = qgemm.launch_for(m, n, k)
+    out = x.dtype if run.splits == 1 else mx.float32
+    return _qgemm_kernel(variant, qgemm.shared_bytes(run, layer.bits, layer.group_size))(
+        inputs=[x, layer.weight, layer.scales, layer.biases],
+        template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
+                  ("GS", layer.group_size), ("BF16", True), ("BM", run.rows), ("BN", qgemm.BN),
+                  ("BK", qgemm.BK), ("WN", run.features), ("STAGES", qgemm.STAGES),
+                  ("KW", run.k_warps), ("THREADS", run.threads), ("FAST", qgemm.FAST_DEQUANT)],
+        grid=(-(-n // qgemm.BN) * run.threads, -(-m // run.rows), run.splits),
+        threadgroup=(run.threads, 1, 1),
+        output_shapes=[(m, n) if run.splits == 1 else (run.splits, m, n)], output_dtypes=[out])[0]
+
+
+def _gemv_call(variant: str, layer, x):
+    k, m, n = x.shape[-1], x.shape[0], layer.weight.shape[0]
+    rows, unroll, warps = gemv.QUANT_LAUNCH if n >= gemv.WIDE_N else gemv.QUANT_LAUNCH_NARROW
+    return _gemv_kernel(variant)(
+        inputs=[x, layer.weight, layer.scales, layer.biases],
+        template=[("T", x.dtype), ("K", k), ("M", m), ("ROWS", rows), ("UNROLL", unroll),
+                  ("NW", warps), ("BITS", layer.bits), ("GS", layer.group_size),
+                  ("FAST_UNPACK", gemv.FAST_UNPACK)],
+        grid=(-(-n // rows) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+
+
+def kernel_us(fn, reps: int = 20) -> float:
+    """Mean GPU time (us) of the kernels fn() launches, over `reps` calls in one eval each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loadtest.gpu_trace import _kernel_events
+    mx.eval(fn())
+    mx.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            mx.eval(fn())
+        mx.synchronize()
+    return sum(e.time_range.elapsed_us() for e in _kernel_events(prof)) / reps
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,64,128")
+    ap.add_argument("--shapes", default="gate|up,down,qkv")
+    ap.add_argument("--tall", action="store_true", help="with qgemm.TALL_TILE on")
+    a = ap.parse_args(argv)
+    qgemm.TALL_TILE = a.tall or qgemm.TALL_TILE
+    for name in a.shapes.split(","):
+        k, n = SHAPES[name]
+        layer = _layer(k, n)
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4)
+        dense = nn.Linear(k, n, bias=False)
+        dense.weight = w
+        mx.eval(w)
+        mb = (layer.weight.nbytes + layer.scales.nbytes + layer.biases.nbytes) / 1e6
+        for rows in [int(r) for r in a.rows.split(",")]:
+            x = mx.random.normal((rows, k)).astype(mx.bfloat16)
+            mx.eval(x)
+            line = [f"bf16 GEMM {kernel_us(lambda: x @ w.T):7.1f}"]
+            if rows <= gemv.MAX_ROWS:
+                line.append(f"bf16 gemv {kernel_us(lambda: gemv.gemv(dense, x)):7.1f}")
+                cuts = ("as written",) + tuple(GEMV_CUTS)
+                for v in cuts:
+                    us = kernel_us(lambda: _gemv_call(v, layer, x))
+                    line.append(f"gemv {v} {us:7.1f} ({mb / us:.2f} TB/s)")
+            elif qgemm.MIN_ROWS <= rows <= qgemm.MAX_ROWS:
+                for v in ("as written",) + tuple(QGEMM_CUTS):
+                    us = kernel_us(lambda: _qgemm_call(v, layer, x))
+                    line.append(f"qgemm {v} {us:7.1f}")
+            print(f"{name} ({k} -> {n}, {mb:.0f} MB at 4 bits), {rows} rows, us: " + " | ".join(line),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
