@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import dequant, fused_ops, gemv, qgemm
+from engine import dequant, fused_ops, gemv, qgemm, qgemv
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
@@ -30,6 +30,8 @@ class KernelPlan:
     dequant_kernel: that dequantize is engine/dequant.py's kernel, not mx.dequantize.
     qgemm: quantized layers fed engine/qgemm.py's row counts use its tensor-core kernel
     (before dequantize + GEMM is considered).
+    qgemv: quantized layers fed 1-8 rows use engine/qgemv.py's tensor-core kernel (before
+    engine/gemv.py's).
     """
 
     dequant_min_rows: Optional[int] = None
@@ -38,6 +40,7 @@ class KernelPlan:
     fused: bool = False
     dequant_kernel: bool = False
     qgemm: bool = False
+    qgemv: bool = False
 
 
 PORTABLE = KernelPlan()
@@ -45,6 +48,8 @@ PORTABLE = KernelPlan()
 
 def project(layer: nn.Module, x: mx.array, plan: KernelPlan) -> mx.array:
     """layer(x), run the way `plan` says is fastest here."""
+    if plan.qgemv and qgemv.applies(layer, x):
+        return qgemv.qgemv(layer, x)
     if plan.gemv and gemv.applies(layer, x, plan.gemv_dense):
         return gemv.gemv(layer, x)
     if plan.qgemm and qgemm.applies(layer, x):

@@ -19,13 +19,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine import paged_decode
+from engine import paged_decode, qgemv
 from engine.attention import AttentionGroup, AttentionMetadata, decode_kernel_matches_portable
 from engine.config import ModelArgs
 from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
-from engine.gemv import gemv_matches_layers
+from engine.gemv import gemv_matches_layers, input_width
 from engine.qgemm import MAX_ROWS as QGEMM_MAX_ROWS, qgemm_matches_layers
+from engine.qgemv import qgemv_matches_layers
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
@@ -336,10 +337,12 @@ def check_layers(model: Mistral) -> list[nn.Module]:
 def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     """Which custom kernels run on MLX's CUDA backend, each only after its self-check.
 
-    Few rows of a quantized layer go through engine/gemv.py's kernels where they match MLX's
-    matmul on this model's own layers: on an H200 they made 4-bit single-stream decode 1.28x
-    faster. For float layers MLX's own matmul was as fast or faster, so they stay opt-in.
-    MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0" (none, to measure against MLX's own).
+    1-8 rows of a quantized layer run as engine/qgemv.py's tensor-core kernel
+    (MISTRAL_SERVE_QGEMV=0 turns it off); layers it cannot serve go through engine/gemv.py's
+    kernels where they match MLX's matmul on this model's own layers (on an H200 those made
+    4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
+    faster, so gemv stays opt-in there. MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0"
+    (none, to measure against MLX's own).
     The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0.
     9-128 rows of a quantized layer run as engine/qgemm.py's tensor-core kernel (4-bit batch-64
     step 1.85x faster on an H200 with its first version; MISTRAL_SERVE_QGEMM=0 turns it off), and
@@ -350,15 +353,21 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     if mode not in ("quant", "all", "0"):
         raise ValueError(f"MISTRAL_SERVE_GEMV must be quant, all or 0, got {mode!r}")
     layers = check_layers(model)
-    used = [l for l in layers if mode == "all" or (mode == "quant" and type(l) is nn.QuantizedLinear)]
+    quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
+    qv = (os.environ.get("MISTRAL_SERVE_QGEMV", "1") != "0" and bool(quantized)
+          and qgemv_matches_layers(quantized))
+    # project() tries qgemv first: the layers it serves need no gemv kernels compiled.
+    served = [l for l in quantized if qv and qgemv.applies(l, mx.zeros((1, input_width(l)), l.scales.dtype))]
+    used = [l for l in layers if (mode == "all" or (mode == "quant" and type(l) is nn.QuantizedLinear))
+            and not any(l is s for s in served)]
     ok = bool(used) and gemv_matches_layers(used)
-    log.info("few-row matmuls: %s", f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")
+    log.info("few-row matmuls: %s%s", "CUDA tensor-core kernel (quantized), " if qv else "",
+             f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")
     fused = os.environ.get("MISTRAL_SERVE_FUSED", "1") != "0" and fused_ops_match_portable(
         args.hidden_size, args.intermediate_size, args.num_attention_heads,
         args.num_key_value_heads, args.head_dim, args.rope_theta, args.rms_norm_eps,
         model.model.norm.weight.dtype)
     log.info("per-layer small ops: %s", "fused CUDA kernels" if fused else "MLX ops")
-    quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
     deq = (os.environ.get("MISTRAL_SERVE_DEQUANT_KERNEL", "1") != "0" and bool(quantized)
            and dequantize_matches_layers(quantized))
     qg = (os.environ.get("MISTRAL_SERVE_QGEMM", "1") != "0" and bool(quantized)
@@ -368,7 +377,7 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq, qgemm=qg)
+                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv)
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:

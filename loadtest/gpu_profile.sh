@@ -31,8 +31,7 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   q4qgemm) timeout 120 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 64,128 --context 256 --steps 10 --variants chosen,qgemm
          for v in 0 1; do echo "4-bit w1, MISTRAL_SERVE_QGEMM=$v"; MISTRAL_SERVE_QGEMM=$v timeout 150 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit_qgemm$v.json | tail -1; done ;;
   q4tall) timeout 200 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 96,128 --context 256 --steps 10 --variants chosen --set qgemm.TALL_TILE=True --set "qgemm.TALL_TILE=True,qgemm.STAGES=2" ;;
-  ablate) timeout 200 python3 -m loadtest.kernel_ablate --rows ${ABLATE_ROWS:-1,4,16,64,128}
-          timeout 100 python3 -m loadtest.kernel_ablate --rows 128 --shapes "gate|up,down" --tall ;;
+  ablate) timeout 200 python3 -m loadtest.kernel_ablate --rows ${ABLATE_ROWS:-1,4,16,64,128} ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
   gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;
   splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;

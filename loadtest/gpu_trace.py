@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from engine import paged_decode, runner
 from engine.dequant import dequantize_matches_layers
+from engine.gemv import gemv_matches_layers
 from engine.qgemm import qgemm_matches_layers
 from engine.engine import DTYPES, LLMEngine
 from loadtest.offline_bench import SHAPES
@@ -161,6 +162,10 @@ def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
                          compiled, {}),
              "qgemm": (f"tensor-core 4/8-bit GEMM {'off' if chosen.qgemm else 'on'}",
                        dataclasses.replace(chosen, qgemm=not chosen.qgemm), compiled, {})}
+    if "qgemv" in names:  # off: engine/gemv.py's kernels serve those rows (MISTRAL_SERVE_QGEMV=0)
+        quantized = [l for l in runner.check_layers(engine.model) if hasattr(l, "scales")]
+        table["qgemv"] = ("few-row tensor-core kernel off, gemv kernels", dataclasses.replace(
+            chosen, qgemv=False, gemv=chosen.gemv or gemv_matches_layers(quantized)), compiled, {})
     out = [table[n] for n in names]
     out += [(f"splits from {k} keys", chosen, compiled, {(paged_decode, "MIN_KEYS_PER_SPLIT"): k})
             for k in min_keys]
@@ -179,8 +184,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--variants", default="chosen,nocompile,nofused,neither,nogemv",
-                    help="of chosen,nocompile,nofused,neither,nogemv,unstaged,dequant,qgemm (those "
-                         "that differ run; dequant / qgemm: that kernel switched)")
+                    help="of chosen,nocompile,nofused,neither,nogemv,unstaged,dequant,qgemm,qgemv "
+                         "(those that differ run; dequant / qgemm / qgemv: that kernel switched)")
     ap.add_argument("--min-keys-per-split", default="",
                     help="also run as chosen with paged_decode.MIN_KEYS_PER_SPLIT set to each")
     ap.add_argument("--warps", default="", help="also run as chosen with these decode-kernel warps")
@@ -205,7 +210,8 @@ def main(argv=None):
              # switched on only where its self-check passes on this model's layers
              or (n == "dequant" and (chosen.dequant_kernel or
                                      dequantize_matches_layers(runner.check_layers(model))))
-             or (n == "qgemm" and (chosen.qgemm or qgemm_matches_layers(runner.check_layers(model))))]
+             or (n == "qgemm" and (chosen.qgemm or qgemm_matches_layers(runner.check_layers(model))))
+             or (n == "qgemv" and chosen.qgemv)]
     variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps), a.set)
     for b in batches:
         for label, plan, comp, overrides in variants:

@@ -8,7 +8,7 @@ results are wrong on purpose; only its time counts): `no-unpack` feeds the packe
 the arithmetic as they are, `no-mma` / `no-dot` replaces the tensor-core op / the float dot
 product by one integer op, `no-loads` stops the copies from global memory after the first
 stages. If taking a part out barely changes the time, that part is not what bounds it.
-Kernel times come from CUPTI through torch.profiler (the GPU machines ship torch), so host
+engine/qgemv.py's kernel is timed beside the gemv, in each of QGEMV_VARIANTS. Kernel times come from CUPTI through torch.profiler (the GPU machines ship torch), so host
 launch costs do not count.
 """
 
@@ -20,8 +20,11 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import gemv, qgemm
+from engine import gemv, qgemm, qgemv
 
+# Calls cycle through this many copies of a layer, so that its weights are read from memory
+# as in a decode step (a 4-bit 4,096 x 6,144 layer fits an H200's 50 MB L2 several times).
+COPIES = 6
 SHAPES = {"gate|up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144)}
 
 QGEMM_CUTS = {
@@ -99,30 +102,36 @@ def _gemv_call(variant: str, layer, x):
         output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
 
 
-def kernel_us(fn, reps: int = 20) -> float:
-    """Mean GPU time (us) of the kernels fn() launches, over `reps` calls in one eval each."""
+def kernel_us(fn, reps: int = 21) -> float:
+    """Mean GPU time (us) of the kernels fn(i) launches, over `reps` calls in one eval each."""
     from torch.profiler import ProfilerActivity, profile
 
     from loadtest.gpu_trace import _kernel_events
-    mx.eval(fn())
+    for i in range(COPIES):
+        mx.eval(fn(i))
     mx.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            mx.eval(fn())
+        for i in range(reps):
+            mx.eval(fn(i))
         mx.synchronize()
     return sum(e.time_range.elapsed_us() for e in _kernel_events(prof)) / reps
+
+
+# engine/qgemv.py's (PREFETCH, UNROLL) settings timed (at its chosen warps per block).
+QGEMV_VARIANTS = ((False, 4), (True, 4), (True, 2), (False, 8))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,64,128")
     ap.add_argument("--shapes", default="gate|up,down,qkv")
-    ap.add_argument("--tall", action="store_true", help="with qgemm.TALL_TILE on")
+    ap.add_argument("--brief", action="store_true", help="no cuts: the kernels as written only")
     a = ap.parse_args(argv)
-    qgemm.TALL_TILE = a.tall or qgemm.TALL_TILE
+    defaults = qgemv.PREFETCH, qgemv.UNROLL
     for name in a.shapes.split(","):
         k, n = SHAPES[name]
-        layer = _layer(k, n)
+        layers = [_layer(k, n) for _ in range(COPIES)]
+        layer = layers[0]
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4)
         dense = nn.Linear(k, n, bias=False)
         dense.weight = w
@@ -131,16 +140,22 @@ def main(argv=None) -> None:
         for rows in [int(r) for r in a.rows.split(",")]:
             x = mx.random.normal((rows, k)).astype(mx.bfloat16)
             mx.eval(x)
-            line = [f"bf16 GEMM {kernel_us(lambda: x @ w.T):7.1f}"]
+            line = [f"bf16 GEMM {kernel_us(lambda i: x @ w.T):7.1f}"]
             if rows <= gemv.MAX_ROWS:
-                line.append(f"bf16 gemv {kernel_us(lambda: gemv.gemv(dense, x)):7.1f}")
-                cuts = ("as written",) + tuple(GEMV_CUTS)
-                for v in cuts:
-                    us = kernel_us(lambda: _gemv_call(v, layer, x))
+                if not a.brief:
+                    line.append(f"bf16 gemv {kernel_us(lambda i: gemv.gemv(dense, x)):7.1f}")
+                for v in ("as written",) + (() if a.brief else tuple(GEMV_CUTS)):
+                    us = kernel_us(lambda i: _gemv_call(v, layers[i % COPIES], x))
                     line.append(f"gemv {v} {us:7.1f} ({mb / us:.2f} TB/s)")
+                for prefetch, unroll in QGEMV_VARIANTS:
+                    qgemv.PREFETCH, qgemv.UNROLL = prefetch, unroll
+                    us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x))
+                    line.append(f"qgemv {'prefetch ' if prefetch else ''}U{unroll} {us:7.1f} "
+                                f"({mb / us:.2f} TB/s)")
+                qgemv.PREFETCH, qgemv.UNROLL = defaults
             elif qgemm.MIN_ROWS <= rows <= qgemm.MAX_ROWS:
                 for v in ("as written",) + tuple(QGEMM_CUTS):
-                    us = kernel_us(lambda: _qgemm_call(v, layer, x))
+                    us = kernel_us(lambda i: _qgemm_call(v, layers[i % COPIES], x))
                     line.append(f"qgemm {v} {us:7.1f}")
             print(f"{name} ({k} -> {n}, {mb:.0f} MB at 4 bits), {rows} rows, us: " + " | ".join(line),
                   flush=True)

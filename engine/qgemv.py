@@ -1,0 +1,227 @@
+"""4/8-bit matrix times 1-8 activation rows on tensor cores, as a CUDA kernel.
+
+A decode step of a small batch reads every quantized weight once, so its matmuls should run
+at the memory bandwidth. engine/gemv.py's quantized kernel does not: it unpacks each value
+with an int-to-float conversion and does one float multiply-add per value and row. On an
+H200 it read gate|up at 2.1 TB/s for one row, taking 31.7 us, and its time grew with the
+rows (96.3 us at 4 rows, slower than the bf16 GEMM's 61.9). Removing only the conversion
+made it 21.1 us, and removing the multiply-adds 8.6 us, so the arithmetic bound it
+(loadtest/kernel_ablate.py, RESULTS.md, eighth session).
+
+This kernel does the products on tensor cores with the operands swapped: the weights are
+mma.sync's A operand (16 output features by 16 inputs) and the activation rows its B
+operand (16 inputs by 8 rows, rows past M are ignored), so one mma serves up to 8 rows at
+no extra cost. A warp owns 16 output features. Each lane reads 32 consecutive packed values
+of features g and g + 8 (one 16-byte load each at 4 bits) and unpacks them with
+engine/qgemm.py's bit tricks (about two integer or paired-float ops per value) straight
+into A fragments; the k-to-slot mapping is qgemm's, so one 16-byte load of x is the B
+fragment of two mma. A block's NW warps take interleaved 128-wide K steps of the same
+features (so narrow layers still fill the GPU) and add their sums in shared memory.
+
+Used only after qgemv_matches_layers has shown it equal to dequantize + matmul on the
+model's own layers at every row count (engine/runner.py). tests/test_qgemv_emulated.py runs
+this source on a CPU; tests/test_qgemv.py runs the real one on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.gemv import chunked_affine, input_width
+from engine.qgemm import FAST_DEQUANT, HEADER
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8         # B's width in mma.m16n8k16
+BK = 128             # input features per warp step: 32 per lane of a quad
+FEATURES = 16        # output features per warp (and block): A's height
+UNROLL = 4           # K steps whose weights a warp loads before using them (loads in flight)
+# Load the next UNROLL steps while computing these (twice the registers for weights). Off
+# until timed: without it the kernel read gate|up at 2.3 TB/s for one row on an H200.
+PREFETCH = False
+# Warps per block split K: the fewest (power of two, at most MAX_WARPS) that give about
+# WARPS_TARGET warps in all, ~31 per SM of an H200, so a 4,096-feature layer fills the GPU.
+WARPS_TARGET = 4096
+MAX_WARPS = 8
+
+# y (M, N) = x (M, K) @ dequantize(w)^T. Block b computes features 16b..16b+15 for every row;
+# warp w takes K steps w, w + NW, ... in batches of U (loads first, then arithmetic). In a
+# step, lane (g, t) holds input features 32t..32t+31 of features 16b + g and 16b + g + 8,
+# as four pieces of 8; a piece's values 0-3 are the logical k 2t, 2t+1, 2t+8, 2t+9 of one
+# mma and 4-7 of the next (engine/qgemm.py's mapping, here on A's side: a[0] / a[2] are
+# feature g's pairs, a[1] / a[3] feature g + 8's). B's column g is x's row g; lanes of rows
+# past M read row M - 1 (their output columns are dropped). D: c[0..1] are feature g's rows
+# 2t, 2t + 1, c[2..3] feature g + 8's.
+SOURCE = r"""
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr int STEPS = K / 128;
+    constexpr int CH = BITS / 4;  // 16-byte chunks per lane, feature and step
+    const int N = w_shape[0];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const long n0 = (long)blockIdx.x * 16;
+    const long f0 = min(n0 + g, (long)N - 1), f1 = min(n0 + g + 8, (long)N - 1);
+    const uint4* w0 = reinterpret_cast<const uint4*>(w + f0 * (K / PER_WORD));
+    const uint4* w1 = reinterpret_cast<const uint4*>(w + f1 * (K / PER_WORD));
+    const unsigned short* sc = reinterpret_cast<const unsigned short*>(scales);
+    const unsigned short* bi = reinterpret_cast<const unsigned short*>(biases);
+    const T* xr = x + (long)min(g, M - 1) * K;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    // U steps of weights, scales and biases from K step s0 on (every NW-th step).
+    auto load = [&](uint4 (&wv)[U][2][CH], unsigned short (&sv)[U][2], unsigned short (&bv)[U][2],
+                    int s0) {
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int s = s0 + u * NW;
+            if (s < STEPS) {
+                const int k = s * 128 + 32 * t;
+                #pragma unroll
+                for (int h = 0; h < CH; ++h) {
+                    wv[u][0][h] = w0[k / 32 * CH + h];
+                    wv[u][1][h] = w1[k / 32 * CH + h];
+                }
+                sv[u][0] = sc[f0 * (K / GS) + k / GS]; bv[u][0] = bi[f0 * (K / GS) + k / GS];
+                sv[u][1] = sc[f1 * (K / GS) + k / GS]; bv[u][1] = bi[f1 * (K / GS) + k / GS];
+            }
+        }
+    };
+    auto compute = [&](const uint4 (&wv)[U][2][CH], const unsigned short (&sv)[U][2],
+                       const unsigned short (&bv)[U][2], int s0) {
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int s = s0 + u * NW;
+            if (s >= STEPS) break;
+            const int k = s * 128 + 32 * t;
+            unsigned q[2][BITS];  // the lane's 32 values of each feature, as words
+            #pragma unroll
+            for (int f = 0; f < 2; ++f)
+                #pragma unroll
+                for (int h = 0; h < CH; ++h) {
+                    q[f][4 * h] = wv[u][f][h].x; q[f][4 * h + 1] = wv[u][f][h].y;
+                    q[f][4 * h + 2] = wv[u][f][h].z; q[f][4 * h + 3] = wv[u][f][h].w;
+                }
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {  // piece j: values 8j..8j+7 of the lane's 32
+                const uint4 xv = *reinterpret_cast<const uint4*>(xr + k + 8 * j);
+                unsigned p0[4], p1[4];
+                unpack8<BITS, BF16, FAST>(&q[0][CH * j], sv[u][0], bv[u][0], p0);
+                unpack8<BITS, BF16, FAST>(&q[1][CH * j], sv[u][1], bv[u][1], p1);
+                const unsigned a0[4] = {p0[0], p1[0], p0[1], p1[1]};
+                const unsigned a1[4] = {p0[2], p1[2], p0[3], p1[3]};
+                const unsigned b0[2] = {xv.x, xv.y}, b1[2] = {xv.z, xv.w};
+                mma16816<BF16>(acc, a0, b0);
+                mma16816<BF16>(acc, a1, b1);
+            }
+        }
+    };
+    constexpr int STRIDE = NW * U;  // K steps a warp covers per batch
+    uint4 wa[U][2][CH], wb[U][2][CH];
+    unsigned short sa[U][2], ba[U][2], sb[U][2], bb[U][2];
+    if (PREFETCH) {  // two register sets: the next batch's loads fly while this one computes
+        load(wa, sa, ba, warp);
+        for (int s0 = warp; s0 < STEPS; s0 += 2 * STRIDE) {
+            load(wb, sb, bb, s0 + STRIDE);
+            compute(wa, sa, ba, s0);
+            load(wa, sa, ba, s0 + 2 * STRIDE);
+            compute(wb, sb, bb, s0 + STRIDE);
+        }
+    } else {
+        for (int s0 = warp; s0 < STEPS; s0 += STRIDE) {
+            load(wa, sa, ba, s0);
+            compute(wa, sa, ba, s0);
+        }
+    }
+    if (NW > 1) {  // the other warps' sums to warp 0
+        __shared__ float red[NW][32][4];
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][lane][e] = acc[e];
+        __syncthreads();
+        if (warp != 0) return;
+        for (int v = 1; v < NW; ++v)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[e] += red[v][lane][e];
+    }
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int row = 2 * t + (e & 1);
+        const long col = n0 + g + 8 * (e >> 1);
+        if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[e]);
+    }
+"""
+
+
+def warps_per_block(n: int, k: int) -> int:
+    """Warps splitting K in each block (see WARPS_TARGET): never more than the K steps."""
+    tiles, warps = -(-n // FEATURES), 1
+    while tiles * warps < WARPS_TARGET and warps < MAX_WARPS and 2 * warps <= k // BK:
+        warps *= 2
+    return warps
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    return mx.fast.cuda_kernel(name="qgemv_mma", input_names=["x", "w", "scales", "biases"],
+                               output_names=["y"], source=SOURCE, header=HEADER)
+
+
+def applies(layer: nn.Module, x: mx.array) -> bool:
+    """Whether qgemv() computes layer(x): 1..MAX_ROWS rows of bf16/fp16 x into an affine
+    4/8-bit QuantizedLinear without bias whose scales share x's dtype, with an input width of
+    whole BK-wide steps and groups of at least 32 (a lane's 32 values share one)."""
+    rows = x.size // x.shape[-1]
+    if not 1 <= rows <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16):
+        return False
+    if "bias" in layer or not chunked_affine(layer) or layer.group_size < 32:
+        return False
+    k = input_width(layer)
+    return x.shape[-1] == k and k % BK == 0 and layer.scales.dtype == x.dtype
+
+
+def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0) -> mx.array:
+    """layer(x) for x of 1..MAX_ROWS rows (see applies()); `warps` per block overrides
+    warps_per_block() (for loadtest sweeps)."""
+    k = x.shape[-1]
+    m = x.size // k
+    n = layer.weight.shape[0]
+    nw = warps or warps_per_block(n, k)
+    y = _kernel()(
+        inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
+        template=[("T", x.dtype), ("K", k), ("M", m), ("BITS", layer.bits),
+                  ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("NW", nw),
+                  ("U", UNROLL), ("PREFETCH", PREFETCH), ("FAST", FAST_DEQUANT)],
+        grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
+        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+    return y.reshape(*x.shape[:-1], n)
+
+
+def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
+    """The kernel against dequantize + matmul on the model's own quantized layers at every row
+    count 1..MAX_ROWS: the runner's start-up self-check, which also compiles every variant a
+    run can launch (each row count is its own kernel) before the first request."""
+    if not mx.cuda.is_available():
+        return False
+    try:
+        checked = 0
+        keys = mx.random.split(mx.random.key(2), MAX_ROWS)
+        for layer in layers:
+            w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
+                              layer.bits)
+            for m, key in zip(range(1, MAX_ROWS + 1), keys):
+                x = mx.random.normal((m, input_width(layer)), key=key).astype(layer.scales.dtype)
+                if not applies(layer, x):
+                    continue
+                want = (x @ w.T).astype(mx.float32)
+                err = mx.abs(qgemv(layer, x).astype(mx.float32) - want).max().item()
+                if not err <= atol * max(mx.abs(want).max().item(), 1.0):
+                    log.warning("few-row 4/8-bit tensor-core kernel off by %.3g (%s, %d rows); "
+                                "not used", err, layer.weight.shape, m)
+                    return False
+                checked += 1
+        return checked > 0
+    except Exception as exc:  # a kernel that fails to build or run must not stop the server
+        log.warning("few-row 4/8-bit tensor-core kernel unavailable (%s); not used", exc)
+        return False

@@ -1,0 +1,82 @@
+"""engine/qgemv.py's few-row tensor-core kernel on the device: equal to dequantize + matmul
+on the 7B's shapes (4- and 8-bit, bf16 and fp16, every row count 1-8, each warp count), and
+through project() too; applies() and the warp split are checked everywhere. The CPU
+emulation is tests/test_qgemv_emulated.py."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from engine import qgemv
+from engine.model import KernelPlan, project
+
+cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
+
+
+def _quantized(k: int, n: int, bits: int, group_size: int = 64, dtype=mx.bfloat16):
+    q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=group_size, bits=bits)
+    q.set_dtype(dtype)
+    return q
+
+
+def _close(layer, x, **kw) -> tuple[bool, float]:
+    w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    want = x.astype(mx.float32) @ w.astype(mx.float32).T
+    err = mx.abs(qgemv.qgemv(layer, x, **kw).astype(mx.float32) - want).max().item()
+    return err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), err
+
+
+@cuda
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, 64), (4, 128), (4, 32)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
+    # Every row count (each its own kernel) on each shape in the default format; fewer
+    # elsewhere, since every combination compiles on first use.
+    full = (bits, group_size, dtype) == (4, 64, mx.bfloat16)
+    for k, n in ((4096, 6144), (14336, 4096), (4096, 28672))[:None if full else 2]:
+        layer = _quantized(k, n, bits, group_size, dtype)
+        for rows in range(1, qgemv.MAX_ROWS + 1) if full else (1, 3, 8):
+            x = mx.random.normal((rows, k)).astype(dtype)
+            assert qgemv.applies(layer, x)
+            ok, err = _close(layer, x)
+            assert ok, (k, n, rows, err)
+
+
+@cuda
+@pytest.mark.parametrize("warps", [1, 2, 4, 8])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_every_warp_split_matches(warps, prefetch, monkeypatch):
+    monkeypatch.setattr(qgemv, "PREFETCH", prefetch)
+    layer = _quantized(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
+    for rows in (1, 5):
+        ok, err = _close(layer, mx.random.normal((rows, 1280)).astype(mx.bfloat16), warps=warps)
+        assert ok, (warps, rows, err)
+
+
+@cuda
+def test_self_check_and_project():
+    layer = _quantized(4096, 4096, 4)
+    assert qgemv.qgemv_matches_layers([layer])
+    x = mx.random.normal((3, 4096)).astype(mx.bfloat16)
+    plain = project(layer, x, KernelPlan()).astype(mx.float32)
+    fast = project(layer, x, KernelPlan(qgemv=True)).astype(mx.float32)
+    assert mx.abs(fast - plain).max().item() <= 2e-2 * max(mx.abs(plain).max().item(), 1.0)
+
+
+def test_applies_only_where_it_computes_the_layer():
+    layer = _quantized(128, 64, 4)
+    x = mx.zeros((1, 128), mx.bfloat16)
+    assert qgemv.applies(layer, x) and qgemv.applies(layer, mx.zeros((8, 128), mx.bfloat16))
+    assert not qgemv.applies(layer, mx.zeros((qgemv.MAX_ROWS + 1, 128), mx.bfloat16))  # qgemm's
+    assert not qgemv.applies(layer, x.astype(mx.float16))  # scales are bf16
+    assert not qgemv.applies(_quantized(128, 64, 4, dtype=mx.float32), x.astype(mx.float32))
+    assert not qgemv.applies(nn.Linear(128, 64, bias=False), x)
+    assert not qgemv.applies(_quantized(192, 64, 4, group_size=32), mx.zeros((1, 192), mx.bfloat16))
+
+
+def test_warps_fill_the_gpu_without_idle_warps():
+    # The 7B: gate|up (1,792 warp tiles) needs few warps per block; o and down (256) the most.
+    assert qgemv.warps_per_block(28672, 4096) == 4 and qgemv.warps_per_block(32768, 4096) == 2
+    assert qgemv.warps_per_block(4096, 4096) == qgemv.MAX_WARPS
+    assert qgemv.warps_per_block(4096, 14336) == qgemv.MAX_WARPS
+    assert qgemv.warps_per_block(4096, 256) == 2  # two K steps: a third warp would idle

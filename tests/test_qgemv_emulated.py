@@ -1,0 +1,41 @@
+"""engine/qgemv.py's CUDA kernel run on the CPU by thread emulation (tests/cuda_emulator.py),
+with mma.sync emulated per the PTX fragment layout: 1-8 rows, 4- and 8-bit unpacking, group
+scales, warps splitting K with steps left over, features past N, against a double-precision
+reference. tests/test_qgemv.py checks the real kernel against MLX on a GPU."""
+
+import pytest
+
+from tests import cuda_emulator
+
+pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ (C++20)")
+
+BF16_OUT = 5e-3  # outputs are stored as bf16: 2^-8 relative rounding, plus float accumulation
+
+
+def test_qgemv_kernel_matches_reference(tmp_path):
+    results = cuda_emulator.run_qgemv(tmp_path)
+    assert len(results) == 10 and {c.split()[0] for c, _ in results} == {"qgemv4", "qgemv8"}
+    assert {int(c.split(" M ")[1].split()[0]) for c, _ in results} >= {1, 8}
+    assert {c.split(" NW ")[1].split()[0] for c, _ in results} == {"1", "2", "4"}
+    assert {c.split("prefetch ")[1].split()[0] for c, _ in results} == {"0", "1"}
+    bad = [r for r in results if not r[1] < BF16_OUT]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("{p0[0], p1[0], p0[1], p1[1]}", "{p1[0], p0[0], p0[1], p1[1]}"),  # A's feature rows swapped
+    ("b1[2] = {xv.z, xv.w}", "b1[2] = {xv.x, xv.y}"),          # second mma on the first's x
+    ("STRIDE = NW * U;", "STRIDE = U;"),                       # warps redo each other's steps
+    ("load(wa, sa, ba, s0 + 2 * STRIDE)", "load(wa, sa, ba, s0 + STRIDE)"),  # prefetch repeats
+    ("const int s = s0 + u * NW;", "const int s = s0 + u;"),   # loads and arithmetic disagree
+    ("acc[e] += red[v][lane][e]", "acc[e] = red[v][lane][e]"),  # warp 0's own sums dropped
+    ("const int row = 2 * t + (e & 1);", "const int row = 2 * t;"),  # odd rows overwrite even
+    ("sc[f0 * (K / GS) + k / GS]", "sc[f0 * (K / GS)]"),       # every step uses group 0's scale
+    ("x + (long)min(g, M - 1) * K", "x + (long)min(t, M - 1) * K"),  # B's column from t
+])
+def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
+    from engine import qgemv
+    assert wrong in qgemv.SOURCE
+    monkeypatch.setattr(qgemv, "SOURCE", qgemv.SOURCE.replace(wrong, right, 1))
+    results = cuda_emulator.run_qgemv(tmp_path)
+    assert results and max(err for _, err in results) > 5e-2
