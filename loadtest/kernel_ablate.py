@@ -8,7 +8,7 @@ results are wrong on purpose; only its time counts): `no-unpack` feeds the packe
 the arithmetic as they are, `no-mma` / `no-dot` replaces the tensor-core op / the float dot
 product by one integer op, `no-loads` stops the copies from global memory after the first
 stages. If taking a part out barely changes the time, that part is not what bounds it.
-engine/qgemv.py's kernel is timed beside the gemv, in each of QGEMV_VARIANTS. Kernel times come from CUPTI through torch.profiler (the GPU machines ship torch), so host
+engine/qgemv.py's kernel is timed beside the gemv, at each of QGEMV_UNROLLS. Kernel times come from CUPTI through torch.profiler (the GPU machines ship torch), so host
 launch costs do not count.
 """
 
@@ -117,8 +117,8 @@ def kernel_us(fn, reps: int = 21) -> float:
     return sum(e.time_range.elapsed_us() for e in _kernel_events(prof)) / reps
 
 
-# engine/qgemv.py's (PREFETCH, UNROLL) settings timed (at its chosen warps per block).
-QGEMV_VARIANTS = ((False, 4), (True, 4), (True, 2), (False, 8))
+# engine/qgemv.py's UNROLL settings timed (at its chosen warps per block).
+QGEMV_UNROLLS = (4, 8)
 
 
 def main(argv=None) -> None:
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default="gate|up,down,qkv")
     ap.add_argument("--brief", action="store_true", help="no cuts: the kernels as written only")
     a = ap.parse_args(argv)
-    defaults = qgemv.PREFETCH, qgemv.UNROLL
+    default_unroll = qgemv.UNROLL
     for name in a.shapes.split(","):
         k, n = SHAPES[name]
         layers = [_layer(k, n) for _ in range(COPIES)]
@@ -147,12 +147,11 @@ def main(argv=None) -> None:
                 for v in ("as written",) + (() if a.brief else tuple(GEMV_CUTS)):
                     us = kernel_us(lambda i: _gemv_call(v, layers[i % COPIES], x))
                     line.append(f"gemv {v} {us:7.1f} ({mb / us:.2f} TB/s)")
-                for prefetch, unroll in QGEMV_VARIANTS:
-                    qgemv.PREFETCH, qgemv.UNROLL = prefetch, unroll
+                for unroll in QGEMV_UNROLLS:
+                    qgemv.UNROLL = unroll
                     us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x))
-                    line.append(f"qgemv {'prefetch ' if prefetch else ''}U{unroll} {us:7.1f} "
-                                f"({mb / us:.2f} TB/s)")
-                qgemv.PREFETCH, qgemv.UNROLL = defaults
+                    line.append(f"qgemv U{unroll} {us:7.1f} ({mb / us:.2f} TB/s)")
+                qgemv.UNROLL = default_unroll
             elif qgemm.MIN_ROWS <= rows <= qgemm.MAX_ROWS:
                 for v in ("as written",) + tuple(QGEMM_CUTS):
                     us = kernel_us(lambda i: _qgemm_call(v, layers[i % COPIES], x))

@@ -428,13 +428,13 @@ def qgemv_source() -> str:
     16, and warp counts and unrolls that leave steps over (K steps not a multiple of NW * U)."""
     from engine import qgemm, qgemv
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + qgemm.UNPACK + r"""
-    template <typename T, int K, int M, int BITS, int GS, bool BF16, int NW, int U, bool FAST, bool PREFETCH>
+    template <typename T, int K, int M, int BITS, int GS, bool BF16, int NW, int U, bool FAST>
     void qv(const T* x, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
             T* y) { """ + qgemv.SOURCE + r""" }
     std::mt19937 rng(11);
     std::normal_distribution<float> nd;
     using bf = __nv_bfloat16;
-    template <int K, int M, int BITS, int GS, int NW, int U, bool PREFETCH, bool FAST = true> void qgemv_case(int N) {
+    template <int K, int M, int BITS, int GS, int NW, int U, bool FAST = true> void qgemv_case(int N) {
       constexpr int PER_WORD = 32 / BITS;
       std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
       std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref((long)M * N, 0.0);
@@ -447,18 +447,16 @@ def qgemv_source() -> str:
         for (int m = 0; m < M; ++m) ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf;
       }
       int ws[2] = {N, K / PER_WORD};
-      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, M, BITS, GS, true, NW, U, FAST, PREFETCH>(x.data(), w.data(), ws, s.data(), c.data(), y.data()); });
+      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, M, BITS, GS, true, NW, U, FAST>(x.data(), w.data(), ws, s.data(), c.data(), y.data()); });
       double err = 0, scale = 1e-9;
       for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
-      printf("qgemv%d K %d M %d GS %d NW %d U %d prefetch %d fast %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, U, (int)PREFETCH, (int)FAST, N, err / scale);
+      printf("qgemv%d K %d M %d GS %d NW %d U %d fast %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, U, (int)FAST, N, err / scale);
     }
     int main() {
-      qgemv_case<512, 1, 4, 64, 1, 4, false>(40); qgemv_case<640, 3, 4, 32, 2, 2, false>(24);
-      qgemv_case<1024, 8, 4, 128, 4, 1, false>(16); qgemv_case<384, 5, 8, 64, 2, 4, false>(20);
-      qgemv_case<896, 8, 8, 32, 4, 2, false>(9); qgemv_case<256, 2, 4, 64, 1, 1, false, false>(17);
-      // two register sets: batches that end before, at and past the last step
-      qgemv_case<1280, 2, 4, 64, 1, 2, true>(24); qgemv_case<1664, 7, 4, 32, 2, 2, true>(17);
-      qgemv_case<2048, 1, 8, 64, 2, 4, true>(16); qgemv_case<640, 4, 4, 128, 4, 1, true>(9);
+      qgemv_case<512, 1, 4, 64, 1, 4>(40); qgemv_case<640, 3, 4, 32, 2, 2>(24);
+      qgemv_case<1024, 8, 4, 128, 4, 1>(16); qgemv_case<384, 5, 8, 64, 2, 4>(20);
+      qgemv_case<896, 8, 8, 32, 4, 2>(9); qgemv_case<256, 2, 4, 64, 1, 1, false>(17);
+      qgemv_case<1664, 7, 4, 32, 2, 2>(17); qgemv_case<2048, 1, 8, 64, 2, 4>(16);
     }
     """
 

@@ -44,9 +44,7 @@ def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
 
 @cuda
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_every_warp_split_matches(warps, prefetch, monkeypatch):
-    monkeypatch.setattr(qgemv, "PREFETCH", prefetch)
+def test_every_warp_split_matches(warps):
     layer = _quantized(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
     for rows in (1, 5):
         ok, err = _close(layer, mx.random.normal((rows, 1280)).astype(mx.bfloat16), warps=warps)

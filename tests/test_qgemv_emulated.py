@@ -14,10 +14,9 @@ BF16_OUT = 5e-3  # outputs are stored as bf16: 2^-8 relative rounding, plus floa
 
 def test_qgemv_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemv(tmp_path)
-    assert len(results) == 10 and {c.split()[0] for c, _ in results} == {"qgemv4", "qgemv8"}
+    assert len(results) == 8 and {c.split()[0] for c, _ in results} == {"qgemv4", "qgemv8"}
     assert {int(c.split(" M ")[1].split()[0]) for c, _ in results} >= {1, 8}
     assert {c.split(" NW ")[1].split()[0] for c, _ in results} == {"1", "2", "4"}
-    assert {c.split("prefetch ")[1].split()[0] for c, _ in results} == {"0", "1"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
@@ -25,8 +24,7 @@ def test_qgemv_kernel_matches_reference(tmp_path):
 @pytest.mark.parametrize("wrong, right", [
     ("{p0[0], p1[0], p0[1], p1[1]}", "{p1[0], p0[0], p0[1], p1[1]}"),  # A's feature rows swapped
     ("b1[2] = {xv.z, xv.w}", "b1[2] = {xv.x, xv.y}"),          # second mma on the first's x
-    ("STRIDE = NW * U;", "STRIDE = U;"),                       # warps redo each other's steps
-    ("load(wa, sa, ba, s0 + 2 * STRIDE)", "load(wa, sa, ba, s0 + STRIDE)"),  # prefetch repeats
+    ("s0 += NW * U", "s0 += U"),                               # warps redo each other's steps
     ("const int s = s0 + u * NW;", "const int s = s0 + u;"),   # loads and arithmetic disagree
     ("acc[e] += red[v][lane][e]", "acc[e] = red[v][lane][e]"),  # warp 0's own sums dropped
     ("const int row = 2 * t + (e & 1);", "const int row = 2 * t;"),  # odd rows overwrite even
