@@ -34,16 +34,14 @@ log = logging.getLogger(__name__)
 
 MIN_ROWS = 9      # fewer rows go to engine/gemv.py's kernels
 MAX_ROWS = 128    # more rows: dequantize + GEMM (H200, 4-bit b192 step: 18.4 ms busy vs 23.6)
-BN = 128          # output features per block: four warps of 32 (a tall tile: eight of 16)
+BN = 128          # output features per block: four warps of WN
+WN = 32           # output features per warp
 BK = 128          # input features per pipeline step: 32 per lane of a quad
 # Warp groups splitting each K step (their sums are added at the end): two where a block has
 # 16 or 32 rows, whose few mma per step leave four warps waiting on latency (H200, 4-bit b16
 # step: 5.72 vs 6.47 ms busy); one at 64 rows, where they slowed the b64 step (9.92 vs 8.66).
 K_WARPS = 2
 K_WARPS_64_ROWS = 1
-# 65-128 rows in one 128-row block of eight warps, 16 features each, so every weight is
-# unpacked once (two 64-row blocks unpack it twice). Untimed on a GPU yet, so off.
-TALL_TILE = False
 STAGES = 3        # K steps in flight, ~25 KB each at 64 rows, 4-bit (H200 b64: beat 2 and 4)
 FAST_DEQUANT = True  # 4-bit: unpack into bf16/fp16 pairs by bit tricks, not through float
 
@@ -308,8 +306,10 @@ MIN_STEPS_PER_SPLIT = 8
 
 
 def block_rows(m: int) -> int:
-    """Rows per block: the fewest m-tiles of 16 that hold m, at most 64 (128 with TALL_TILE)."""
-    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 or not TALL_TILE else 128
+    """Rows per block: the fewest m-tiles of 16 that hold m, at most 64. (One 128-row block of
+    eight 16-feature warps, unpacking each weight once, was slower on an H200: b128 step
+    17.79 vs 16.42 ms, eighth session.)"""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 @dataclass(frozen=True)
@@ -318,24 +318,21 @@ class Launch:
     compiled kernel (n and m are runtime values)."""
 
     rows: int      # per block (BM)
-    features: int  # per warp (WN)
     k_warps: int   # warp groups per K step (KW)
     splits: int    # K splits (float partial sums when > 1)
 
     @property
     def threads(self) -> int:
-        return 32 * (BN // self.features) * self.k_warps
+        return 32 * (BN // WN) * self.k_warps
 
     def variant(self) -> tuple:
-        return (self.rows, self.features, self.k_warps, self.splits > 1)
+        return (self.rows, self.k_warps, self.splits > 1)
 
 
 def launch_for(m: int, n: int, k: int, splits: int = 0) -> Launch:
     """The block shape for m rows (see block_rows, K_WARPS) and num_splits() unless given."""
     bm = block_rows(m)
-    # A tall tile has eight warps already; sixteen would want more registers than an SM has.
-    kw = K_WARPS if bm < 64 else K_WARPS_64_ROWS if bm == 64 else 1
-    return Launch(bm, 16 if bm == 128 else 32, kw, splits or num_splits(m, n, k))
+    return Launch(bm, K_WARPS if bm < 64 else K_WARPS_64_ROWS, splits or num_splits(m, n, k))
 
 
 def num_splits(m: int, n: int, k: int) -> int:
@@ -352,7 +349,7 @@ def shared_bytes(run: Launch, bits: int, group_size: int) -> int:
     if more, the second warp group's sums)."""
     sb = max(2, BK // group_size)
     stages = STAGES * (run.rows * BK * 2 + BN * BK * bits // 8 + 2 * BN * sb * 2)
-    sums = run.rows // 16 * run.features // 8 * 4 * 4 * run.threads // run.k_warps
+    sums = run.rows // 16 * WN // 8 * 4 * 4 * run.threads // run.k_warps
     return max(stages, sums if run.k_warps == 2 else 0)
 
 
@@ -388,7 +385,7 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
                   ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("BM", run.rows),
-                  ("BN", BN), ("BK", BK), ("WN", run.features), ("STAGES", STAGES),
+                  ("BN", BN), ("BK", BK), ("WN", WN), ("STAGES", STAGES),
                   ("KW", run.k_warps), ("THREADS", run.threads), ("FAST", FAST_DEQUANT)],
         grid=(-(-n // BN) * run.threads, -(-m // run.rows), run.splits),
         threadgroup=(run.threads, 1, 1),
@@ -401,8 +398,7 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
 def check_cases() -> list[tuple[int, int]]:
     """(rows, splits) the self-check runs: each block height, writing bf16 (one split) and
     float partials (two), and two row tiles (splits 0: num_splits's choice)."""
-    heights = (MIN_ROWS, 20, 64) + ((100,) if TALL_TILE else ())
-    return [(m, s) for m in heights for s in (1, 2)] + [(MAX_ROWS, 0) if TALL_TILE else (100, 0)]
+    return [(m, s) for m in (MIN_ROWS, 20, 64) for s in (1, 2)] + [(100, 0)]
 
 
 def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:

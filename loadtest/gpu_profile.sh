@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests ktests ftests ptests dtests qtests qkern q4deq q4qgemm q4tall ablate atrace fusedab trace why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests ktests ftests ptests dtests qtests qkern q4deq q4qgemm ablate atrace fusedab trace why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
 set -u
 OUT=${OUT:-loadtest/results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/proto
@@ -30,7 +30,6 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   qtests) timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_qgemm.py 2>&1 | tail -5 ;;
   q4qgemm) timeout 120 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 64,128 --context 256 --steps 10 --variants chosen,qgemm
          for v in 0 1; do echo "4-bit w1, MISTRAL_SERVE_QGEMM=$v"; MISTRAL_SERVE_QGEMM=$v timeout 150 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit_qgemm$v.json | tail -1; done ;;
-  q4tall) timeout 200 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 96,128 --context 256 --steps 10 --variants chosen --set qgemm.TALL_TILE=True --set "qgemm.TALL_TILE=True,qgemm.STAGES=2" ;;
   ablate) timeout 200 python3 -m loadtest.kernel_ablate --rows ${ABLATE_ROWS:-1,4,16,64,128} ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
   gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;

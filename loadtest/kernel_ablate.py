@@ -83,7 +83,7 @@ def _qgemm_call(variant: str, layer, x):
         inputs=[x, layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
                   ("GS", layer.group_size), ("BF16", True), ("BM", run.rows), ("BN", qgemm.BN),
-                  ("BK", qgemm.BK), ("WN", run.features), ("STAGES", qgemm.STAGES),
+                  ("BK", qgemm.BK), ("WN", qgemm.WN), ("STAGES", qgemm.STAGES),
                   ("KW", run.k_warps), ("THREADS", run.threads), ("FAST", qgemm.FAST_DEQUANT)],
         grid=(-(-n // qgemm.BN) * run.threads, -(-m // run.rows), run.splits),
         threadgroup=(run.threads, 1, 1),

@@ -374,7 +374,7 @@ def qgemm_source() -> str:
     std::normal_distribution<float> nd;
     using bf = __nv_bfloat16;
     template <int K, int BITS, int GS, int BM, bool FAST = true, int KW = 1> void qgemm_case(int M, int N, int S = 1) {
-      constexpr int WN = BM == 128 ? 16 : 32, THREADS = 32 * (BN / WN) * KW;  // as qgemm.launch_for
+      constexpr int WN = 32, THREADS = 32 * (BN / WN) * KW;  // as qgemm.launch_for
       constexpr int PER_WORD = 32 / BITS;
       std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
       std::vector<float> parts((long)S * M * N, NAN);
@@ -411,7 +411,6 @@ def qgemm_source() -> str:
       qgemm_case<512, 4, 64, 32>(20, 72, 2); qgemm_case<1024, 8, 64, 16>(16, 8, 4);
       qgemm_case<512, 4, 64, 64, true, 2>(70, 136); qgemm_case<384, 8, 128, 16, true, 2>(9, 40, 1);
       qgemm_case<512, 4, 32, 32, true, 2>(20, 8, 2);
-      qgemm_case<256, 4, 64, 128>(100, 136); qgemm_case<512, 8, 64, 128>(128, 40, 2);
     }
     """
 
