@@ -36,6 +36,9 @@ QGEMM_CUTS = {
                "acc[mt][nt][0] += __uint_as_float((a0[0] ^ a0[1] ^ a0[2] ^ a0[3]) & b[0]);\n"
                "                    acc[mt][nt][1] += __uint_as_float((a1[0] ^ a1[1] ^ a1[2] ^ a1[3]) & b[2] & b[1] & b[3]);"),
     "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
+    # compute alone, without the per-step barrier either: what the warps' own loop costs
+    "no-loads-no-sync": ("if (next < steps) load(", "if (next < STAGES - 1) load(",
+                         "__syncthreads();              // everyone's have", "// (no barrier)"),
 }
 GEMV_CUTS = {
     "no-dot": ("dot += qf * xf[j];", "dot = __uint_as_float(__float_as_uint(dot) ^ word);"),
@@ -44,10 +47,13 @@ GEMV_CUTS = {
 }
 
 
-def _cut(source: str, old: str, new: str) -> str:
-    if old not in source:
-        raise SystemExit(f"kernel_ablate: the source no longer has {old!r}; update the cut")
-    return source.replace(old, new)
+def _cut(source: str, *pairs: str) -> str:
+    """source with each (old, new) pair of `pairs` replaced."""
+    for old, new in zip(pairs[::2], pairs[1::2]):
+        if old not in source:
+            raise SystemExit(f"kernel_ablate: the source no longer has {old!r}; update the cut")
+        source = source.replace(old, new)
+    return source
 
 
 @functools.lru_cache(maxsize=None)
