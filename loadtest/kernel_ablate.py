@@ -3,13 +3,15 @@ out, on the device, at the 7B's shapes (a profile by ablation, for a GPU without
 
     python -m loadtest.kernel_ablate [--rows 1,64,128]     (gpu_profile.sh step `ablate`)
 
-Each variant is engine/qgemm.py's or engine/gemv.py's source with one line replaced (its
-results are wrong on purpose; only its time counts): `no-unpack` feeds the packed words to
-the arithmetic as they are, `no-mma` / `no-dot` replaces the tensor-core op / the float dot
-product by one integer op, `no-loads` stops the copies from global memory after the first
-stages. If taking a part out barely changes the time, that part is not what bounds it.
-engine/qgemv.py's kernel is timed beside the gemv, at each of QGEMV_UNROLLS. Kernel times come from CUPTI through torch.profiler (the GPU machines ship torch), so host
-launch costs do not count.
+Each variant is engine/qgemm.py's, engine/qgemv.py's or engine/gemv.py's source with a line
+or two replaced (its results are wrong on purpose; only its time counts): `no-unpack` feeds
+the packed words to the arithmetic as they are, `no-mma` / `no-dot` replaces the tensor-core
+op / the float dot product by one integer op, `no-convert` skips gemv's int-to-float
+conversion, `no-loads` stops qgemm's copies from global memory after the first stages
+(`no-loads-no-sync` also drops its per-step barrier), `no-x-loads` gives qgemv constants for
+x. If taking a part out barely changes the time, that part is not what bounds it. qgemv is
+also timed at each of QGEMV_UNROLLS. Kernel times come from CUPTI through torch.profiler
+(the GPU machines ship torch), so host launch costs do not count.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ QGEMM_CUTS = {
     # compute alone, without the per-step barrier either: what the warps' own loop costs
     "no-loads-no-sync": ("if (next < steps) load(", "if (next < STAGES - 1) load(",
                          "__syncthreads();              // everyone's have", "// (no barrier)"),
+}
+QGEMV_CUTS = {
+    "no-unpack": ("unpack8<BITS, BF16, FAST>(&q[0][CH * j], sv[u][0], bv[u][0], p0);\n"
+                  "                unpack8<BITS, BF16, FAST>(&q[1][CH * j], sv[u][1], bv[u][1], p1);",
+                  "p0[0] = q[0][CH * j] ^ sv[u][0]; p0[1] = p0[0] + 1u; p0[2] = p0[0] ^ bv[u][0]; "
+                  "p0[3] = p0[0] + 3u; p1[0] = q[1][CH * j] ^ sv[u][1]; p1[1] = p1[0] + 1u; "
+                  "p1[2] = p1[0] ^ bv[u][1]; p1[3] = p1[0] + 3u;"),
+    "no-mma": ("mma16816<BF16>(acc, a0, b0);\n                mma16816<BF16>(acc, a1, b1);",
+               "acc[0] += __uint_as_float((a0[0] ^ a0[1] ^ a0[2] ^ a0[3]) & b0[0] & b0[1]);\n"
+               "                acc[1] += __uint_as_float((a1[0] ^ a1[1] ^ a1[2] ^ a1[3]) & b1[0] & b1[1]);"),
+    "no-x-loads": ("const uint4 xv = *reinterpret_cast<const uint4*>(xr + k + 8 * j);",
+                   "const uint4 xv = make_uint4(k, j, t, g);"),
 }
 GEMV_CUTS = {
     "no-dot": ("dot += qf * xf[j];", "dot = __uint_as_float(__float_as_uint(dot) ^ word);"),
@@ -70,6 +84,27 @@ def _gemv_kernel(variant: str):
     return mx.fast.cuda_kernel(name=f"abl_gemv_{variant.replace('-', '_').replace(' ', '_')}",
                                input_names=["x", "w", "scales", "biases"], output_names=["y"],
                                source=gemv.kernel_source(body), header=gemv.VEC_HEADER)
+
+
+@functools.lru_cache(maxsize=None)
+def _qgemv_kernel(variant: str):
+    src = qgemv.SOURCE if variant == "as written" else _cut(qgemv.SOURCE, *QGEMV_CUTS[variant])
+    return mx.fast.cuda_kernel(name=f"abl_qgemv_{variant.replace('-', '_').replace(' ', '_')}",
+                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
+                               source=src, header=qgemm.HEADER)
+
+
+def _qgemv_call(variant: str, layer, x):
+    """engine/qgemv.qgemv() with the variant's kernel (same launch)."""
+    k, m, n = x.shape[-1], x.shape[0], layer.weight.shape[0]
+    nw = qgemv.warps_per_block(n, k)
+    return _qgemv_kernel(variant)(
+        inputs=[x, layer.weight, layer.scales, layer.biases],
+        template=[("T", x.dtype), ("K", k), ("M", m), ("BITS", layer.bits),
+                  ("GS", layer.group_size), ("BF16", True), ("NW", nw), ("U", qgemv.UNROLL),
+                  ("FAST", qgemm.FAST_DEQUANT)],
+        grid=(-(-n // qgemv.FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
+        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
 
 
 def _layer(k: int, n: int, bits: int = 4) -> nn.QuantizedLinear:
@@ -153,6 +188,9 @@ def main(argv=None) -> None:
                 for v in ("as written",) + (() if a.brief else tuple(GEMV_CUTS)):
                     us = kernel_us(lambda i: _gemv_call(v, layers[i % COPIES], x))
                     line.append(f"gemv {v} {us:7.1f} ({mb / us:.2f} TB/s)")
+                for v in () if a.brief else tuple(QGEMV_CUTS):
+                    us = kernel_us(lambda i: _qgemv_call(v, layers[i % COPIES], x))
+                    line.append(f"qgemv {v} {us:7.1f}")
                 for unroll in QGEMV_UNROLLS:
                     qgemv.UNROLL = unroll
                     us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x))
