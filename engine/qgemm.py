@@ -361,11 +361,16 @@ def _kernel(smem: int):
 
 
 def applies(layer: nn.Module, x: mx.array) -> bool:
-    """Whether qgemm() computes layer(x): MIN_ROWS..MAX_ROWS rows of bf16/fp16 x into an
+    """Whether qgemm() computes layer(x): MIN_ROWS..MAX_ROWS rows in a format tensor_core_format
+    accepts."""
+    return MIN_ROWS <= x.size // x.shape[-1] <= MAX_ROWS and tensor_core_format(layer, x)
+
+
+def tensor_core_format(layer: nn.Module, x: mx.array) -> bool:
+    """What this kernel and engine/qgemv.py's need, whatever the rows: bf16/fp16 x into an
     affine 4/8-bit QuantizedLinear without bias whose scales share x's dtype, with an input
     width of whole BK-wide steps and groups of at least 32 (a lane's 32 values share one)."""
-    rows = x.size // x.shape[-1]
-    if not MIN_ROWS <= rows <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16):
+    if x.dtype not in (mx.bfloat16, mx.float16):
         return False
     if "bias" in layer or not chunked_affine(layer) or layer.group_size < 32:
         return False

@@ -31,13 +31,12 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.gemv import chunked_affine, input_width
-from engine.qgemm import FAST_DEQUANT, HEADER
+from engine.gemv import input_width
+from engine.qgemm import BK, FAST_DEQUANT, HEADER, tensor_core_format
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8         # B's width in mma.m16n8k16
-BK = 128             # input features per warp step: 32 per lane of a quad
 FEATURES = 16        # output features per warp (and block): A's height
 UNROLL = 4           # K steps whose weights a warp loads before using them (H200: beat 8)
 # Warps per block split K: the fewest (power of two, at most MAX_WARPS) that give about
@@ -157,16 +156,9 @@ def _kernel():
 
 
 def applies(layer: nn.Module, x: mx.array) -> bool:
-    """Whether qgemv() computes layer(x): 1..MAX_ROWS rows of bf16/fp16 x into an affine
-    4/8-bit QuantizedLinear without bias whose scales share x's dtype, with an input width of
-    whole BK-wide steps and groups of at least 32 (a lane's 32 values share one)."""
-    rows = x.size // x.shape[-1]
-    if not 1 <= rows <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16):
-        return False
-    if "bias" in layer or not chunked_affine(layer) or layer.group_size < 32:
-        return False
-    k = input_width(layer)
-    return x.shape[-1] == k and k % BK == 0 and layer.scales.dtype == x.dtype
+    """Whether qgemv() computes layer(x): 1..MAX_ROWS rows in the format engine/qgemm.py's
+    tensor_core_format accepts (the same unpacking and k steps of BK = 128)."""
+    return 1 <= x.size // x.shape[-1] <= MAX_ROWS and tensor_core_format(layer, x)
 
 
 def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0) -> mx.array:
