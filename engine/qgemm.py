@@ -411,28 +411,39 @@ def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     counts of each block height (16, 32, 64), with and without a K split, and across two row
     tiles: the runner's start-up self-check, which also compiles every kernel variant a run
     can launch before the first request."""
+    def usable(layer, x, splits):  # a forced split must divide the layer's K steps
+        return applies(layer, x) and (input_width(layer) // BK) % max(splits, 1) == 0
+    return matches_dequantize_matmul(layers, check_cases(), qgemm, usable,
+                                     "4/8-bit GEMM kernel", seed=1, atol=atol)
+
+
+def matches_dequantize_matmul(layers: list[nn.Module], cases: list[tuple], run, usable,
+                              what: str, seed: int, atol: float) -> bool:
+    """run(layer, x, *args) against dequantize + matmul for each case (rows, *args) that
+    usable(layer, x, *args) accepts, on each layer: the start-up self-check of this kernel and
+    engine/qgemv.py's (running each case also compiles its kernel). False, with a warning
+    naming `what`, if any case is off or a kernel fails to build or run; False if none ran."""
     if not mx.cuda.is_available():
         return False
     try:
         checked = 0
-        cases = check_cases()
-        keys = mx.random.split(mx.random.key(1), len(cases))
+        # Explicit keys: a start-up check must not reseed the process's global generator.
+        keys = mx.random.split(mx.random.key(seed), len(cases))
         for layer in layers:
             w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
                               layer.bits)
-            for (m, splits), key in zip(cases, keys):
-                x = mx.random.normal((m, input_width(layer)), key=key)
-                x = x.astype(layer.scales.dtype)
-                if not applies(layer, x) or (input_width(layer) // BK) % max(splits, 1):
+            for (m, *args), key in zip(cases, keys):
+                x = mx.random.normal((m, input_width(layer)), key=key).astype(layer.scales.dtype)
+                if not usable(layer, x, *args):
                     continue
                 want = (x @ w.T).astype(mx.float32)
-                err = mx.abs(qgemm(layer, x, splits).astype(mx.float32) - want).max().item()
+                err = mx.abs(run(layer, x, *args).astype(mx.float32) - want).max().item()
                 if not err <= atol * max(mx.abs(want).max().item(), 1.0):
-                    log.warning("4/8-bit GEMM kernel off by %.3g (%s, %d rows, %d splits); using "
-                                "dequantize + GEMM", err, layer.weight.shape, m, splits)
+                    log.warning("%s off by %.3g (%s, %d rows, case %s); not used", what, err,
+                                layer.weight.shape, m, args)
                     return False
                 checked += 1
         return checked > 0
     except Exception as exc:  # a kernel that fails to build or run must not stop the server
-        log.warning("4/8-bit GEMM kernel unavailable (%s); using dequantize + GEMM", exc)
+        log.warning("%s unavailable (%s); not used", what, exc)
         return False

@@ -26,15 +26,11 @@ this source on a CPU; tests/test_qgemv.py runs the real one on a GPU.
 from __future__ import annotations
 
 import functools
-import logging
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.gemv import input_width
-from engine.qgemm import BK, FAST_DEQUANT, HEADER, tensor_core_format
-
-log = logging.getLogger(__name__)
+from engine.qgemm import BK, FAST_DEQUANT, HEADER, matches_dequantize_matmul, tensor_core_format
 
 MAX_ROWS = 8         # B's width in mma.m16n8k16
 FEATURES = 16        # output features per warp (and block): A's height
@@ -182,26 +178,6 @@ def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     """The kernel against dequantize + matmul on the model's own quantized layers at every row
     count 1..MAX_ROWS: the runner's start-up self-check, which also compiles every variant a
     run can launch (each row count is its own kernel) before the first request."""
-    if not mx.cuda.is_available():
-        return False
-    try:
-        checked = 0
-        keys = mx.random.split(mx.random.key(2), MAX_ROWS)
-        for layer in layers:
-            w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
-                              layer.bits)
-            for m, key in zip(range(1, MAX_ROWS + 1), keys):
-                x = mx.random.normal((m, input_width(layer)), key=key).astype(layer.scales.dtype)
-                if not applies(layer, x):
-                    continue
-                want = (x @ w.T).astype(mx.float32)
-                err = mx.abs(qgemv(layer, x).astype(mx.float32) - want).max().item()
-                if not err <= atol * max(mx.abs(want).max().item(), 1.0):
-                    log.warning("few-row 4/8-bit tensor-core kernel off by %.3g (%s, %d rows); "
-                                "not used", err, layer.weight.shape, m)
-                    return False
-                checked += 1
-        return checked > 0
-    except Exception as exc:  # a kernel that fails to build or run must not stop the server
-        log.warning("few-row 4/8-bit tensor-core kernel unavailable (%s); not used", exc)
-        return False
+    return matches_dequantize_matmul(layers, [(m,) for m in range(1, MAX_ROWS + 1)],
+                                     qgemv, applies,
+                                     "few-row 4/8-bit tensor-core kernel", seed=2, atol=atol)

@@ -95,3 +95,24 @@ def test_self_check_compiles_every_variant_a_run_launches():
                 for m in range(qgemm.MIN_ROWS, qgemm.MAX_ROWS + 1)}
         assert used <= checked, (k, n, used - checked)
         assert all(m <= qgemm.MAX_ROWS for m, _ in qgemm.check_cases())
+
+
+def test_shared_self_check_passes_only_a_matching_kernel(monkeypatch):
+    # The helper behind qgemm's and qgemv's start-up self-checks, driven on any backend by
+    # stand-in kernels: dequantize + matmul itself passes; a wrong or failing one does not.
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    layer = _quantized(256, 32, 4, dtype=mx.float32)
+    w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    exact = lambda l, x, *args: x @ w.T  # noqa: E731
+    seen = []
+
+    def usable(l, x, s):
+        seen.append((x.shape[0], s))
+        return s != 3
+
+    check = lambda run, cases=[(2, 1), (5, 3)]: qgemm.matches_dequantize_matmul(  # noqa: E731
+        [layer], cases, run, usable, "stand-in", seed=0, atol=2e-2)
+    assert check(exact) and seen == [(2, 1), (5, 3)]
+    assert not check(lambda l, x, *args: 1.1 * (x @ w.T))
+    assert not check(lambda l, x, *args: 1 / 0)
+    assert not check(exact, cases=[(5, 3)])  # no case ran
