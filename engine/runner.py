@@ -354,12 +354,13 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
         raise ValueError(f"MISTRAL_SERVE_GEMV must be quant, all or 0, got {mode!r}")
     layers = check_layers(model)
     quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
-    qv = (os.environ.get("MISTRAL_SERVE_QGEMV", "1") != "0" and bool(quantized)
-          and qgemv_matches_layers(quantized))
-    # project() tries qgemv first: the layers it serves need no gemv kernels compiled.
-    served = [l for l in quantized if qv and qgemv.applies(l, mx.zeros((1, input_width(l)), l.scales.dtype))]
-    used = [l for l in layers if (mode == "all" or (mode == "quant" and type(l) is nn.QuantizedLinear))
-            and not any(l is s for s in served)]
+    qv = _switched_on("MISTRAL_SERVE_QGEMV", qgemv_matches_layers, quantized)
+
+    def gemv_serves(l: nn.Module) -> bool:  # project() tries qgemv first: those need no gemv
+        quant = type(l) is nn.QuantizedLinear
+        return (mode == "all" or (mode == "quant" and quant)) and not (
+            qv and quant and qgemv.applies(l, mx.zeros((1, input_width(l)), l.scales.dtype)))
+    used = [l for l in layers if gemv_serves(l)]
     ok = bool(used) and gemv_matches_layers(used)
     log.info("few-row matmuls: %s%s", "CUDA tensor-core kernel (quantized), " if qv else "",
              f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")
@@ -368,16 +369,20 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
         args.num_key_value_heads, args.head_dim, args.rope_theta, args.rms_norm_eps,
         model.model.norm.weight.dtype)
     log.info("per-layer small ops: %s", "fused CUDA kernels" if fused else "MLX ops")
-    deq = (os.environ.get("MISTRAL_SERVE_DEQUANT_KERNEL", "1") != "0" and bool(quantized)
-           and dequantize_matches_layers(quantized))
-    qg = (os.environ.get("MISTRAL_SERVE_QGEMM", "1") != "0" and bool(quantized)
-          and qgemm_matches_layers(quantized))
+    deq = _switched_on("MISTRAL_SERVE_DEQUANT_KERNEL", dequantize_matches_layers, quantized)
+    qg = _switched_on("MISTRAL_SERVE_QGEMM", qgemm_matches_layers, quantized)
     if quantized:
         log.info("many-row quantized matmuls: %s%s + GEMM",
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
                       fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv)
+
+
+def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module]) -> bool:
+    """A quantized-layer kernel runs unless `env` is "0", where there are such layers and its
+    self-check passes on them."""
+    return os.environ.get(env, "1") != "0" and bool(layers) and self_check(layers)
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:
