@@ -243,9 +243,10 @@ def gemv(layer: nn.Module, x: mx.array) -> mx.array:
 
 def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
            biases: mx.array | None = None, bits: int = 0, group_size: int = 0,
-           launch: tuple[int, int, int] | None = None) -> mx.array:
+           launch: tuple[int, int, int] | None = None, kernel=None) -> mx.array:
     """x @ w.T with w (N, K) dense, or packed MLX-style with scales/biases when bits is set;
-    launch (ROWS, UNROLL, WARPS) is exposed for loadtest/op_profile.py's sweep."""
+    launch (ROWS, UNROLL, WARPS) is exposed for loadtest/op_profile.py's sweep, and `kernel`
+    (standing in for the dense or quantized one, same launch) for loadtest/kernel_ablate.py."""
     k = x.shape[-1]
     m = x.size // k
     n = w.shape[0]
@@ -256,11 +257,11 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array | None = None,
     shape = dict(grid=(-(-n // rows) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
                  output_shapes=[(m, n)], output_dtypes=[x.dtype])
     if bits:
-        y = _quant_kernel()(inputs=[x.reshape(m, k), w, scales, biases],
+        y = (kernel or _quant_kernel())(inputs=[x.reshape(m, k), w, scales, biases],
                             template=template + [("BITS", bits), ("GS", group_size),
                                                  ("FAST_UNPACK", FAST_UNPACK)], **shape)[0]
     else:
-        y = _dense_kernel()(inputs=[x.reshape(m, k), w], template=template, **shape)[0]
+        y = (kernel or _dense_kernel())(inputs=[x.reshape(m, k), w], template=template, **shape)[0]
     return y.reshape(*x.shape[:-1], n)
 
 

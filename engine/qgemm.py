@@ -381,12 +381,23 @@ def tensor_core_format(layer: nn.Module, x: mx.array) -> bool:
 def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
     """layer(x) for x of MIN_ROWS..MAX_ROWS rows (see applies()); K split num_splits() ways
     unless `splits` (dividing the K steps) is given."""
+    y = kernel_output(layer, x, splits)
+    if y.ndim == 3:  # float partials, one per K split
+        y = y.sum(axis=0).astype(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
+                  build=None) -> mx.array:
+    """The kernel's own output for x's rows as a matrix: (m, n) in x's dtype, or (splits, m, n)
+    float partials that qgemm() adds up. `build` (shared bytes -> kernel) stands in for the
+    kernel with the same launch (loadtest/kernel_ablate.py)."""
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
     run = launch_for(m, n, k, splits)
     out = x.dtype if run.splits == 1 else mx.float32
-    y = _kernel(shared_bytes(run, layer.bits, layer.group_size))(
+    return (build or _kernel)(shared_bytes(run, layer.bits, layer.group_size))(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
                   ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("BM", run.rows),
@@ -395,9 +406,6 @@ def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
         grid=(-(-n // BN) * run.threads, -(-m // run.rows), run.splits),
         threadgroup=(run.threads, 1, 1),
         output_shapes=[(m, n) if run.splits == 1 else (run.splits, m, n)], output_dtypes=[out])[0]
-    if run.splits > 1:
-        y = y.sum(axis=0).astype(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
 
 
 def check_cases() -> list[tuple[int, int]]:

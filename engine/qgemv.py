@@ -157,14 +157,15 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     return 1 <= x.size // x.shape[-1] <= MAX_ROWS and tensor_core_format(layer, x)
 
 
-def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0) -> mx.array:
+def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, kernel=None) -> mx.array:
     """layer(x) for x of 1..MAX_ROWS rows (see applies()); `warps` per block overrides
-    warps_per_block() (for loadtest sweeps)."""
+    warps_per_block(), and `kernel` stands in for this one with the same launch (both for
+    loadtest sweeps)."""
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
     nw = warps or warps_per_block(n, k)
-    y = _kernel()(
+    y = (kernel or _kernel())(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("K", k), ("M", m), ("BITS", layer.bits),
                   ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("NW", nw),

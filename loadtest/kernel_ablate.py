@@ -70,41 +70,36 @@ def _cut(source: str, *pairs: str) -> str:
     return source
 
 
-@functools.lru_cache(maxsize=None)
-def _qgemm_kernel(variant: str, smem: int):
-    src = qgemm.SOURCE if variant == "as written" else _cut(qgemm.SOURCE, *QGEMM_CUTS[variant])
-    return mx.fast.cuda_kernel(name=f"abl_qgemm_{variant.replace('-', '_').replace(' ', '_')}",
-                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                               source=src, header=qgemm.HEADER, shared_memory=smem)
+# kind -> (source, header, cuts); gemv's body gets its prologue and epilogue when built.
+def _sources(kind: str):
+    return {"qgemm": (qgemm.SOURCE, qgemm.HEADER, QGEMM_CUTS),
+            "qgemv": (qgemv.SOURCE, qgemm.HEADER, QGEMV_CUTS),
+            "gemv": (gemv._QUANT, gemv.VEC_HEADER, GEMV_CUTS)}[kind]
 
 
 @functools.lru_cache(maxsize=None)
-def _gemv_kernel(variant: str):
-    body = gemv._QUANT if variant == "as written" else _cut(gemv._QUANT, *GEMV_CUTS[variant])
-    return mx.fast.cuda_kernel(name=f"abl_gemv_{variant.replace('-', '_').replace(' ', '_')}",
+def _kernel(kind: str, variant: str, smem: int = 0):
+    """The kind's kernel as written or with a variant's cut, under a name of its own (MLX
+    tells compiled kernels apart by name)."""
+    source, header, cuts = _sources(kind)
+    if variant != "as written":
+        source = _cut(source, *cuts[variant])
+    if kind == "gemv":
+        source = gemv.kernel_source(source)
+    return mx.fast.cuda_kernel(name=f"abl_{kind}_{variant.replace('-', '_').replace(' ', '_')}",
                                input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                               source=gemv.kernel_source(body), header=gemv.VEC_HEADER)
+                               source=source, header=header, shared_memory=smem)
 
 
-@functools.lru_cache(maxsize=None)
-def _qgemv_kernel(variant: str):
-    src = qgemv.SOURCE if variant == "as written" else _cut(qgemv.SOURCE, *QGEMV_CUTS[variant])
-    return mx.fast.cuda_kernel(name=f"abl_qgemv_{variant.replace('-', '_').replace(' ', '_')}",
-                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                               source=src, header=qgemm.HEADER)
-
-
-def _qgemv_call(variant: str, layer, x):
-    """engine/qgemv.qgemv() with the variant's kernel (same launch)."""
-    k, m, n = x.shape[-1], x.shape[0], layer.weight.shape[0]
-    nw = qgemv.warps_per_block(n, k)
-    return _qgemv_kernel(variant)(
-        inputs=[x, layer.weight, layer.scales, layer.biases],
-        template=[("T", x.dtype), ("K", k), ("M", m), ("BITS", layer.bits),
-                  ("GS", layer.group_size), ("BF16", True), ("NW", nw), ("U", qgemv.UNROLL),
-                  ("FAST", qgemm.FAST_DEQUANT)],
-        grid=(-(-n // qgemv.FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
-        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+def _call(kind: str, variant: str, layer, x):
+    """The engine's own launch of the kind's kernel, with the variant's kernel in its place.
+    qgemm's K-split partials are not added up: only its kernel is timed."""
+    if kind == "qgemm":
+        return qgemm.kernel_output(layer, x, build=lambda smem: _kernel(kind, variant, smem))
+    if kind == "qgemv":
+        return qgemv.qgemv(layer, x, kernel=_kernel(kind, variant))
+    return gemv.matvec(x, layer.weight, layer.scales, layer.biases, layer.bits,
+                       layer.group_size, kernel=_kernel(kind, variant))
 
 
 def _layer(k: int, n: int, bits: int = 4) -> nn.QuantizedLinear:
@@ -112,35 +107,6 @@ def _layer(k: int, n: int, bits: int = 4) -> nn.QuantizedLinear:
     layer.set_dtype(mx.bfloat16)
     mx.eval(layer.parameters())
     return layer
-
-
-def _qgemm_call(variant: str, layer, x):
-    """engine/qgemm.qgemm() with the variant's kernel (same launch)."""
-    k = x.shape[-1]
-    m, n = x.shape[0], layer.weight.shape[0]
-    run = qgemm.launch_for(m, n, k)
-    out = x.dtype if run.splits == 1 else mx.float32
-    return _qgemm_kernel(variant, qgemm.shared_bytes(run, layer.bits, layer.group_size))(
-        inputs=[x, layer.weight, layer.scales, layer.biases],
-        template=[("T", x.dtype), ("O", out), ("K", k), ("BITS", layer.bits),
-                  ("GS", layer.group_size), ("BF16", True), ("BM", run.rows), ("BN", qgemm.BN),
-                  ("BK", qgemm.BK), ("WN", qgemm.WN), ("STAGES", qgemm.STAGES),
-                  ("KW", run.k_warps), ("THREADS", run.threads), ("FAST", qgemm.FAST_DEQUANT)],
-        grid=(-(-n // qgemm.BN) * run.threads, -(-m // run.rows), run.splits),
-        threadgroup=(run.threads, 1, 1),
-        output_shapes=[(m, n) if run.splits == 1 else (run.splits, m, n)], output_dtypes=[out])[0]
-
-
-def _gemv_call(variant: str, layer, x):
-    k, m, n = x.shape[-1], x.shape[0], layer.weight.shape[0]
-    rows, unroll, warps = gemv.QUANT_LAUNCH if n >= gemv.WIDE_N else gemv.QUANT_LAUNCH_NARROW
-    return _gemv_kernel(variant)(
-        inputs=[x, layer.weight, layer.scales, layer.biases],
-        template=[("T", x.dtype), ("K", k), ("M", m), ("ROWS", rows), ("UNROLL", unroll),
-                  ("NW", warps), ("BITS", layer.bits), ("GS", layer.group_size),
-                  ("FAST_UNPACK", gemv.FAST_UNPACK)],
-        grid=(-(-n // rows) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
-        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
 
 
 def kernel_us(fn, reps: int = 21) -> float:
@@ -186,10 +152,10 @@ def main(argv=None) -> None:
                 if not a.brief:
                     line.append(f"bf16 gemv {kernel_us(lambda i: gemv.gemv(dense, x)):7.1f}")
                 for v in ("as written",) + (() if a.brief else tuple(GEMV_CUTS)):
-                    us = kernel_us(lambda i: _gemv_call(v, layers[i % COPIES], x))
+                    us = kernel_us(lambda i: _call("gemv", v, layers[i % COPIES], x))
                     line.append(f"gemv {v} {us:7.1f} ({mb / us:.2f} TB/s)")
                 for v in () if a.brief else tuple(QGEMV_CUTS):
-                    us = kernel_us(lambda i: _qgemv_call(v, layers[i % COPIES], x))
+                    us = kernel_us(lambda i: _call("qgemv", v, layers[i % COPIES], x))
                     line.append(f"qgemv {v} {us:7.1f}")
                 for unroll in QGEMV_UNROLLS:
                     qgemv.UNROLL = unroll
@@ -198,7 +164,7 @@ def main(argv=None) -> None:
                 qgemv.UNROLL = default_unroll
             elif qgemm.MIN_ROWS <= rows <= qgemm.MAX_ROWS:
                 for v in ("as written",) + tuple(QGEMM_CUTS):
-                    us = kernel_us(lambda i: _qgemm_call(v, layers[i % COPIES], x))
+                    us = kernel_us(lambda i: _call("qgemm", v, layers[i % COPIES], x))
                     line.append(f"qgemm {v} {us:7.1f}")
             print(f"{name} ({k} -> {n}, {mb:.0f} MB at 4 bits), {rows} rows, us: " + " | ".join(line),
                   flush=True)
