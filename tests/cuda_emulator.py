@@ -355,6 +355,37 @@ QGEMM_PRELUDE = r"""
     #define __forceinline__ inline
     """
 
+# A random bf16 problem for the tensor-core kernels (qgemm, qgemv): x (M, K), packed q (N, K)
+# with group scales s and biases c, y to fill (NaN until written), and the reference x w^T in
+# double, w as the kernels round it (one bf16 rounding of s * q + c).
+QUANT_PROBLEM = r"""
+    using bf = __nv_bfloat16;
+    struct QuantProblem {
+      std::vector<bf> x, s, c, y; std::vector<unsigned> w; std::vector<double> ref;
+      QuantProblem(std::mt19937& rng, int M, int N, int K, int BITS, int GS)
+          : x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN)),
+            w((long)N * K * BITS / 32, 0u), ref((long)M * N, 0.0) {
+        std::normal_distribution<float> nd;
+        const int PER_WORD = 32 / BITS;
+        for (auto& v : x) v = bf(nd(rng)); for (auto& v : s) v = bf(0.1f * nd(rng)); for (auto& v : c) v = bf(0.1f * nd(rng));
+        std::vector<float> wf((long)N * K);
+        for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) {
+          unsigned q = rng() % (1u << BITS);
+          long i = (long)n * K + k;
+          w[i / PER_WORD] |= q << (BITS * (k % PER_WORD));
+          wf[i] = bf((float)s[i / GS] * (float)q + (float)c[i / GS]);
+        }
+        for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
+          ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf[(long)n * K + k];
+      }
+      double rel_err() const {  // max |y - ref| over max |ref|; an unwritten (NaN) output fails
+        double err = 0, scale = 1e-9;
+        for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
+        return err / scale;
+      }
+    };
+    """
+
 
 def qgemm_source() -> str:
     """The C++ program for engine/qgemm.py's kernel (bf16) against a double-precision
@@ -366,43 +397,27 @@ def qgemm_source() -> str:
                                "alignas(16) static unsigned char smem[1 << 18];")
     assert src != qgemm.SOURCE
     consts = f"constexpr int BN = {qgemm.BN}, BK = {qgemm.BK}, STAGES = {qgemm.STAGES};\n"
-    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + qgemm.UNPACK + consts + r"""
+    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + QUANT_PROBLEM + qgemm.UNPACK + consts + r"""
     template <typename T, typename O, int K, int BITS, int GS, bool BF16, int BM, bool FAST, int KW, int WN>
     void qg(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
             const T* biases, O* y) { constexpr int THREADS = 32 * (BN / WN) * KW; """ + src + r""" }
     std::mt19937 rng(7);
-    std::normal_distribution<float> nd;
-    using bf = __nv_bfloat16;
     template <int K, int BITS, int GS, int BM, bool FAST = true, int KW = 1> void qgemm_case(int M, int N, int S = 1) {
       constexpr int WN = 32, THREADS = 32 * (BN / WN) * KW;  // as qgemm.launch_for
-      constexpr int PER_WORD = 32 / BITS;
-      std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
+      QuantProblem p(rng, M, N, K, BITS, GS);
       std::vector<float> parts((long)S * M * N, NAN);
-      std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref((long)M * N, 0.0);
-      for (auto& v : x) v = bf(nd(rng)); for (auto& v : s) v = bf(0.1f * nd(rng)); for (auto& v : c) v = bf(0.1f * nd(rng));
-      std::vector<float> wf((long)N * K);
-      for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) {
-        unsigned q = rng() % (1u << BITS);
-        long i = (long)n * K + k;
-        w[i / PER_WORD] |= q << (BITS * (k % PER_WORD));
-        wf[i] = bf((float)s[i / GS] * (float)q + (float)c[i / GS]);  // as the kernel rounds it
-      }
-      for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
-        ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf[(long)n * K + k];
-      int xs[2] = {M, K}, ws[2] = {N, K / PER_WORD};
+      int xs[2] = {M, K}, ws[2] = {N, K * BITS / 32};
       const int gx = (N + BN - 1) / BN, gy = (M + BM - 1) / BM;
       for (int bz = 0; bz < S; ++bz)
         for (int by = 0; by < gy; ++by) {
           if (S == 1)
-            launch(gx, THREADS, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true, BM, FAST, KW, WN>(x.data(), xs, w.data(), ws, s.data(), c.data(), y.data()); }, gy, S);
+            launch(gx, THREADS, [&, by] { blockIdx.y = by; qg<bf, bf, K, BITS, GS, true, BM, FAST, KW, WN>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
           else
-            launch(gx, THREADS, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true, BM, FAST, KW, WN>(x.data(), xs, w.data(), ws, s.data(), c.data(), parts.data()); }, gy, S);
+            launch(gx, THREADS, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qg<bf, float, K, BITS, GS, true, BM, FAST, KW, WN>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
         }
       if (S > 1)  // qgemm() sums the float partials of the splits
-        for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; y[i] = bf(v); }
-      double err = 0, scale = 1e-9;
-      for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
-      printf("qgemm%d K %d GS %d BM %d fast %d kw %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, BM, (int)FAST, KW, M, N, S, err / scale);
+        for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; p.y[i] = bf(v); }
+      printf("qgemm%d K %d GS %d BM %d fast %d kw %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, BM, (int)FAST, KW, M, N, S, p.rel_err());
     }
     int main() {
       qgemm_case<128, 4, 64, 64>(70, 136); qgemm_case<256, 4, 32, 16>(9, 128);
@@ -426,30 +441,16 @@ def qgemv_source() -> str:
     reference: 1-8 rows, 4 and 8 bits, group sizes 32-128, features that part-fill a warp's
     16, and warp counts and unrolls that leave steps over (K steps not a multiple of NW * U)."""
     from engine import qgemm, qgemv
-    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + qgemm.UNPACK + r"""
+    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + QUANT_PROBLEM + qgemm.UNPACK + r"""
     template <typename T, int K, int M, int BITS, int GS, bool BF16, int NW, int U, bool FAST>
     void qv(const T* x, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
             T* y) { """ + qgemv.SOURCE + r""" }
     std::mt19937 rng(11);
-    std::normal_distribution<float> nd;
-    using bf = __nv_bfloat16;
     template <int K, int M, int BITS, int GS, int NW, int U, bool FAST = true> void qgemv_case(int N) {
-      constexpr int PER_WORD = 32 / BITS;
-      std::vector<bf> x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN));
-      std::vector<unsigned> w((long)N * K / PER_WORD, 0u); std::vector<double> ref((long)M * N, 0.0);
-      for (auto& v : x) v = bf(nd(rng)); for (auto& v : s) v = bf(0.1f * nd(rng)); for (auto& v : c) v = bf(0.1f * nd(rng));
-      for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) {
-        unsigned q = rng() % (1u << BITS);
-        long i = (long)n * K + k;
-        w[i / PER_WORD] |= q << (BITS * (k % PER_WORD));
-        float wf = bf((float)s[i / GS] * (float)q + (float)c[i / GS]);  // as the kernel rounds it
-        for (int m = 0; m < M; ++m) ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf;
-      }
-      int ws[2] = {N, K / PER_WORD};
-      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, M, BITS, GS, true, NW, U, FAST>(x.data(), w.data(), ws, s.data(), c.data(), y.data()); });
-      double err = 0, scale = 1e-9;
-      for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
-      printf("qgemv%d K %d M %d GS %d NW %d U %d fast %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, U, (int)FAST, N, err / scale);
+      QuantProblem p(rng, M, N, K, BITS, GS);
+      int ws[2] = {N, K * BITS / 32};
+      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, M, BITS, GS, true, NW, U, FAST>(p.x.data(), p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
+      printf("qgemv%d K %d M %d GS %d NW %d U %d fast %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, U, (int)FAST, N, p.rel_err());
     }
     int main() {
       qgemv_case<512, 1, 4, 64, 1, 4>(40); qgemv_case<640, 3, 4, 32, 2, 2>(24);
