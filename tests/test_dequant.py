@@ -8,22 +8,16 @@ import pytest
 
 from engine import dequant
 from engine.model import KernelPlan, project
+from tests.tiny import quantized_linear
 
 cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
-
-
-def _quantized(k: int, n: int, bits: int, group_size: int, dtype=mx.bfloat16) -> nn.QuantizedLinear:
-    dense = nn.Linear(k, n, bias=False)
-    q = nn.QuantizedLinear.from_linear(dense, group_size=group_size, bits=bits)
-    q.set_dtype(dtype)
-    return q
 
 
 @cuda
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, 64), (4, 32), (8, 128)])
 def test_matches_mx_dequantize_on_7b_shapes(bits, group_size):
     # q|k|v, o, gate|up and down of the 7B; the widest needs more blocks than one launch row.
-    layers = [_quantized(k, n, bits, group_size) for k, n in
+    layers = [quantized_linear(k, n, bits, group_size) for k, n in
               ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))]
     assert all(dequant.applies(l) for l in layers)
     assert dequant.dequantize_matches_layers(layers)
@@ -36,7 +30,7 @@ def test_matches_mx_dequantize_on_7b_shapes(bits, group_size):
 
 @cuda
 def test_project_same_with_the_kernel():
-    layer = _quantized(4096, 4096, 4, 64)
+    layer = quantized_linear(4096, 4096, 4, 64)
     x = mx.random.normal((64, 4096)).astype(mx.bfloat16)
     plain = project(layer, x, KernelPlan(dequant_min_rows=8))
     kernel = project(layer, x, KernelPlan(dequant_min_rows=8, dequant_kernel=True))
@@ -45,6 +39,6 @@ def test_project_same_with_the_kernel():
 
 
 def test_applies_only_to_what_it_computes():
-    assert dequant.applies(_quantized(128, 8, 4, 64)) and dequant.applies(_quantized(128, 8, 8, 64))
+    assert dequant.applies(quantized_linear(128, 8, 4, 64)) and dequant.applies(quantized_linear(128, 8, 8, 64))
     assert not dequant.applies(nn.Linear(128, 8, bias=False))
-    assert not dequant.applies(_quantized(128, 8, 2, 64))  # 2-bit: not unpacked here
+    assert not dequant.applies(quantized_linear(128, 8, 2, 64))  # 2-bit: not unpacked here

@@ -9,14 +9,9 @@ import pytest
 
 from engine import qgemm
 from engine.model import KernelPlan, project
+from tests.tiny import quantized_linear
 
 cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
-
-
-def _quantized(k: int, n: int, bits: int, group_size: int = 64, dtype=mx.bfloat16):
-    q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=group_size, bits=bits)
-    q.set_dtype(dtype)
-    return q
 
 
 def _reference(layer, x):
@@ -29,7 +24,7 @@ def _reference(layer, x):
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
     for k, n in ((4096, 6144), (14336, 4096), (4096, 28672)):
-        layer = _quantized(k, n, bits, group_size, dtype)
+        layer = quantized_linear(k, n, bits, group_size, dtype)
         for rows in (9, 20, 64, 100, 128):
             x = mx.random.normal((rows, k)).astype(dtype)
             assert qgemm.applies(layer, x)
@@ -40,7 +35,7 @@ def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
 
 @cuda
 def test_self_check_and_project():
-    layer = _quantized(4096, 4096, 4)
+    layer = quantized_linear(4096, 4096, 4)
     assert qgemm.qgemm_matches_layers([layer])
     x = mx.random.normal((64, 4096)).astype(mx.bfloat16)
     plain = project(layer, x, KernelPlan(dequant_min_rows=8)).astype(mx.float32)
@@ -61,16 +56,16 @@ def test_num_splits_fills_the_gpu_with_even_splits():
 
 
 def test_applies_only_where_it_computes_the_layer():
-    layer = _quantized(128, 64, 4)
+    layer = quantized_linear(128, 64, 4)
     x = mx.zeros((qgemm.MIN_ROWS, 128), mx.bfloat16)
     assert qgemm.applies(layer, x)
     assert not qgemm.applies(layer, mx.zeros((qgemm.MIN_ROWS - 1, 128), mx.bfloat16))  # gemv's
     assert not qgemm.applies(layer, mx.zeros((qgemm.MAX_ROWS + 1, 128), mx.bfloat16))
     assert not qgemm.applies(layer, x.astype(mx.float16))  # scales are bf16
-    assert not qgemm.applies(_quantized(128, 64, 4, dtype=mx.float32), x.astype(mx.float32))
+    assert not qgemm.applies(quantized_linear(128, 64, 4, dtype=mx.float32), x.astype(mx.float32))
     assert not qgemm.applies(nn.Linear(128, 64, bias=False), x)
-    assert not qgemm.applies(_quantized(192, 64, 4, group_size=32), mx.zeros((16, 192), mx.bfloat16))
-    assert qgemm.applies(_quantized(256, 64, 4, group_size=128), mx.zeros((16, 256), mx.bfloat16))
+    assert not qgemm.applies(quantized_linear(192, 64, 4, group_size=32), mx.zeros((16, 192), mx.bfloat16))
+    assert qgemm.applies(quantized_linear(256, 64, 4, group_size=128), mx.zeros((16, 256), mx.bfloat16))
 
 
 @cuda
@@ -79,7 +74,7 @@ def test_two_warp_groups_per_block_match(bits, dtype, monkeypatch):
     for name in ("K_WARPS", "K_WARPS_64_ROWS"):  # each K step split between two warp groups
         monkeypatch.setattr(qgemm, name, 2)
     for k, n in ((4096, 6144), (14336, 4096)):
-        layer = _quantized(k, n, bits, 64, dtype)
+        layer = quantized_linear(k, n, bits, 64, dtype)
         for rows in (9, 20, 64, 100):
             x = mx.random.normal((rows, k)).astype(dtype)
             got, want = qgemm.qgemm(layer, x).astype(mx.float32), _reference(layer, x)
@@ -101,7 +96,7 @@ def test_shared_self_check_passes_only_a_matching_kernel(monkeypatch):
     # The helper behind qgemm's and qgemv's start-up self-checks, driven on any backend by
     # stand-in kernels: dequantize + matmul itself passes; a wrong or failing one does not.
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
-    layer = _quantized(256, 32, 4, dtype=mx.float32)
+    layer = quantized_linear(256, 32, 4, dtype=mx.float32)
     w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     exact = lambda l, x, *args: x @ w.T  # noqa: E731
     seen = []

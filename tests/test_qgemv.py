@@ -9,14 +9,9 @@ import pytest
 
 from engine import qgemv
 from engine.model import KernelPlan, project
+from tests.tiny import quantized_linear
 
 cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
-
-
-def _quantized(k: int, n: int, bits: int, group_size: int = 64, dtype=mx.bfloat16):
-    q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=group_size, bits=bits)
-    q.set_dtype(dtype)
-    return q
 
 
 def _close(layer, x, **kw) -> tuple[bool, float]:
@@ -34,7 +29,7 @@ def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
     # elsewhere, since every combination compiles on first use.
     full = (bits, group_size, dtype) == (4, 64, mx.bfloat16)
     for k, n in ((4096, 6144), (14336, 4096), (4096, 28672))[:None if full else 2]:
-        layer = _quantized(k, n, bits, group_size, dtype)
+        layer = quantized_linear(k, n, bits, group_size, dtype)
         for rows in range(1, qgemv.MAX_ROWS + 1) if full else (1, 3, 8):
             x = mx.random.normal((rows, k)).astype(dtype)
             assert qgemv.applies(layer, x)
@@ -45,7 +40,7 @@ def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
 @cuda
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 def test_every_warp_split_matches(warps):
-    layer = _quantized(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
+    layer = quantized_linear(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
     for rows in (1, 5):
         ok, err = _close(layer, mx.random.normal((rows, 1280)).astype(mx.bfloat16), warps=warps)
         assert ok, (warps, rows, err)
@@ -53,7 +48,7 @@ def test_every_warp_split_matches(warps):
 
 @cuda
 def test_self_check_and_project():
-    layer = _quantized(4096, 4096, 4)
+    layer = quantized_linear(4096, 4096, 4)
     assert qgemv.qgemv_matches_layers([layer])
     x = mx.random.normal((3, 4096)).astype(mx.bfloat16)
     plain = project(layer, x, KernelPlan()).astype(mx.float32)
@@ -62,14 +57,14 @@ def test_self_check_and_project():
 
 
 def test_applies_only_where_it_computes_the_layer():
-    layer = _quantized(128, 64, 4)
+    layer = quantized_linear(128, 64, 4)
     x = mx.zeros((1, 128), mx.bfloat16)
     assert qgemv.applies(layer, x) and qgemv.applies(layer, mx.zeros((8, 128), mx.bfloat16))
     assert not qgemv.applies(layer, mx.zeros((qgemv.MAX_ROWS + 1, 128), mx.bfloat16))  # qgemm's
     assert not qgemv.applies(layer, x.astype(mx.float16))  # scales are bf16
-    assert not qgemv.applies(_quantized(128, 64, 4, dtype=mx.float32), x.astype(mx.float32))
+    assert not qgemv.applies(quantized_linear(128, 64, 4, dtype=mx.float32), x.astype(mx.float32))
     assert not qgemv.applies(nn.Linear(128, 64, bias=False), x)
-    assert not qgemv.applies(_quantized(192, 64, 4, group_size=32), mx.zeros((1, 192), mx.bfloat16))
+    assert not qgemv.applies(quantized_linear(192, 64, 4, group_size=32), mx.zeros((1, 192), mx.bfloat16))
 
 
 def test_warps_fill_the_gpu_without_idle_warps():

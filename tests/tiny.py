@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -31,3 +32,12 @@ def tiny_model(seed: int = 0, **overrides) -> tuple[Mistral, ModelArgs, dict]:
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
     mx.eval(model.parameters())
     return model, args, {**cfg, "head_dim": args.head_dim, "sliding_window": args.sliding_window}
+
+
+def quantized_linear(k: int, n: int, bits: int, group_size: int = 64,
+                     dtype=mx.bfloat16) -> nn.QuantizedLinear:
+    """A random k -> n Linear without bias, quantized MLX-style, scales and biases in `dtype`:
+    the layer the quantized-kernel tests run on."""
+    q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=group_size, bits=bits)
+    q.set_dtype(dtype)
+    return q
