@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine import gemv, qgemm, qgemv
+from loadtest.quant_kernels import layer_4bit
 
 # Calls cycle through this many copies of a layer, so that its weights are read from memory
 # as in a decode step (a 4-bit 4,096 x 6,144 layer fits an H200's 50 MB L2 several times).
@@ -102,13 +103,6 @@ def _call(kind: str, variant: str, layer, x):
                        layer.group_size, kernel=_kernel(kind, variant))
 
 
-def _layer(k: int, n: int, bits: int = 4) -> nn.QuantizedLinear:
-    layer = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=64, bits=bits)
-    layer.set_dtype(mx.bfloat16)
-    mx.eval(layer.parameters())
-    return layer
-
-
 def kernel_us(fn, reps: int = 21) -> float:
     """Mean GPU time (us) of the kernels fn(i) launches, over `reps` calls in one eval each."""
     from torch.profiler import ProfilerActivity, profile
@@ -137,7 +131,7 @@ def main(argv=None) -> None:
     default_unroll = qgemv.UNROLL
     for name in a.shapes.split(","):
         k, n = SHAPES[name]
-        layers = [_layer(k, n) for _ in range(COPIES)]
+        layers = [layer_4bit(k, n) for _ in range(COPIES)]
         layer = layers[0]
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4)
         dense = nn.Linear(k, n, bias=False)

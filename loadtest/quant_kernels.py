@@ -19,7 +19,8 @@ SHAPES = ((4096, 28672), (14336, 4096))  # gate|up, down: (input, output) featur
 ROWS = (9, 64, 128)
 
 
-def _layer(k: int, n: int) -> nn.QuantizedLinear:
+def layer_4bit(k: int, n: int) -> nn.QuantizedLinear:
+    """A random k -> n layer, 4-bit in groups of 64 (the 7B checkpoints' format), bf16 scales."""
     layer = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=64, bits=4)
     layer.set_dtype(mx.bfloat16)
     mx.eval(layer.parameters())
@@ -38,7 +39,7 @@ def _us(fn, reps: int = 20) -> float:
 
 def main() -> None:
     for k, n in SHAPES:
-        layer = _layer(k, n)
+        layer = layer_4bit(k, n)
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4)
         mx.eval(w)
         for rows in ROWS:
