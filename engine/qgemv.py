@@ -30,6 +30,7 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.gemv import input_width
 from engine.qgemm import BK, FAST_DEQUANT, HEADER, matches_dequantize_matmul, tensor_core_format
 
 MAX_ROWS = 8         # B's width in mma.m16n8k16
@@ -39,6 +40,13 @@ UNROLL = 4           # K steps whose weights a warp loads before using them (H20
 # WARPS_TARGET warps in all, ~31 per SM of an H200, so a 4,096-feature layer fills the GPU.
 WARPS_TARGET = 4096
 MAX_WARPS = 8
+# The staged kernel (SOURCE_STAGED) where it applies: chunk slots in each warp's ring, and
+# whether x is staged too (else read from global memory in the inner loop).
+STAGED = True
+STAGES = 3
+X_SMEM = True
+SMEM_BUDGET = 112 * 1024   # a block's ring at most: two blocks fit an H100's / H200's SM
+SMEM_LIMIT = 227 * 1024    # the most dynamic shared memory a block can have (sm_90)
 
 # y (M, N) = x (M, K) @ dequantize(w)^T. Block b computes features 16b..16b+15 for every row;
 # warp w takes K steps w, w + NW, ... in batches of U (loads first, then arithmetic). In a
@@ -52,7 +60,7 @@ SOURCE = r"""
     constexpr int PER_WORD = 32 / BITS;
     constexpr int STEPS = K / 128;
     constexpr int CH = BITS / 4;  // 16-byte chunks per lane, feature and step
-    const int N = w_shape[0];
+    const int M = x_shape[0], N = w_shape[0];  // runtime: one compiled kernel serves 1-8 rows
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const long n0 = (long)blockIdx.x * 16;
@@ -137,12 +145,162 @@ SOURCE = r"""
 """
 
 
-def warps_per_block(n: int, k: int) -> int:
-    """Warps splitting K in each block (see WARPS_TARGET): never more than the K steps."""
-    tiles, warps = -(-n // FEATURES), 1
-    while tiles * warps < WARPS_TARGET and warps < MAX_WARPS and 2 * warps <= k // BK:
+# Staged variant (STAGED): the same products, but the weights reach the warp through shared
+# memory. On an H200 the direct-load kernel above read gate|up at 2.3 TB/s whether or not it
+# unpacked or multiplied (cuts no-unpack 28.2 us, no-mma 27.5, as written 28.9) and took 4 us
+# more to fetch x (no-x-loads 24.8); more warps or deeper unrolls did not help (ninth
+# session). Its loads are 64-byte runs of 8 features at a time. Here each warp copies whole
+# chunks with cp.async: a chunk is C = GS / 16 K steps (exactly 8 groups) of the block's 16
+# features, 16 x W_ROW bytes of weights in 512-byte runs, their scales and biases (16 bytes
+# a feature each) and, when XR > 0, the XR activation rows of the chunk; a warp's chunks are
+# warp, warp + NW, ..., through a ring of S slots of its own (so only __syncwarp is needed).
+# Lanes then read the same fragments as above from shared memory: weight rows swizzled by row
+# parity and x chunks by their own bits and row parity, so a quarter warp's 16-byte reads hit
+# distinct banks. Needs K a multiple of 8 groups (staged_applies()).
+SOURCE_STAGED = r"""
+    constexpr int C = GS / 16;                 // K steps per chunk: 8 groups
+    constexpr int CHUNKS = K / (128 * C);
+    constexpr int CH = BITS / 4;               // 16-byte pieces per lane, feature and step
+    constexpr int W_ROW = C * 16 * BITS;       // weight bytes per feature and chunk
+    constexpr int W_BYTES = 16 * W_ROW;
+    constexpr int X_ROW = C * 256;             // activation bytes per row and chunk
+    constexpr int SLOT = W_BYTES + 512 + XR * X_ROW;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int M = x_shape[0], N = w_shape[0];  // runtime: one compiled kernel serves 1-XR rows
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const long n0 = (long)blockIdx.x * 16;
+    const int xrow = min(g, M - 1);           // B's column g is x's row g (rows past M repeat)
+    unsigned char* ring = smem + warp * (S * SLOT);
+    const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
+    const int mine = (CHUNKS - warp + NW - 1) / NW;  // this warp's chunks: warp, warp + NW, ...
+    auto wswz = [](int ch, int r) { return ch ^ ((r & 1) * (CH == 1 ? 4 : 1)); };
+    auto xswz = [](int ch, int r) { return ch ^ ((ch >> 3) & 1) ^ ((r & 1) << 1); };
+    auto issue = [&](int i) {  // the warp's i-th chunk into slot i % S
+        unsigned char* slot = ring + (i % S) * SLOT;
+        const int c = warp + i * NW;
+        #pragma unroll
+        for (int q = lane; q < W_BYTES / 16; q += 32) {
+            const int r = q / (W_ROW / 16), ch = q % (W_ROW / 16);
+            const long f = min(n0 + r, (long)N - 1);
+            cp_async<16>(slot + r * W_ROW + wswz(ch, r) * 16,
+                         wb + f * (K * BITS / 8) + (long)c * W_ROW + ch * 16, true);
+        }
+        {   // lane l < 16: feature l's 8 scales; lane 16 + l: its 8 biases
+            const long f = min(n0 + (lane & 15), (long)N - 1);
+            cp_async<16>(slot + W_BYTES + lane * 16, (lane < 16 ? scales : biases) + f * (K / GS) + c * 8, true);
+        }
+        #pragma unroll
+        for (int q = lane; q < XR * X_ROW / 16; q += 32) {
+            const int r = q / (X_ROW / 16), ch = q % (X_ROW / 16);
+            const bool ok = r < M;
+            cp_async<16>(slot + W_BYTES + 512 + r * X_ROW + xswz(ch, r) * 16,
+                         ok ? x + (long)r * K + (long)c * (C * 128) + ch * 8 : x, ok);
+        }
+    };
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < S - 1; ++i) {
+        if (i < mine) issue(i);
+        cp_async_commit();
+    }
+    for (int i = 0; i < mine; ++i) {
+        cp_async_wait<S - 2>();  // this lane's copies of chunk i have landed
+        __syncwarp();            // every lane's have; and chunk i - 1's slot is free
+        if (i + S - 1 < mine) issue(i + S - 1);
+        cp_async_commit();
+        const unsigned char* slot = ring + (i % S) * SLOT;
+        const unsigned short* sb = reinterpret_cast<const unsigned short*>(slot + W_BYTES);
+        const int k0 = (warp + i * NW) * (C * 128);
+        #pragma unroll
+        for (int sc = 0; sc < C; ++sc) {
+            const int gi = (sc * 128 + 32 * t) / GS;  // the lane's group within the chunk
+            const unsigned short s0 = sb[g * 8 + gi], s1 = sb[(g + 8) * 8 + gi];
+            const unsigned short b0 = sb[128 + g * 8 + gi], b1 = sb[128 + (g + 8) * 8 + gi];
+            unsigned q[2][BITS];
+            #pragma unroll
+            for (int f = 0; f < 2; ++f)
+                #pragma unroll
+                for (int h = 0; h < CH; ++h) {
+                    const int r = g + 8 * f;
+                    const uint4 v = *reinterpret_cast<const uint4*>(
+                        slot + r * W_ROW + wswz((sc * 4 + t) * CH + h, r) * 16);
+                    q[f][4 * h] = v.x; q[f][4 * h + 1] = v.y; q[f][4 * h + 2] = v.z; q[f][4 * h + 3] = v.w;
+                }
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {  // piece j: values 8j..8j+7 of the lane's 32
+                uint4 xv;
+                if (XR > 0)
+                    xv = *reinterpret_cast<const uint4*>(slot + W_BYTES + 512 + xrow * X_ROW +
+                                                         xswz(sc * 16 + 4 * t + j, xrow) * 16);
+                else
+                    xv = *reinterpret_cast<const uint4*>(x + (long)xrow * K + k0 + sc * 128 + 32 * t + 8 * j);
+                unsigned p0[4], p1[4];
+                unpack8<BITS, BF16, FAST>(&q[0][CH * j], s0, b0, p0);
+                unpack8<BITS, BF16, FAST>(&q[1][CH * j], s1, b1, p1);
+                const unsigned a0[4] = {p0[0], p1[0], p0[1], p1[1]};
+                const unsigned a1[4] = {p0[2], p1[2], p0[3], p1[3]};
+                const unsigned b0v[2] = {xv.x, xv.y}, b1v[2] = {xv.z, xv.w};
+                mma16816<BF16>(acc, a0, b0v);
+                mma16816<BF16>(acc, a1, b1v);
+            }
+        }
+    }
+    if (NW > 1) {  // the other warps' sums to warp 0
+        __shared__ float red[NW][32][4];
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][lane][e] = acc[e];
+        __syncthreads();
+        if (warp != 0) return;
+        for (int v = 1; v < NW; ++v)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[e] += red[v][lane][e];
+    }
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int row = 2 * t + (e & 1);
+        const long col = n0 + g + 8 * (e >> 1);
+        if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[e]);
+    }
+"""
+
+
+def warps_per_block(n: int, k: int, units: int = 0) -> int:
+    """Warps splitting K in each block (see WARPS_TARGET): never more than the K steps (or
+    the `units` of K the warps take turns on: the staged kernel's chunks)."""
+    tiles, warps, units = -(-n // FEATURES), 1, units or k // BK
+    while tiles * warps < WARPS_TARGET and warps < MAX_WARPS and 2 * warps <= units:
         warps *= 2
     return warps
+
+
+def staged_applies(layer: nn.Module, x: mx.array) -> bool:
+    """Whether the staged kernel serves layer(x) (applies() must hold too): K in whole chunks
+    of 8 groups (so a chunk's scales are one aligned 16-byte run a feature)."""
+    gs = layer.group_size
+    return STAGED and gs in (32, 64, 128) and input_width(layer) % (8 * gs) == 0
+
+
+def staged_shared_bytes(bits: int, group_size: int, warps: int, x_rows: int) -> int:
+    """Dynamic shared memory of a staged launch: each warp's ring of STAGES chunk slots."""
+    c = group_size // 16
+    return warps * STAGES * (16 * c * 16 * bits + 512 + x_rows * c * 256)
+
+
+def staged_launch(layer: nn.Module, m: int, warps: int = 0) -> tuple[int, int, int] | None:
+    """(warps, x rows staged, shared bytes) of a staged launch for m rows, or None if it cannot
+    fit a block's shared memory. x rows: the next power of two above m (a kernel each), dropped
+    to 0 (x from global memory) when the ring would pass SMEM_BUDGET, or when X_SMEM is off;
+    then fewer warps (unless `warps` is given)."""
+    k, n = input_width(layer), layer.weight.shape[0]
+    nw = warps or warps_per_block(n, k, k // (8 * layer.group_size))
+    xr = 1 << (m - 1).bit_length() if X_SMEM else 0
+    smem = staged_shared_bytes(layer.bits, layer.group_size, nw, xr)
+    if smem > SMEM_BUDGET and xr:
+        xr, smem = 0, staged_shared_bytes(layer.bits, layer.group_size, nw, 0)
+    while smem > SMEM_BUDGET and nw > 1 and not warps:
+        nw //= 2
+        smem = staged_shared_bytes(layer.bits, layer.group_size, nw, 0)
+    return (nw, xr, smem) if smem <= SMEM_LIMIT else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,23 +309,42 @@ def _kernel():
                                output_names=["y"], source=SOURCE, header=HEADER)
 
 
+@functools.lru_cache(maxsize=None)
+def _staged_kernel(smem: int):
+    return mx.fast.cuda_kernel(name=f"qgemv_staged_{smem}",
+                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
+                               source=SOURCE_STAGED, header=HEADER, shared_memory=smem)
+
+
 def applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether qgemv() computes layer(x): 1..MAX_ROWS rows in the format engine/qgemm.py's
     tensor_core_format accepts (the same unpacking and k steps of BK = 128)."""
     return 1 <= x.size // x.shape[-1] <= MAX_ROWS and tensor_core_format(layer, x)
 
 
-def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, kernel=None) -> mx.array:
-    """layer(x) for x of 1..MAX_ROWS rows (see applies()); `warps` per block overrides
-    warps_per_block(), and `kernel` stands in for this one with the same launch (both for
+def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None) -> mx.array:
+    """layer(x) for x of 1..MAX_ROWS rows (see applies()): the staged kernel where
+    staged_applies(), else the direct one. `warps` per block overrides warps_per_block(), and
+    `build` (shared bytes -> kernel) stands in for the kernel with the same launch (both for
     loadtest sweeps)."""
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
+    staged = staged_launch(layer, m, warps) if staged_applies(layer, x) else None
+    if staged:
+        nw, xr, smem = staged
+        y = (build or _staged_kernel)(smem)(
+            inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
+            template=[("T", x.dtype), ("K", k), ("BITS", layer.bits), ("GS", layer.group_size),
+                      ("BF16", x.dtype == mx.bfloat16), ("NW", nw), ("S", STAGES), ("XR", xr),
+                      ("FAST", FAST_DEQUANT)],
+            grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
+            output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+        return y.reshape(*x.shape[:-1], n)
     nw = warps or warps_per_block(n, k)
-    y = (kernel or _kernel())(
+    y = (build or (lambda smem: _kernel()))(0)(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
-        template=[("T", x.dtype), ("K", k), ("M", m), ("BITS", layer.bits),
+        template=[("T", x.dtype), ("K", k), ("BITS", layer.bits),
                   ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("NW", nw),
                   ("U", UNROLL), ("FAST", FAST_DEQUANT)],
         grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
@@ -178,7 +355,8 @@ def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, kernel=None) -
 def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     """The kernel against dequantize + matmul on the model's own quantized layers at every row
     count 1..MAX_ROWS: the runner's start-up self-check, which also compiles every variant a
-    run can launch (each row count is its own kernel) before the first request."""
+    run can launch (one per input width and warp count; the row count is a runtime value)
+    before the first request."""
     return matches_dequantize_matmul(layers, [(m,) for m in range(1, MAX_ROWS + 1)],
                                      qgemv, applies,
                                      "few-row 4/8-bit tensor-core kernel", seed=2, atol=atol)

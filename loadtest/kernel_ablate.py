@@ -10,13 +10,14 @@ op / the float dot product by one integer op, `no-convert` skips gemv's int-to-f
 conversion, `no-loads` stops qgemm's copies from global memory after the first stages
 (`no-loads-no-sync` also drops its per-step barrier), `no-x-loads` gives qgemv constants for
 x. If taking a part out barely changes the time, that part is not what bounds it. qgemv is
-also timed at each of QGEMV_UNROLLS. Kernel times come from CUPTI through torch.profiler
+timed at the settings of QGEMV_SWEEP, and its cuts apply to its direct kernel. Kernel times come from CUPTI through torch.profiler
 (the GPU machines ship torch), so host launch costs do not count.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 
 import mlx.core as mx
@@ -98,7 +99,7 @@ def _call(kind: str, variant: str, layer, x):
     if kind == "qgemm":
         return qgemm.kernel_output(layer, x, build=lambda smem: _kernel(kind, variant, smem))
     if kind == "qgemv":
-        return qgemv.qgemv(layer, x, kernel=_kernel(kind, variant))
+        return qgemv.qgemv(layer, x, build=lambda smem: _kernel(kind, variant, smem))
     return gemv.matvec(x, layer.weight, layer.scales, layer.biases, layer.bits,
                        layer.group_size, kernel=_kernel(kind, variant))
 
@@ -118,8 +119,30 @@ def kernel_us(fn, reps: int = 21) -> float:
     return sum(e.time_range.elapsed_us() for e in _kernel_events(prof)) / reps
 
 
-# engine/qgemv.py's UNROLL settings timed (at its chosen warps per block).
-QGEMV_UNROLLS = (4, 8)
+# engine/qgemv.py settings timed against its defaults (label, module attributes, warps per
+# block or 0 for its choice): the direct kernel, and the staged one's ring depth, x in shared
+# or global memory, and warps.
+QGEMV_SWEEP = (
+    ("direct", {"STAGED": False}, 0),
+    ("staged S2", {"STAGES": 2}, 0), ("staged S4", {"STAGES": 4}, 0),
+    ("staged x-global", {"X_SMEM": False}, 0),
+    ("staged S2 x-global", {"STAGES": 2, "X_SMEM": False}, 0),
+    ("staged S2 NW2", {"STAGES": 2}, 2), ("staged S2 NW4", {"STAGES": 2}, 4),
+    ("staged S2 NW8", {"STAGES": 2}, 8),
+)
+
+
+@contextlib.contextmanager
+def _setting(module, attrs: dict):
+    """module's attributes set to attrs inside the block, restored after."""
+    old = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
 
 
 def main(argv=None) -> None:
@@ -128,7 +151,6 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default="gate|up,down,qkv")
     ap.add_argument("--brief", action="store_true", help="no cuts: the kernels as written only")
     a = ap.parse_args(argv)
-    default_unroll = qgemv.UNROLL
     for name in a.shapes.split(","):
         k, n = SHAPES[name]
         layers = [layer_4bit(k, n) for _ in range(COPIES)]
@@ -148,14 +170,17 @@ def main(argv=None) -> None:
                 for v in ("as written",) + (() if a.brief else tuple(GEMV_CUTS)):
                     us = kernel_us(lambda i: _call("gemv", v, layers[i % COPIES], x))
                     line.append(f"gemv {v} {us:7.1f} ({mb / us:.2f} TB/s)")
-                for v in () if a.brief else tuple(QGEMV_CUTS):
-                    us = kernel_us(lambda i: _call("qgemv", v, layers[i % COPIES], x))
-                    line.append(f"qgemv {v} {us:7.1f}")
-                for unroll in QGEMV_UNROLLS:
-                    qgemv.UNROLL = unroll
-                    us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x))
-                    line.append(f"qgemv U{unroll} {us:7.1f} ({mb / us:.2f} TB/s)")
-                qgemv.UNROLL = default_unroll
+                launch = qgemv.staged_launch(layer, rows)
+                us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x))
+                line.append(f"qgemv {launch} {us:7.1f} ({mb / us:.2f} TB/s)")
+                for label, attrs, nw in () if a.brief else QGEMV_SWEEP:
+                    with _setting(qgemv, attrs):
+                        us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x, warps=nw))
+                    line.append(f"qgemv {label} {us:7.1f}")
+                with _setting(qgemv, {"STAGED": False}):  # the cuts are the direct kernel's
+                    for v in () if a.brief else tuple(QGEMV_CUTS):
+                        us = kernel_us(lambda i: _call("qgemv", v, layers[i % COPIES], x))
+                        line.append(f"qgemv direct {v} {us:7.1f}")
             elif qgemm.MIN_ROWS <= rows <= qgemm.MAX_ROWS:
                 for v in ("as written",) + tuple(QGEMM_CUTS):
                     us = kernel_us(lambda i: _call("qgemm", v, layers[i % COPIES], x))

@@ -441,18 +441,34 @@ def qgemv_source() -> str:
     reference: 1-8 rows, 4 and 8 bits, group sizes 32-128, features that part-fill a warp's
     16, and warp counts and unrolls that leave steps over (K steps not a multiple of NW * U)."""
     from engine import qgemm, qgemv
+    staged = qgemv.SOURCE_STAGED.replace("extern __shared__ __align__(16) unsigned char smem[];",
+                                         "alignas(16) static unsigned char smem[1 << 18];")
+    assert staged != qgemv.SOURCE_STAGED
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + QUANT_PROBLEM + qgemm.UNPACK + r"""
-    template <typename T, int K, int M, int BITS, int GS, bool BF16, int NW, int U, bool FAST>
-    void qv(const T* x, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
+    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int U, bool FAST>
+    void qv(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
             T* y) { """ + qgemv.SOURCE + r""" }
     std::mt19937 rng(11);
     template <int K, int M, int BITS, int GS, int NW, int U, bool FAST = true> void qgemv_case(int N) {
       QuantProblem p(rng, M, N, K, BITS, GS);
-      int ws[2] = {N, K * BITS / 32};
-      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, M, BITS, GS, true, NW, U, FAST>(p.x.data(), p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
+      int xs[2] = {M, K}, ws[2] = {N, K * BITS / 32};
+      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, BITS, GS, true, NW, U, FAST>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
       printf("qgemv%d K %d M %d GS %d NW %d U %d fast %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, U, (int)FAST, N, p.rel_err());
     }
+    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int S, int XR, bool FAST>
+    void qvs(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
+             T* y) { """ + staged + r""" }
+    template <int K, int M, int BITS, int GS, int NW, int S, int XR> void staged_case(int N) {
+      QuantProblem p(rng, M, N, K, BITS, GS);
+      int xs[2] = {M, K}, ws[2] = {N, K * BITS / 32};
+      launch((N + 15) / 16, NW * 32, [&] { qvs<bf, K, BITS, GS, true, NW, S, XR, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
+      printf("staged%d K %d M %d GS %d NW %d S %d XR %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, S, XR, N, p.rel_err());
+    }
     int main() {
+      staged_case<512, 1, 4, 64, 1, 2, 1>(40); staged_case<1024, 3, 4, 32, 2, 3, 4>(24);
+      staged_case<2048, 8, 8, 128, 2, 2, 8>(16); staged_case<1536, 5, 4, 64, 2, 3, 0>(20);
+      staged_case<1024, 2, 4, 64, 4, 2, 2>(17); staged_case<1024, 7, 8, 32, 2, 4, 8>(9);
+      staged_case<4096, 1, 4, 64, 4, 3, 1>(32);
       qgemv_case<512, 1, 4, 64, 1, 4>(40); qgemv_case<640, 3, 4, 32, 2, 2>(24);
       qgemv_case<1024, 8, 4, 128, 4, 1>(16); qgemv_case<384, 5, 8, 64, 2, 4>(20);
       qgemv_case<896, 8, 8, 32, 4, 2>(9); qgemv_case<256, 2, 4, 64, 1, 1, false>(17);

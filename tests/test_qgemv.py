@@ -38,6 +38,20 @@ def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("setting", [{"STAGED": False}, {"X_SMEM": False}, {"STAGES": 2},
+                                     {"STAGES": 4}])
+def test_each_kernel_variant_matches_on_7b_shapes(setting, monkeypatch):
+    # The direct kernel (where the staged one does not apply) and the staged one's knobs.
+    for name, value in setting.items():
+        monkeypatch.setattr(qgemv, name, value)
+    for k, n in ((4096, 6144), (14336, 4096), (4096, 28672)):
+        layer = quantized_linear(k, n, 4)
+        for rows in (1, 3, 8):
+            ok, err = _close(layer, mx.random.normal((rows, k)).astype(mx.bfloat16))
+            assert ok, (setting, k, n, rows, err)
+
+
+@cuda
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 def test_every_warp_split_matches(warps):
     layer = quantized_linear(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
@@ -73,3 +87,20 @@ def test_warps_fill_the_gpu_without_idle_warps():
     assert qgemv.warps_per_block(4096, 4096) == qgemv.MAX_WARPS
     assert qgemv.warps_per_block(4096, 14336) == qgemv.MAX_WARPS
     assert qgemv.warps_per_block(4096, 256) == 2  # two K steps: a third warp would idle
+
+
+def test_staged_launch_fits_shared_memory():
+    # The 7B's layers in each format get a staged launch within the budget; x leaves shared
+    # memory before the warps are cut, and a group size that makes K part-chunks is not staged.
+    for k, n in ((4096, 28672), (14336, 4096), (4096, 6144), (4096, 32000)):
+        for bits, gs in ((4, 64), (8, 64), (8, 128), (4, 32)):
+            layer = quantized_linear(k, n, bits, gs)
+            assert qgemv.staged_applies(layer, mx.zeros((1, k), mx.bfloat16))
+            for m in range(1, qgemv.MAX_ROWS + 1):
+                nw, xr, smem = qgemv.staged_launch(layer, m)
+                assert smem <= qgemv.SMEM_BUDGET and xr in (0, 1, 2, 4, 8) and (xr == 0 or xr >= m)
+                assert smem == qgemv.staged_shared_bytes(bits, gs, nw, xr)
+    layer = quantized_linear(4096, 28672, 4)
+    assert qgemv.staged_launch(layer, 1)[:2] == (4, 1)     # gate|up: x staged at one row
+    assert qgemv.staged_launch(layer, 8)[1] == 0            # 8 rows of x would pass the budget
+    assert not qgemv.staged_applies(quantized_linear(1280, 72, 4), mx.zeros((1, 1280), mx.bfloat16))

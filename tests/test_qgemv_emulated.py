@@ -14,9 +14,15 @@ BF16_OUT = 5e-3  # outputs are stored as bf16: 2^-8 relative rounding, plus floa
 
 def test_qgemv_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemv(tmp_path)
-    assert len(results) == 8 and {c.split()[0] for c, _ in results} == {"qgemv4", "qgemv8"}
-    assert {int(c.split(" M ")[1].split()[0]) for c, _ in results} >= {1, 8}
-    assert {c.split(" NW ")[1].split()[0] for c, _ in results} == {"1", "2", "4"}
+    direct = [r for r in results if r[0].startswith("qgemv")]
+    staged = [r for r in results if r[0].startswith("staged")]
+    assert len(direct) == 8 and {c.split()[0] for c, _ in direct} == {"qgemv4", "qgemv8"}
+    assert len(staged) == 7 and {c.split()[0] for c, _ in staged} == {"staged4", "staged8"}
+    for cases in (direct, staged):
+        assert {int(c.split(" M ")[1].split()[0]) for c, _ in cases} >= {1, 8}
+        assert {c.split(" NW ")[1].split()[0] for c, _ in cases} >= {"1", "2", "4"}
+    # staged: x in shared memory for 1-8 rows and read from global memory (XR 0)
+    assert {c.split(" XR ")[1].split()[0] for c, _ in staged} == {"0", "1", "2", "4", "8"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
@@ -37,3 +43,28 @@ def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, righ
     monkeypatch.setattr(qgemv, "SOURCE", qgemv.SOURCE.replace(wrong, right, 1))
     results = cuda_emulator.run_qgemv(tmp_path)
     assert results and max(err for _, err in results) > 5e-2
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("cp_async<16>(slot + r * W_ROW + wswz(ch, r) * 16", "cp_async<16>(slot + r * W_ROW + ch * 16"),  # writer unswizzled
+    ("const int c = warp + i * NW;", "const int c = warp + i;"),  # chunks of other warps
+    ("unsigned char* slot = ring + (i % S) * SLOT;", "unsigned char* slot = ring + ((i + 1) % S) * SLOT;"),  # copy to the wrong slot
+    ("sb[g * 8 + gi], s1", "sb[g * 8], s1"),                        # every step uses group 0's scale
+    ("(lane < 16 ? scales : biases)", "(lane < 16 ? biases : scales)"),  # scales and biases swapped
+    ("xswz(sc * 16 + 4 * t + j, xrow) * 16", "xswz(sc * 16 + 4 * t, xrow) * 16"),  # one x piece for all four
+    ("const int xrow = min(g, M - 1);", "const int xrow = min(t, M - 1);"),  # B's column from t
+])
+def test_emulation_catches_broken_staging(tmp_path, monkeypatch, wrong, right):
+    from engine import qgemv
+    assert wrong in qgemv.SOURCE_STAGED
+    monkeypatch.setattr(qgemv, "SOURCE_STAGED", qgemv.SOURCE_STAGED.replace(wrong, right, 1))
+    results = [r for r in _run_or_crash(tmp_path) if r[0].startswith("staged")]
+    assert len(results) < 7 or max(err for _, err in results) > 5e-2
+
+
+def _run_or_crash(tmp_path):
+    """The emulation's results, or none if the broken kernel crashed it (reads out of bounds)."""
+    try:
+        return cuda_emulator.run_qgemv(tmp_path)
+    except Exception:
+        return []
