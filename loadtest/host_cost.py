@@ -1,0 +1,88 @@
+"""What one op costs the host on MLX's CUDA backend, by kind: a compiled chain of N ops is
+replayed and timed on the host (build + mx.async_eval) and end to end (with the device).
+
+    python -m loadtest.host_cost [--ops 128]
+
+A decode step at batch 1 is ~300 kernels. When the host's cost per step passes the GPU's, the
+host sets the pace whatever the kernels do; this says which kind of op costs the host most
+(a built-in elementwise op, a cuBLAS matmul, an `mx.fast.cuda_kernel` such as the fused
+SwiGLU, or the 4-bit qgemv kernel), so fusing can aim at the right ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine import fused_ops, qgemv
+from loadtest.quant_kernels import layer_4bit
+
+
+def chain(step, n: int):
+    """A compiled function applying `step` n times to its input."""
+    def fn(x):
+        for _ in range(n):
+            x = step(x)
+        return x
+    return mx.compile(fn)
+
+
+def time_chain(fn, x, reps: int = 30) -> tuple[float, float]:
+    """(host ms per call: build + async_eval, wall ms per call with the device)."""
+    for _ in range(3):
+        mx.eval(fn(x))
+    host = 0.0
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        t = time.perf_counter()
+        y = fn(x)
+        mx.async_eval(y)
+        host += time.perf_counter() - t
+    mx.eval(y)
+    wall = time.perf_counter() - t0
+    return 1e3 * host / reps, 1e3 * wall / reps
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", type=int, default=128)
+    a = ap.parse_args(argv)
+    n = a.ops
+    x = mx.random.normal((1, 4096)).astype(mx.bfloat16)
+    w = (mx.random.normal((4096, 4096)) * 0.01).astype(mx.bfloat16)
+    layer = layer_4bit(4096, 4096)
+    gu = mx.random.normal((1, 2 * 4096)).astype(mx.bfloat16)
+    mx.eval(x, w, layer.parameters(), gu)
+    cases = {
+        "elementwise (x * 1.001)": (lambda v: v * 1.001, x),
+        "reshape pair (no kernel)": (lambda v: v.reshape(4096, 1).reshape(1, 4096), x),
+        "cuBLAS matmul 4096x4096 bf16": (lambda v: v @ w.T, x),
+        "fused SwiGLU + concatenate (2 ops)": (lambda v: mx.concatenate(
+            [fused_ops.swiglu(v, True)] * 2, axis=-1), gu),
+        "qgemv 4-bit 4096x4096 (cuda_kernel)": (lambda v: qgemv.qgemv(layer, v), x),
+        "qgemv direct (cuda_kernel)": (lambda v: _direct(layer, v), x),
+    }
+    print(f"{n} ops per compiled call; per op: host us (build + queue), wall us (with device)")
+    for name, (step, inp) in cases.items():
+        try:
+            host, wall = time_chain(chain(step, n), inp)
+            print(f"{name:40s} host {1e3 * host / n:6.2f} us   wall {1e3 * wall / n:6.2f} us",
+                  flush=True)
+        except Exception as exc:  # a case that cannot run here is reported, not fatal
+            print(f"{name:40s} failed: {exc}", flush=True)
+
+
+def _direct(layer: nn.Module, v: mx.array) -> mx.array:
+    saved, qgemv.STAGED = qgemv.STAGED, False
+    try:
+        return qgemv.qgemv(layer, v)
+    finally:
+        qgemv.STAGED = saved
+
+
+if __name__ == "__main__":
+    main()
