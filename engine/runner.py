@@ -36,6 +36,12 @@ from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, 
 log = logging.getLogger(__name__)
 
 BLOCK_PAD = 4  # pad block-table widths to a multiple of this to limit distinct shapes
+# The compiled decode step is traced anew for each block-table width, and a trace costs a
+# stall of the step (Python rebuilds the graph, MLX recompiles it). Tables start this wide
+# (1,024 tokens at block size 16): the decode kernel reads only a sequence's live blocks, so
+# the padding costs 4 bytes a block in the step's one host copy, and a sequence keeps one
+# trace up to 1,024 tokens instead of retracing at 64, 128, 256 and 512.
+COMPILED_MIN_BLOCKS = 64
 # MLX's CUDA 4-bit matmul loses to dequantize + bf16 GEMM for many rows (H200, MLX 0.32.4,
 # `python -m loadtest.op_profile --qmm-rows ...`: from 256 rows on once warm). Between 16 and
 # 128 rows it wins when warm, but a batched 4-bit run with it stalled for minutes (new row
@@ -281,10 +287,10 @@ def device_ints(*arrays: np.ndarray) -> list[mx.array]:
 
 
 def _table_width(blocks: int, power_of_two: bool) -> int:
-    """Block-table width: a multiple of BLOCK_PAD, or a power of two (at least BLOCK_PAD) for
-    the compiled decode step, so a growing context retraces it only a few times."""
+    """Block-table width: a multiple of BLOCK_PAD, or for the compiled decode step a power of
+    two of at least COMPILED_MIN_BLOCKS, so a growing context retraces it only a few times."""
     if power_of_two:
-        return max(BLOCK_PAD, 1 << (blocks - 1).bit_length())
+        return max(COMPILED_MIN_BLOCKS, 1 << (blocks - 1).bit_length())
     return -(-blocks // BLOCK_PAD) * BLOCK_PAD
 
 

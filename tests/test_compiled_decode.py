@@ -3,7 +3,9 @@ the op-by-op forward gives: same tokens, same logprobs, with batches shrinking a
 finish, contexts growing across block-table widths and past a sliding window."""
 
 import mlx.core as mx
+import pytest
 
+from engine import runner
 from engine.engine import EngineConfig, LLMEngine
 from loadtest.offline_bench import _NoTokenizer
 from scheduler.request import SamplingParams
@@ -29,7 +31,10 @@ def _generate(compiled: bool) -> tuple[dict, LLMEngine]:
     return out, engine
 
 
-def test_compiled_decode_matches_op_by_op():
+@pytest.mark.parametrize("min_blocks", [runner.BLOCK_PAD, runner.COMPILED_MIN_BLOCKS])
+def test_compiled_decode_matches_op_by_op(min_blocks, monkeypatch):
+    # Narrow tables retrace at each new width; the default floor pads them (one width here).
+    monkeypatch.setattr(runner, "COMPILED_MIN_BLOCKS", min_blocks)
     want, _ = _generate(False)
     got, engine = _generate(True)
     assert engine.runner._compiled, "the compiled path did not run"
@@ -38,3 +43,9 @@ def test_compiled_decode_matches_op_by_op():
     assert engine.kv_manager.num_used_blocks == 0
     # The compiled step wrote the KV pools in place of the engine's arrays, still plain arrays.
     assert all(isinstance(a, mx.array) for a in engine.kv_cache.state())
+
+
+def test_compiled_table_widths_are_few():
+    widths = {runner._table_width(b, True) for b in range(1, 1025)}
+    assert widths == {runner.COMPILED_MIN_BLOCKS << i for i in range(5)}  # 64 .. 1,024 blocks
+    assert runner._table_width(5, False) == 8  # the op-by-op path pads to BLOCK_PAD only
