@@ -32,6 +32,7 @@ class KernelPlan:
     (before dequantize + GEMM is considered).
     qgemv: quantized layers fed 1-8 rows use engine/qgemv.py's tensor-core kernel (before
     engine/gemv.py's).
+    qgemv_swiglu: there, the down projection applies SwiGLU to the gate|up rows itself.
     """
 
     dequant_min_rows: Optional[int] = None
@@ -41,6 +42,7 @@ class KernelPlan:
     dequant_kernel: bool = False
     qgemm: bool = False
     qgemv: bool = False
+    qgemv_swiglu: bool = False
 
 
 PORTABLE = KernelPlan()
@@ -134,6 +136,8 @@ class MLP(nn.Module):
         else:
             gate_up = mx.concatenate([project(self.gate_proj, x, plan),
                                       project(self.up_proj, x, plan)], axis=-1)
+        if plan.qgemv_swiglu and qgemv.swiglu_applies(self.down_proj, gate_up):
+            return qgemv.qgemv(self.down_proj, gate_up, swiglu=True)  # one kernel, not two
         return project(self.down_proj, fused_ops.swiglu(gate_up, plan.fused), plan)
 
 

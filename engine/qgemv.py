@@ -43,8 +43,9 @@ MAX_WARPS = 8
 # The staged kernel (SOURCE_STAGED) where it applies: chunk slots in each warp's ring, and
 # whether x is staged too (else read from global memory in the inner loop).
 STAGED = True
-STAGES = 3
+STAGES = 2                 # H200, 1 row: gate|up 27.7 us, down 15.7, qkv 9.4 (S3: 27.3, 18.2, 10.2)
 X_SMEM = True
+SWIGLU = True              # the down projection may take gate|up rows and apply SwiGLU itself
 SMEM_BUDGET = 112 * 1024   # a block's ring at most: two blocks fit an H100's / H200's SM
 SMEM_LIMIT = 227 * 1024    # the most dynamic shared memory a block can have (sm_90)
 
@@ -164,7 +165,9 @@ SOURCE_STAGED = r"""
     constexpr int W_ROW = C * 16 * BITS;       // weight bytes per feature and chunk
     constexpr int W_BYTES = 16 * W_ROW;
     constexpr int X_ROW = C * 256;             // activation bytes per row and chunk
-    constexpr int SLOT = W_BYTES + 512 + XR * X_ROW;
+    constexpr int XS = SW ? 2 : 1;             // staged x regions: x, or gate and up (SW)
+    constexpr int SLOT = W_BYTES + 512 + XS * XR * X_ROW;
+    constexpr long XK = SW ? 2L * K : K;       // x's row length: SW reads gate|up rows
     extern __shared__ __align__(16) unsigned char smem[];
     const int M = x_shape[0], N = w_shape[0];  // runtime: one compiled kernel serves 1-XR rows
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -191,11 +194,11 @@ SOURCE_STAGED = r"""
             cp_async<16>(slot + W_BYTES + lane * 16, (lane < 16 ? scales : biases) + f * (K / GS) + c * 8, true);
         }
         #pragma unroll
-        for (int q = lane; q < XR * X_ROW / 16; q += 32) {
-            const int r = q / (X_ROW / 16), ch = q % (X_ROW / 16);
+        for (int q = lane; q < XS * XR * X_ROW / 16; q += 32) {  // (SW: up after gate)
+            const int rr = q / (X_ROW / 16), r = rr % XR, ch = q % (X_ROW / 16);
             const bool ok = r < M;
-            cp_async<16>(slot + W_BYTES + 512 + r * X_ROW + xswz(ch, r) * 16,
-                         ok ? x + (long)r * K + (long)c * (C * 128) + ch * 8 : x, ok);
+            cp_async<16>(slot + W_BYTES + 512 + rr * X_ROW + xswz(ch, r) * 16,
+                         ok ? x + r * XK + (rr / XR) * K + (long)c * (C * 128) + ch * 8 : x, ok);
         }
     };
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -208,7 +211,13 @@ SOURCE_STAGED = r"""
         __syncwarp();            // every lane's have; and chunk i - 1's slot is free
         if (i + S - 1 < mine) issue(i + S - 1);
         cp_async_commit();
-        const unsigned char* slot = ring + (i % S) * SLOT;
+        unsigned char* slot = ring + (i % S) * SLOT;
+        if (SW && XR > 0) {  // silu(gate) * up into the gate region, once per value
+            T* gx = reinterpret_cast<T*>(slot + W_BYTES + 512);
+            for (int e = lane; e < XR * X_ROW / 2; e += 32)
+                gx[e] = swiglu1<T>(gx[e], gx[e + XR * X_ROW / 2]);
+            __syncwarp();
+        }
         const unsigned short* sb = reinterpret_cast<const unsigned short*>(slot + W_BYTES);
         const int k0 = (warp + i * NW) * (C * 128);
         #pragma unroll
@@ -232,6 +241,9 @@ SOURCE_STAGED = r"""
                 if (XR > 0)
                     xv = *reinterpret_cast<const uint4*>(slot + W_BYTES + 512 + xrow * X_ROW +
                                                          xswz(sc * 16 + 4 * t + j, xrow) * 16);
+                else if (SW)  // every lane of a quad computes its pieces (no sharing)
+                    xv = swiglu8<T>(*reinterpret_cast<const uint4*>(x + xrow * XK + k0 + sc * 128 + 32 * t + 8 * j),
+                                    *reinterpret_cast<const uint4*>(x + xrow * XK + K + k0 + sc * 128 + 32 * t + 8 * j));
                 else
                     xv = *reinterpret_cast<const uint4*>(x + (long)xrow * K + k0 + sc * 128 + 32 * t + 8 * j);
                 unsigned p0[4], p1[4];
@@ -264,6 +276,27 @@ SOURCE_STAGED = r"""
 """
 
 
+# SwiGLU on the way in (the staged kernel's SW): x is a gate|up row and the product runs on
+# silu(gate) * up, rounded to x's type as engine/fused_ops.py's SwiGLU kernel rounds it, so
+# the down projection needs no SwiGLU kernel of its own (one node fewer per layer in a decode
+# step, whose pace at one row is the host's: loadtest/host_cost.py, RESULTS.md ninth session).
+SWIGLU_HEADER = r"""
+template <typename T> __device__ __forceinline__ T swiglu1(T g, T u) {
+  const float gf = static_cast<float>(g);
+  return static_cast<T>(gf / (1.f + __expf(-gf)) * static_cast<float>(u));
+}
+template <typename T> __device__ __forceinline__ uint4 swiglu8(uint4 g, uint4 u) {
+  uint4 r;
+  const T* gp = reinterpret_cast<const T*>(&g);
+  const T* up = reinterpret_cast<const T*>(&u);
+  T* rp = reinterpret_cast<T*>(&r);
+  #pragma unroll
+  for (int e = 0; e < 8; ++e) rp[e] = swiglu1<T>(gp[e], up[e]);
+  return r;
+}
+"""
+
+
 def warps_per_block(n: int, k: int, units: int = 0) -> int:
     """Warps splitting K in each block (see WARPS_TARGET): never more than the K steps (or
     the `units` of K the warps take turns on: the staged kernel's chunks)."""
@@ -280,13 +313,16 @@ def staged_applies(layer: nn.Module, x: mx.array) -> bool:
     return STAGED and gs in (32, 64, 128) and input_width(layer) % (8 * gs) == 0
 
 
-def staged_shared_bytes(bits: int, group_size: int, warps: int, x_rows: int) -> int:
-    """Dynamic shared memory of a staged launch: each warp's ring of STAGES chunk slots."""
+def staged_shared_bytes(bits: int, group_size: int, warps: int, x_rows: int,
+                        swiglu: bool = False) -> int:
+    """Dynamic shared memory of a staged launch: each warp's ring of STAGES chunk slots (with
+    SwiGLU, x's rows twice: gate and up)."""
     c = group_size // 16
-    return warps * STAGES * (16 * c * 16 * bits + 512 + x_rows * c * 256)
+    return warps * STAGES * (16 * c * 16 * bits + 512 + (1 + swiglu) * x_rows * c * 256)
 
 
-def staged_launch(layer: nn.Module, m: int, warps: int = 0) -> tuple[int, int, int] | None:
+def staged_launch(layer: nn.Module, m: int, warps: int = 0,
+                  swiglu: bool = False) -> tuple[int, int, int] | None:
     """(warps, x rows staged, shared bytes) of a staged launch for m rows, or None if it cannot
     fit a block's shared memory. x rows: the next power of two above m (a kernel each), dropped
     to 0 (x from global memory) when the ring would pass SMEM_BUDGET, or when X_SMEM is off;
@@ -294,7 +330,7 @@ def staged_launch(layer: nn.Module, m: int, warps: int = 0) -> tuple[int, int, i
     k, n = input_width(layer), layer.weight.shape[0]
     nw = warps or warps_per_block(n, k, k // (8 * layer.group_size))
     xr = 1 << (m - 1).bit_length() if X_SMEM else 0
-    smem = staged_shared_bytes(layer.bits, layer.group_size, nw, xr)
+    smem = staged_shared_bytes(layer.bits, layer.group_size, nw, xr, swiglu)
     if smem > SMEM_BUDGET and xr:
         xr, smem = 0, staged_shared_bytes(layer.bits, layer.group_size, nw, 0)
     while smem > SMEM_BUDGET and nw > 1 and not warps:
@@ -313,7 +349,8 @@ def _kernel():
 def _staged_kernel(smem: int):
     return mx.fast.cuda_kernel(name=f"qgemv_staged_{smem}",
                                input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                               source=SOURCE_STAGED, header=HEADER, shared_memory=smem)
+                               source=SOURCE_STAGED, header=HEADER + SWIGLU_HEADER,
+                               shared_memory=smem)
 
 
 def applies(layer: nn.Module, x: mx.array) -> bool:
@@ -322,25 +359,29 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     return 1 <= x.size // x.shape[-1] <= MAX_ROWS and tensor_core_format(layer, x)
 
 
-def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None) -> mx.array:
+def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None,
+          swiglu: bool = False) -> mx.array:
     """layer(x) for x of 1..MAX_ROWS rows (see applies()): the staged kernel where
-    staged_applies(), else the direct one. `warps` per block overrides warps_per_block(), and
+    staged_applies(), else the direct one; with `swiglu`, layer(silu(gate) * up) for x the
+    gate|up rows (see swiglu_applies()). `warps` per block overrides warps_per_block(), and
     `build` (shared bytes -> kernel) stands in for the kernel with the same launch (both for
     loadtest sweeps)."""
-    k = x.shape[-1]
-    m = x.size // k
+    k = input_width(layer)
+    m = x.size // x.shape[-1]
     n = layer.weight.shape[0]
-    staged = staged_launch(layer, m, warps) if staged_applies(layer, x) else None
+    staged = staged_launch(layer, m, warps, swiglu) if staged_applies(layer, x) else None
     if staged:
         nw, xr, smem = staged
         y = (build or _staged_kernel)(smem)(
-            inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
+            inputs=[x.reshape(m, x.shape[-1]), layer.weight, layer.scales, layer.biases],
             template=[("T", x.dtype), ("K", k), ("BITS", layer.bits), ("GS", layer.group_size),
                       ("BF16", x.dtype == mx.bfloat16), ("NW", nw), ("S", STAGES), ("XR", xr),
-                      ("FAST", FAST_DEQUANT)],
+                      ("SW", swiglu), ("FAST", FAST_DEQUANT)],
             grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
             output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
         return y.reshape(*x.shape[:-1], n)
+    if swiglu:
+        raise ValueError("qgemv: SwiGLU needs the staged kernel (check swiglu_applies)")
     nw = warps or warps_per_block(n, k)
     y = (build or (lambda smem: _kernel()))(0)(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
@@ -350,6 +391,36 @@ def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None) ->
         grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
         output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
     return y.reshape(*x.shape[:-1], n)
+
+
+def swiglu_applies(layer: nn.Module, gate_up: mx.array) -> bool:
+    """Whether qgemv(layer, gate_up, swiglu=True) computes layer(swiglu(gate_up)): gate_up
+    holds 1..MAX_ROWS rows of gate then up, each the layer's input width, and the staged kernel
+    serves the layer."""
+    k = input_width(layer) if type(layer) is nn.QuantizedLinear else 0
+    if not k or gate_up.shape[-1] != 2 * k:
+        return False
+    x = mx.zeros((1, k), gate_up.dtype)  # the shape and type the layer sees (nothing is run)
+    return (SWIGLU and 1 <= gate_up.size // gate_up.shape[-1] <= MAX_ROWS
+            and tensor_core_format(layer, x) and staged_applies(layer, x)
+            and staged_launch(layer, gate_up.size // gate_up.shape[-1], swiglu=True) is not None)
+
+
+def swiglu_matches_layer(layer: nn.Module, atol: float = 2e-2) -> bool:
+    """qgemv(layer, gate_up, swiglu=True) against dequantize + matmul of MLX's silu(gate) * up,
+    at every row count: the runner's start-up check of the down projection (which also
+    compiles each variant)."""
+    def run(layer, x):  # x: the case's (m, k) rows, the gate; a second random half the up
+        up = mx.random.normal(x.shape, key=mx.random.key(3)).astype(x.dtype)
+        y = qgemv(layer, mx.concatenate([x, up], axis=-1), swiglu=True)
+        g = x.astype(mx.float32)
+        return y, (g * mx.sigmoid(g) * up.astype(mx.float32)).astype(x.dtype)
+
+    def usable(layer, x):
+        return swiglu_applies(layer, mx.zeros((x.shape[0], 2 * x.shape[-1]), x.dtype))
+    return matches_dequantize_matmul([layer], [(m,) for m in range(1, MAX_ROWS + 1)],
+                                     run, usable, "few-row 4/8-bit SwiGLU + down kernel",
+                                     seed=4, atol=atol, returns_input=True)
 
 
 def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:

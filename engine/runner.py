@@ -26,7 +26,7 @@ from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers, input_width
 from engine.qgemm import MAX_ROWS as QGEMM_MAX_ROWS, qgemm_matches_layers
-from engine.qgemv import qgemv_matches_layers
+from engine.qgemv import qgemv_matches_layers, swiglu_matches_layer
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
@@ -344,7 +344,8 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     """Which custom kernels run on MLX's CUDA backend, each only after its self-check.
 
     1-8 rows of a quantized layer run as engine/qgemv.py's tensor-core kernel
-    (MISTRAL_SERVE_QGEMV=0 turns it off); layers it cannot serve go through engine/gemv.py's
+    (MISTRAL_SERVE_QGEMV=0 turns it off), whose down projection also applies SwiGLU to the
+    gate|up rows itself, one kernel fewer per layer (MISTRAL_SERVE_QGEMV_SWIGLU=0 off); layers it cannot serve go through engine/gemv.py's
     kernels where they match MLX's matmul on this model's own layers (on an H200 those made
     4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
     faster, so gemv stays opt-in there. MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0"
@@ -361,6 +362,9 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     layers = check_layers(model)
     quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
     qv = _switched_on("MISTRAL_SERVE_QGEMV", qgemv_matches_layers, quantized)
+    down = layers[3]  # check_layers' order: q|k|v, o, gate|up, down, head
+    sw = qv and _switched_on("MISTRAL_SERVE_QGEMV_SWIGLU", lambda ls: swiglu_matches_layer(ls[0]),
+                             [down] if type(down) is nn.QuantizedLinear else [])
 
     def gemv_serves(l: nn.Module) -> bool:  # project() tries qgemv first: those need no gemv
         quant = type(l) is nn.QuantizedLinear
@@ -382,7 +386,7 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv)
+                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=sw)
 
 
 def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module]) -> bool:

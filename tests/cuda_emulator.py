@@ -362,19 +362,23 @@ QUANT_PROBLEM = r"""
     using bf = __nv_bfloat16;
     struct QuantProblem {
       std::vector<bf> x, s, c, y; std::vector<unsigned> w; std::vector<double> ref;
+      std::vector<float> wf; int M, N, K;
       QuantProblem(std::mt19937& rng, int M, int N, int K, int BITS, int GS)
           : x((long)M * K), s((long)N * K / GS), c(s.size()), y((long)M * N, bf(NAN)),
-            w((long)N * K * BITS / 32, 0u), ref((long)M * N, 0.0) {
+            w((long)N * K * BITS / 32, 0u), ref((long)M * N, 0.0), wf((long)N * K), M(M), N(N), K(K) {
         std::normal_distribution<float> nd;
         const int PER_WORD = 32 / BITS;
         for (auto& v : x) v = bf(nd(rng)); for (auto& v : s) v = bf(0.1f * nd(rng)); for (auto& v : c) v = bf(0.1f * nd(rng));
-        std::vector<float> wf((long)N * K);
         for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) {
           unsigned q = rng() % (1u << BITS);
           long i = (long)n * K + k;
           w[i / PER_WORD] |= q << (BITS * (k % PER_WORD));
           wf[i] = bf((float)s[i / GS] * (float)q + (float)c[i / GS]);
         }
+        reference();
+      }
+      void reference() {  // ref = x w^T (again, after x changes)
+        std::fill(ref.begin(), ref.end(), 0.0);
         for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
           ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf[(long)n * K + k];
       }
@@ -444,7 +448,7 @@ def qgemv_source() -> str:
     staged = qgemv.SOURCE_STAGED.replace("extern __shared__ __align__(16) unsigned char smem[];",
                                          "alignas(16) static unsigned char smem[1 << 18];")
     assert staged != qgemv.SOURCE_STAGED
-    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + QUANT_PROBLEM + qgemm.UNPACK + r"""
+    return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + QUANT_PROBLEM + qgemm.UNPACK + qgemv.SWIGLU_HEADER + r"""
     template <typename T, int K, int BITS, int GS, bool BF16, int NW, int U, bool FAST>
     void qv(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
             T* y) { """ + qgemv.SOURCE + r""" }
@@ -455,20 +459,32 @@ def qgemv_source() -> str:
       launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, BITS, GS, true, NW, U, FAST>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
       printf("qgemv%d K %d M %d GS %d NW %d U %d fast %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, U, (int)FAST, N, p.rel_err());
     }
-    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int S, int XR, bool FAST>
+    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int S, int XR, bool SW, bool FAST>
     void qvs(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
              T* y) { """ + staged + r""" }
-    template <int K, int M, int BITS, int GS, int NW, int S, int XR> void staged_case(int N) {
+    template <int K, int M, int BITS, int GS, int NW, int S, int XR, bool SW = false> void staged_case(int N) {
       QuantProblem p(rng, M, N, K, BITS, GS);
-      int xs[2] = {M, K}, ws[2] = {N, K * BITS / 32};
-      launch((N + 15) / 16, NW * 32, [&] { qvs<bf, K, BITS, GS, true, NW, S, XR, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
-      printf("staged%d K %d M %d GS %d NW %d S %d XR %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, S, XR, N, p.rel_err());
+      std::vector<bf> gu;  // SW: the kernel reads gate|up rows; the reference sees silu(gate) * up
+      if (SW) {
+        std::normal_distribution<float> nd;
+        gu.resize((long)M * 2 * K);
+        for (auto& v : gu) v = bf(nd(rng));
+        for (int m = 0; m < M; ++m) for (int k = 0; k < K; ++k) {
+          float g = gu[(long)m * 2 * K + k], u = gu[(long)m * 2 * K + K + k];
+          p.x[(long)m * K + k] = bf(g / (1.f + expf(-g)) * u);
+        }
+        p.reference();
+      }
+      int xs[2] = {M, SW ? 2 * K : K}, ws[2] = {N, K * BITS / 32};
+      launch((N + 15) / 16, NW * 32, [&] { qvs<bf, K, BITS, GS, true, NW, S, XR, SW, true>(SW ? gu.data() : p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
+      printf("staged%d K %d M %d GS %d NW %d S %d XR %d SW %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, S, XR, (int)SW, N, p.rel_err());
     }
     int main() {
       staged_case<512, 1, 4, 64, 1, 2, 1>(40); staged_case<1024, 3, 4, 32, 2, 3, 4>(24);
       staged_case<2048, 8, 8, 128, 2, 2, 8>(16); staged_case<1536, 5, 4, 64, 2, 3, 0>(20);
       staged_case<1024, 2, 4, 64, 4, 2, 2>(17); staged_case<1024, 7, 8, 32, 2, 4, 8>(9);
-      staged_case<4096, 1, 4, 64, 4, 3, 1>(32);
+      staged_case<4096, 1, 4, 64, 4, 3, 1>(32); staged_case<1024, 1, 4, 64, 2, 2, 1, true>(24);
+      staged_case<1536, 3, 4, 64, 2, 3, 0, true>(20); staged_case<1024, 6, 8, 32, 1, 2, 8, true>(17);
       qgemv_case<512, 1, 4, 64, 1, 4>(40); qgemv_case<640, 3, 4, 32, 2, 2>(24);
       qgemv_case<1024, 8, 4, 128, 4, 1>(16); qgemv_case<384, 5, 8, 64, 2, 4>(20);
       qgemv_case<896, 8, 8, 32, 4, 2>(9); qgemv_case<256, 2, 4, 64, 1, 1, false>(17);

@@ -52,6 +52,23 @@ def test_each_kernel_variant_matches_on_7b_shapes(setting, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_swiglu_matches_swiglu_then_matmul(bits):
+    # The 7B's down projection fed gate|up rows: SwiGLU applied in the kernel, against MLX's
+    # SwiGLU + dequantize + matmul; the runner's self-check, and the MLP through the plan.
+    from engine.fused_ops import swiglu
+    layer = quantized_linear(14336, 4096, bits)
+    w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    for rows in (1, 3, 8):
+        gu = mx.random.normal((rows, 2 * 14336)).astype(mx.bfloat16)
+        assert qgemv.swiglu_applies(layer, gu)
+        want = swiglu(gu, False).astype(mx.float32) @ w.astype(mx.float32).T
+        err = mx.abs(qgemv.qgemv(layer, gu, swiglu=True).astype(mx.float32) - want).max().item()
+        assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (bits, rows, err)
+    assert qgemv.swiglu_matches_layer(layer)
+
+
+@cuda
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 def test_every_warp_split_matches(warps):
     layer = quantized_linear(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
@@ -102,5 +119,18 @@ def test_staged_launch_fits_shared_memory():
                 assert smem == qgemv.staged_shared_bytes(bits, gs, nw, xr)
     layer = quantized_linear(4096, 28672, 4)
     assert qgemv.staged_launch(layer, 1)[:2] == (4, 1)     # gate|up: x staged at one row
-    assert qgemv.staged_launch(layer, 8)[1] == 0            # 8 rows of x would pass the budget
+    down = quantized_linear(14336, 4096, 4)
+    assert qgemv.staged_launch(down, 1, swiglu=True)[:2] == (8, 1)  # gate and up rows staged
+    assert qgemv.staged_launch(down, 8, swiglu=True)[:2] == (8, 0)  # 16 would pass the budget
     assert not qgemv.staged_applies(quantized_linear(1280, 72, 4), mx.zeros((1, 1280), mx.bfloat16))
+
+
+def test_swiglu_applies_only_to_gate_up_rows_of_a_staged_layer():
+    layer = quantized_linear(1024, 64, 4)
+    assert qgemv.swiglu_applies(layer, mx.zeros((1, 2048), mx.bfloat16))
+    assert qgemv.swiglu_applies(layer, mx.zeros((8, 2048), mx.bfloat16))
+    assert not qgemv.swiglu_applies(layer, mx.zeros((9, 2048), mx.bfloat16))   # qgemm's rows
+    assert not qgemv.swiglu_applies(layer, mx.zeros((1, 1024), mx.bfloat16))   # not gate|up
+    assert not qgemv.swiglu_applies(layer, mx.zeros((1, 2048), mx.float16))    # scales are bf16
+    assert not qgemv.swiglu_applies(quantized_linear(1280, 64, 4), mx.zeros((1, 2560), mx.bfloat16))
+    assert not qgemv.swiglu_applies(nn.Linear(1024, 64, bias=False), mx.zeros((1, 2048), mx.bfloat16))

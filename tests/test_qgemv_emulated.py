@@ -17,7 +17,9 @@ def test_qgemv_kernel_matches_reference(tmp_path):
     direct = [r for r in results if r[0].startswith("qgemv")]
     staged = [r for r in results if r[0].startswith("staged")]
     assert len(direct) == 8 and {c.split()[0] for c, _ in direct} == {"qgemv4", "qgemv8"}
-    assert len(staged) == 7 and {c.split()[0] for c, _ in staged} == {"staged4", "staged8"}
+    assert len(staged) == 10 and {c.split()[0] for c, _ in staged} == {"staged4", "staged8"}
+    # SwiGLU on the way in: x staged (then converted in place) and read from global memory
+    assert {c.split(" XR ")[1].split()[0] for c, _ in staged if " SW 1 " in c} == {"0", "1", "8"}
     for cases in (direct, staged):
         assert {int(c.split(" M ")[1].split()[0]) for c, _ in cases} >= {1, 8}
         assert {c.split(" NW ")[1].split()[0] for c, _ in cases} >= {"1", "2", "4"}
@@ -53,13 +55,16 @@ def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, righ
     ("(lane < 16 ? scales : biases)", "(lane < 16 ? biases : scales)"),  # scales and biases swapped
     ("xswz(sc * 16 + 4 * t + j, xrow) * 16", "xswz(sc * 16 + 4 * t, xrow) * 16"),  # one x piece for all four
     ("const int xrow = min(g, M - 1);", "const int xrow = min(t, M - 1);"),  # B's column from t
+    ("gx[e] = swiglu1<T>(gx[e], gx[e + XR * X_ROW / 2]);", "gx[e] = swiglu1<T>(gx[e], gx[e]);"),  # gate as up
+    ("ok ? x + r * XK + (rr / XR) * K", "ok ? x + r * XK"),        # up staged from the gate half
+    ("x + xrow * XK + K + k0", "x + xrow * XK + k0"),              # global path: up read as the gate
 ])
 def test_emulation_catches_broken_staging(tmp_path, monkeypatch, wrong, right):
     from engine import qgemv
     assert wrong in qgemv.SOURCE_STAGED
     monkeypatch.setattr(qgemv, "SOURCE_STAGED", qgemv.SOURCE_STAGED.replace(wrong, right, 1))
     results = [r for r in _run_or_crash(tmp_path) if r[0].startswith("staged")]
-    assert len(results) < 7 or max(err for _, err in results) > 5e-2
+    assert len(results) < 10 or max(err for _, err in results) > 5e-2
 
 
 def _run_or_crash(tmp_path):
