@@ -42,12 +42,34 @@ WARPS_TARGET = 4096
 MAX_WARPS = 8
 # The staged kernel (SOURCE_STAGED) where it applies: chunk slots in each warp's ring, and
 # whether x is staged too (else read from global memory in the inner loop).
+# (H200, ninth session: the 4-bit single stream measured 335.7 tok/s with these settings. One
+# row alone, STAGES 2 ran down 15.7 us and q|k|v 9.4 against 18.2 and 10.2 here, gate|up 27.7
+# against 27.3; its end-to-end run, on another machine, gave 314.9: not yet shown better.)
 STAGED = True
-STAGES = 2                 # H200, 1 row: gate|up 27.7 us, down 15.7, qkv 9.4 (S3: 27.3, 18.2, 10.2)
+STAGES = 3
 X_SMEM = True
-SWIGLU = True              # the down projection may take gate|up rows and apply SwiGLU itself
 SMEM_BUDGET = 112 * 1024   # a block's ring at most: two blocks fit an H100's / H200's SM
 SMEM_LIMIT = 227 * 1024    # the most dynamic shared memory a block can have (sm_90)
+
+# Both kernels end alike: the block's warps add their sums (each took its own K steps) and
+# warp 0 stores D: c[0..1] are feature g's rows 2t, 2t + 1, c[2..3] feature g + 8's.
+EPILOGUE = r"""
+    if (NW > 1) {  // the other warps' sums to warp 0
+        __shared__ float red[NW][32][4];
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][lane][e] = acc[e];
+        __syncthreads();
+        if (warp != 0) return;
+        for (int v = 1; v < NW; ++v)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[e] += red[v][lane][e];
+    }
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int row = 2 * t + (e & 1);
+        const long col = n0 + g + 8 * (e >> 1);
+        if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[e]);
+    }"""
 
 # y (M, N) = x (M, K) @ dequantize(w)^T. Block b computes features 16b..16b+15 for every row;
 # warp w takes K steps w, w + NW, ... in batches of U (loads first, then arithmetic). In a
@@ -55,8 +77,7 @@ SMEM_LIMIT = 227 * 1024    # the most dynamic shared memory a block can have (sm
 # as four pieces of 8; a piece's values 0-3 are the logical k 2t, 2t+1, 2t+8, 2t+9 of one
 # mma and 4-7 of the next (engine/qgemm.py's mapping, here on A's side: a[0] / a[2] are
 # feature g's pairs, a[1] / a[3] feature g + 8's). B's column g is x's row g; lanes of rows
-# past M read row M - 1 (their output columns are dropped). D: c[0..1] are feature g's rows
-# 2t, 2t + 1, c[2..3] feature g + 8's.
+# past M read row M - 1 (their output columns are dropped).
 SOURCE = r"""
     constexpr int PER_WORD = 32 / BITS;
     constexpr int STEPS = K / 128;
@@ -127,23 +148,7 @@ SOURCE = r"""
         load(wv, sv, bv, s0);
         compute(wv, sv, bv, s0);
     }
-    if (NW > 1) {  // the other warps' sums to warp 0
-        __shared__ float red[NW][32][4];
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) red[warp][lane][e] = acc[e];
-        __syncthreads();
-        if (warp != 0) return;
-        for (int v = 1; v < NW; ++v)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[e] += red[v][lane][e];
-    }
-    #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const int row = 2 * t + (e & 1);
-        const long col = n0 + g + 8 * (e >> 1);
-        if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[e]);
-    }
-"""
+""" + EPILOGUE
 
 
 # Staged variant (STAGED): the same products, but the weights reach the warp through shared
@@ -257,23 +262,7 @@ SOURCE_STAGED = r"""
             }
         }
     }
-    if (NW > 1) {  // the other warps' sums to warp 0
-        __shared__ float red[NW][32][4];
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) red[warp][lane][e] = acc[e];
-        __syncthreads();
-        if (warp != 0) return;
-        for (int v = 1; v < NW; ++v)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[e] += red[v][lane][e];
-    }
-    #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const int row = 2 * t + (e & 1);
-        const long col = n0 + g + 8 * (e >> 1);
-        if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[e]);
-    }
-"""
+""" + EPILOGUE
 
 
 # SwiGLU on the way in (the staged kernel's SW): x is a gate|up row and the product runs on
@@ -401,7 +390,7 @@ def swiglu_applies(layer: nn.Module, gate_up: mx.array) -> bool:
     if not k or gate_up.shape[-1] != 2 * k:
         return False
     x = mx.zeros((1, k), gate_up.dtype)  # the shape and type the layer sees (nothing is run)
-    return (SWIGLU and 1 <= gate_up.size // gate_up.shape[-1] <= MAX_ROWS
+    return (1 <= gate_up.size // gate_up.shape[-1] <= MAX_ROWS
             and tensor_core_format(layer, x) and staged_applies(layer, x)
             and staged_launch(layer, gate_up.size // gate_up.shape[-1], swiglu=True) is not None)
 

@@ -120,8 +120,15 @@ def test_staged_launch_fits_shared_memory():
     layer = quantized_linear(4096, 28672, 4)
     assert qgemv.staged_launch(layer, 1)[:2] == (4, 1)     # gate|up: x staged at one row
     down = quantized_linear(14336, 4096, 4)
+    assert qgemv.staged_launch(down, 8, swiglu=True)[:2] == (8, 0)  # 16 x rows would pass the budget
+
+
+def test_staged_ring_depth_decides_what_fits(monkeypatch):
+    down = quantized_linear(14336, 4096, 4)
+    monkeypatch.setattr(qgemv, "STAGES", 2)
     assert qgemv.staged_launch(down, 1, swiglu=True)[:2] == (8, 1)  # gate and up rows staged
-    assert qgemv.staged_launch(down, 8, swiglu=True)[:2] == (8, 0)  # 16 would pass the budget
+    monkeypatch.setattr(qgemv, "STAGES", 3)
+    assert qgemv.staged_launch(down, 1, swiglu=True)[:2] == (8, 0)  # x from global memory
     assert not qgemv.staged_applies(quantized_linear(1280, 72, 4), mx.zeros((1, 1280), mx.bfloat16))
 
 
