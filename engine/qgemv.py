@@ -42,10 +42,12 @@ WARPS_TARGET = 4096
 MAX_WARPS = 8
 # The staged kernel (SOURCE_STAGED) where it applies: chunk slots in each warp's ring, and
 # whether x is staged too (else read from global memory in the inner loop).
-# (H200, ninth session: the 4-bit single stream measured 335.7 tok/s with these settings. One
-# row alone, STAGES 2 ran down 15.7 us and q|k|v 9.4 against 18.2 and 10.2 here, gate|up 27.7
-# against 27.3; its end-to-end run, on another machine, gave 314.9: not yet shown better.)
-STAGED = True
+# It serves up to STAGED_MAX_ROWS rows (0: never). H200, ninth session: the 4-bit single
+# stream measured 335.7 tok/s with these settings. Per kernel (loadtest/kernel_ablate.py), at
+# one row STAGES 2 ran down 15.7 us and q|k|v 9.4 against 18.2 and 10.2 here (gate|up 27.7 vs
+# 27.3), but its end-to-end run, on another machine, gave 314.9: not yet shown better. At 8
+# rows the direct kernel beat every staged setting on q|k|v and down, so it keeps 2-8 rows.
+STAGED_MAX_ROWS = 1
 STAGES = 3
 X_SMEM = True
 SMEM_BUDGET = 112 * 1024   # a block's ring at most: two blocks fit an H100's / H200's SM
@@ -151,7 +153,7 @@ SOURCE = r"""
 """ + EPILOGUE
 
 
-# Staged variant (STAGED): the same products, but the weights reach the warp through shared
+# Staged variant (SOURCE_STAGED): the same products, but the weights reach the warp through shared
 # memory. On an H200 the direct-load kernel above read gate|up at 2.3 TB/s whether or not it
 # unpacked or multiplied (cuts no-unpack 28.2 us, no-mma 27.5, as written 28.9) and took 4 us
 # more to fetch x (no-x-loads 24.8); more warps or deeper unrolls did not help (ninth
@@ -295,11 +297,12 @@ def warps_per_block(n: int, k: int, units: int = 0) -> int:
     return warps
 
 
-def staged_applies(layer: nn.Module, x: mx.array) -> bool:
-    """Whether the staged kernel serves layer(x) (applies() must hold too): K in whole chunks
-    of 8 groups (so a chunk's scales are one aligned 16-byte run a feature)."""
+def staged_applies(layer: nn.Module, rows: int) -> bool:
+    """Whether the staged kernel serves `rows` rows of layer (applies() must hold too): at
+    most STAGED_MAX_ROWS, and K in whole chunks of 8 groups (so a chunk's scales are one
+    aligned 16-byte run a feature)."""
     gs = layer.group_size
-    return STAGED and gs in (32, 64, 128) and input_width(layer) % (8 * gs) == 0
+    return rows <= STAGED_MAX_ROWS and gs in (32, 64, 128) and input_width(layer) % (8 * gs) == 0
 
 
 def staged_shared_bytes(bits: int, group_size: int, warps: int, x_rows: int,
@@ -358,7 +361,7 @@ def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None,
     k = input_width(layer)
     m = x.size // x.shape[-1]
     n = layer.weight.shape[0]
-    staged = staged_launch(layer, m, warps, swiglu) if staged_applies(layer, x) else None
+    staged = staged_launch(layer, m, warps, swiglu) if staged_applies(layer, m) else None
     if staged:
         nw, xr, smem = staged
         y = (build or _staged_kernel)(smem)(
@@ -390,9 +393,9 @@ def swiglu_applies(layer: nn.Module, gate_up: mx.array) -> bool:
     if not k or gate_up.shape[-1] != 2 * k:
         return False
     x = mx.zeros((1, k), gate_up.dtype)  # the shape and type the layer sees (nothing is run)
-    return (1 <= gate_up.size // gate_up.shape[-1] <= MAX_ROWS
-            and tensor_core_format(layer, x) and staged_applies(layer, x)
-            and staged_launch(layer, gate_up.size // gate_up.shape[-1], swiglu=True) is not None)
+    m = gate_up.size // gate_up.shape[-1]
+    return (1 <= m <= MAX_ROWS and tensor_core_format(layer, x) and staged_applies(layer, m)
+            and staged_launch(layer, m, swiglu=True) is not None)
 
 
 def swiglu_matches_layer(layer: nn.Module, atol: float = 2e-2) -> bool:

@@ -77,11 +77,11 @@ def main(argv=None) -> None:
 
 
 def _direct(layer: nn.Module, v: mx.array) -> mx.array:
-    saved, qgemv.STAGED = qgemv.STAGED, False
+    saved, qgemv.STAGED_MAX_ROWS = qgemv.STAGED_MAX_ROWS, 0
     try:
         return qgemv.qgemv(layer, v)
     finally:
-        qgemv.STAGED = saved
+        qgemv.STAGED_MAX_ROWS = saved
 
 
 if __name__ == "__main__":

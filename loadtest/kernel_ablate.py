@@ -123,12 +123,15 @@ def kernel_us(fn, reps: int = 21) -> float:
 # block or 0 for its choice): the direct kernel, and the staged one's ring depth, x in shared
 # or global memory, and warps.
 QGEMV_SWEEP = (
-    ("direct", {"STAGED": False}, 0),
-    ("staged S2", {"STAGES": 2}, 0), ("staged S4", {"STAGES": 4}, 0),
-    ("staged x-global", {"X_SMEM": False}, 0),
-    ("staged S2 x-global", {"STAGES": 2, "X_SMEM": False}, 0),
-    ("staged S2 NW2", {"STAGES": 2}, 2), ("staged S2 NW4", {"STAGES": 2}, 4),
-    ("staged S2 NW8", {"STAGES": 2}, 8),
+    ("direct", {"STAGED_MAX_ROWS": 0}, 0),
+    ("staged S2", {"STAGES": 2, "STAGED_MAX_ROWS": 8}, 0),
+    ("staged S3", {"STAGES": 3, "STAGED_MAX_ROWS": 8}, 0),
+    ("staged S4", {"STAGES": 4, "STAGED_MAX_ROWS": 8}, 0),
+    ("staged S3 x-global", {"X_SMEM": False, "STAGED_MAX_ROWS": 8}, 0),
+    ("staged S2 x-global", {"STAGES": 2, "X_SMEM": False, "STAGED_MAX_ROWS": 8}, 0),
+    ("staged S2 NW2", {"STAGES": 2, "STAGED_MAX_ROWS": 8}, 2),
+    ("staged S2 NW4", {"STAGES": 2, "STAGED_MAX_ROWS": 8}, 4),
+    ("staged S2 NW8", {"STAGES": 2, "STAGED_MAX_ROWS": 8}, 8),
 )
 
 
@@ -170,14 +173,14 @@ def main(argv=None) -> None:
                 for v in ("as written",) + (() if a.brief else tuple(GEMV_CUTS)):
                     us = kernel_us(lambda i: _call("gemv", v, layers[i % COPIES], x))
                     line.append(f"gemv {v} {us:7.1f} ({mb / us:.2f} TB/s)")
-                launch = qgemv.staged_launch(layer, rows)
+                launch = qgemv.staged_launch(layer, rows) if qgemv.staged_applies(layer, rows) else "direct"
                 us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x))
                 line.append(f"qgemv {launch} {us:7.1f} ({mb / us:.2f} TB/s)")
                 for label, attrs, nw in () if a.brief else QGEMV_SWEEP:
                     with _setting(qgemv, attrs):
                         us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x, warps=nw))
                     line.append(f"qgemv {label} {us:7.1f}")
-                with _setting(qgemv, {"STAGED": False}):  # the cuts are the direct kernel's
+                with _setting(qgemv, {"STAGED_MAX_ROWS": 0}):  # the cuts are the direct kernel's
                     for v in () if a.brief else tuple(QGEMV_CUTS):
                         us = kernel_us(lambda i: _call("qgemv", v, layers[i % COPIES], x))
                         line.append(f"qgemv direct {v} {us:7.1f}")

@@ -38,8 +38,10 @@ def test_matches_dequantize_matmul_on_7b_shapes(bits, group_size, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("setting", [{"STAGED": False}, {"X_SMEM": False}, {"STAGES": 2},
-                                     {"STAGES": 4}])
+@pytest.mark.parametrize("setting", [{"STAGED_MAX_ROWS": 0}, {"STAGED_MAX_ROWS": 8},
+                                     {"STAGED_MAX_ROWS": 8, "X_SMEM": False},
+                                     {"STAGED_MAX_ROWS": 8, "STAGES": 2},
+                                     {"STAGED_MAX_ROWS": 8, "STAGES": 4}])
 def test_each_kernel_variant_matches_on_7b_shapes(setting, monkeypatch):
     # The direct kernel (where the staged one does not apply) and the staged one's knobs.
     for name, value in setting.items():
@@ -53,10 +55,11 @@ def test_each_kernel_variant_matches_on_7b_shapes(setting, monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("bits", [4, 8])
-def test_swiglu_matches_swiglu_then_matmul(bits):
+def test_swiglu_matches_swiglu_then_matmul(bits, monkeypatch):
     # The 7B's down projection fed gate|up rows: SwiGLU applied in the kernel, against MLX's
     # SwiGLU + dequantize + matmul; the runner's self-check, and the MLP through the plan.
     from engine.fused_ops import swiglu
+    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)  # the staged kernel at every row count
     layer = quantized_linear(14336, 4096, bits)
     w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     for rows in (1, 3, 8):
@@ -112,7 +115,7 @@ def test_staged_launch_fits_shared_memory():
     for k, n in ((4096, 28672), (14336, 4096), (4096, 6144), (4096, 32000)):
         for bits, gs in ((4, 64), (8, 64), (8, 128), (4, 32)):
             layer = quantized_linear(k, n, bits, gs)
-            assert qgemv.staged_applies(layer, mx.zeros((1, k), mx.bfloat16))
+            assert qgemv.staged_applies(layer, 1)
             for m in range(1, qgemv.MAX_ROWS + 1):
                 nw, xr, smem = qgemv.staged_launch(layer, m)
                 assert smem <= qgemv.SMEM_BUDGET and xr in (0, 1, 2, 4, 8) and (xr == 0 or xr >= m)
@@ -124,15 +127,18 @@ def test_staged_launch_fits_shared_memory():
 
 
 def test_staged_ring_depth_decides_what_fits(monkeypatch):
+    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)
     down = quantized_linear(14336, 4096, 4)
     monkeypatch.setattr(qgemv, "STAGES", 2)
     assert qgemv.staged_launch(down, 1, swiglu=True)[:2] == (8, 1)  # gate and up rows staged
     monkeypatch.setattr(qgemv, "STAGES", 3)
     assert qgemv.staged_launch(down, 1, swiglu=True)[:2] == (8, 0)  # x from global memory
-    assert not qgemv.staged_applies(quantized_linear(1280, 72, 4), mx.zeros((1, 1280), mx.bfloat16))
+    assert not qgemv.staged_applies(quantized_linear(1280, 72, 4), 1)
+    assert not qgemv.staged_applies(down, qgemv.STAGED_MAX_ROWS + 1)
 
 
-def test_swiglu_applies_only_to_gate_up_rows_of_a_staged_layer():
+def test_swiglu_applies_only_to_gate_up_rows_of_a_staged_layer(monkeypatch):
+    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)
     layer = quantized_linear(1024, 64, 4)
     assert qgemv.swiglu_applies(layer, mx.zeros((1, 2048), mx.bfloat16))
     assert qgemv.swiglu_applies(layer, mx.zeros((8, 2048), mx.bfloat16))
