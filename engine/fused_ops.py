@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.kernel_source import compact
 from engine.paged_decode import VEC_HEADER
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,8 @@ SOURCES = {"add_rms_norm": _ADD_RMS_NORM, "qkv_rope": _QKV_ROPE,
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
     return mx.fast.cuda_kernel(name=f"fused_{name}", input_names=list(inputs),
-                               output_names=list(outputs), source=SOURCES[name],
-                               header=VEC_HEADER)
+                               output_names=list(outputs), source=compact(SOURCES[name]),
+                               header=compact(VEC_HEADER))
 
 
 def _vec(dtype: mx.Dtype) -> int:

@@ -19,6 +19,8 @@ import os
 
 import mlx.core as mx
 
+from engine.kernel_source import compact
+
 log = logging.getLogger(__name__)
 
 NUM_WARPS = 4
@@ -298,16 +300,16 @@ def _kernel(split: bool, version: str = "v1"):
         return mx.fast.cuda_kernel(name=f"paged_decode_attention_split_{version}",
                                    input_names=_INPUTS,
                                    output_names=["part_acc", "part_m", "part_l"],
-                                   source=kernel_source(_PARTIAL, version), header=VEC_HEADER)
+                                   source=compact(kernel_source(_PARTIAL, version)), header=compact(VEC_HEADER))
     return mx.fast.cuda_kernel(name=f"paged_decode_attention_{version}", input_names=_INPUTS,
-                               output_names=["out"], source=kernel_source(_FINAL, version),
-                               header=VEC_HEADER)
+                               output_names=["out"], source=compact(kernel_source(_FINAL, version)),
+                               header=compact(VEC_HEADER))
 
 
 @functools.lru_cache(maxsize=1)
 def _merge_kernel():
     return mx.fast.cuda_kernel(name="paged_decode_merge", input_names=["part_acc", "part_m", "part_l"],
-                               output_names=["out"], source=_MERGE)
+                               output_names=["out"], source=compact(_MERGE))
 
 
 def supported(head_dim: int, dtype: mx.Dtype) -> bool:

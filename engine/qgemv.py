@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.gemv import input_width
+from engine.kernel_source import compact
 from engine.qgemm import BK, FAST_DEQUANT, HEADER, matches_dequantize_matmul, tensor_core_format
 
 MAX_ROWS = 8         # B's width in mma.m16n8k16
@@ -334,14 +335,14 @@ def staged_launch(layer: nn.Module, m: int, warps: int = 0,
 @functools.lru_cache(maxsize=None)
 def _kernel():
     return mx.fast.cuda_kernel(name="qgemv_mma", input_names=["x", "w", "scales", "biases"],
-                               output_names=["y"], source=SOURCE, header=HEADER)
+                               output_names=["y"], source=compact(SOURCE), header=compact(HEADER))
 
 
 @functools.lru_cache(maxsize=None)
 def _staged_kernel(smem: int):
     return mx.fast.cuda_kernel(name=f"qgemv_staged_{smem}",
                                input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                               source=SOURCE_STAGED, header=HEADER + SWIGLU_HEADER,
+                               source=compact(SOURCE_STAGED), header=compact(HEADER + SWIGLU_HEADER),
                                shared_memory=smem)
 
 
