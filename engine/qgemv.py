@@ -214,6 +214,7 @@ SOURCE_STAGED = r"""
         if (i < mine) issue(i);
         cp_async_commit();
     }
+    const T* xb = x;  // B's rows: x, or (NORM) its normalized rows in shared memory
     for (int i = 0; i < mine; ++i) {
         cp_async_wait<S - 2>();  // this lane's copies of chunk i have landed
         __syncwarp();            // every lane's have; and chunk i - 1's slot is free
@@ -253,7 +254,7 @@ SOURCE_STAGED = r"""
                     xv = swiglu8<T>(*reinterpret_cast<const uint4*>(x + xrow * XK + k0 + sc * 128 + 32 * t + 8 * j),
                                     *reinterpret_cast<const uint4*>(x + xrow * XK + K + k0 + sc * 128 + 32 * t + 8 * j));
                 else
-                    xv = *reinterpret_cast<const uint4*>(x + (long)xrow * K + k0 + sc * 128 + 32 * t + 8 * j);
+                    xv = *reinterpret_cast<const uint4*>(xb + (long)xrow * K + k0 + sc * 128 + 32 * t + 8 * j);
                 unsigned p0[4], p1[4];
                 unpack8<BITS, BF16, FAST>(&q[0][CH * j], s0, b0, p0);
                 unpack8<BITS, BF16, FAST>(&q[1][CH * j], s1, b1, p1);
@@ -289,6 +290,65 @@ template <typename T> __device__ __forceinline__ uint4 swiglu8(uint4 g, uint4 u)
 """
 
 
+# Residual add + RMSNorm on the way in (the staged kernel with NORM_PROLOGUE): x is the
+# sublayer's output ("delta"), res the residual stream and gamma the norm's weight. Before its
+# loop each block forms h = x + res and h's RMSNorm times gamma for its rows in shared memory
+# (block 0 also writes h out: the next residual), rounding as engine/fused_ops.py's
+# add_rms_norm kernel does; the ring's first copies are in flight meanwhile. Then the
+# products read those rows. Two kernels fewer per layer in a decode step (the two
+# add_rms_norm kernels), at the price of every block summing its rows' squares itself.
+NORM_ANCHOR = "    const T* xb = x;  // B's rows: x, or (NORM) its normalized rows in shared memory\n"
+NORM_PROLOGUE = r"""
+    T* xn = reinterpret_cast<T*>(smem + NW * (S * SLOT));  // M rows of K after the rings
+    {
+        constexpr int NT = NW * 32;
+        __shared__ float part[NW][8];
+        for (int row = 0; row < M; ++row) {
+            float ss = 0.f;
+            for (int i = threadIdx.x * 8; i < K; i += NT * 8) {
+                const uint4 a = *reinterpret_cast<const uint4*>(x + (long)row * K + i);
+                const uint4 b = *reinterpret_cast<const uint4*>(res + (long)row * K + i);
+                uint4 sv;
+                const T* ap = reinterpret_cast<const T*>(&a);
+                const T* bp = reinterpret_cast<const T*>(&b);
+                T* sp = reinterpret_cast<T*>(&sv);
+                #pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    sp[e] = static_cast<T>(static_cast<float>(ap[e]) + static_cast<float>(bp[e]));
+                    const float f = static_cast<float>(sp[e]);
+                    ss += f * f;
+                }
+                *reinterpret_cast<uint4*>(xn + row * K + i) = sv;
+                if (blockIdx.x == 0) *reinterpret_cast<uint4*>(h_out + (long)row * K + i) = sv;
+            }
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, off);
+            if (lane == 0) part[warp][row] = ss;
+        }
+        __syncthreads();  // every row's h is in shared memory, every warp's sum in part
+        for (int row = 0; row < M; ++row) {
+            float total = 0.f;
+            for (int v = 0; v < NW; ++v) total += part[v][row];
+            const float inv = rsqrtf(total / K + __int_as_float(EPS_BITS));
+            for (int i = threadIdx.x * 8; i < K; i += NT * 8) {
+                uint4 sv = *reinterpret_cast<const uint4*>(xn + row * K + i);
+                const uint4 gv = *reinterpret_cast<const uint4*>(gamma + i);
+                T* sp = reinterpret_cast<T*>(&sv);
+                const T* gp = reinterpret_cast<const T*>(&gv);
+                #pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    sp[e] = static_cast<T>(static_cast<float>(sp[e]) * inv * static_cast<float>(gp[e]));
+                *reinterpret_cast<uint4*>(xn + row * K + i) = sv;
+            }
+        }
+        __syncthreads();
+    }
+    xb = xn;
+"""
+assert NORM_ANCHOR in SOURCE_STAGED
+SOURCE_STAGED_NORM = SOURCE_STAGED.replace(NORM_ANCHOR, NORM_ANCHOR + NORM_PROLOGUE)
+
+
 def warps_per_block(n: int, k: int, units: int = 0) -> int:
     """Warps splitting K in each block (see WARPS_TARGET): never more than the K steps (or
     the `units` of K the warps take turns on: the staged kernel's chunks)."""
@@ -307,28 +367,31 @@ def staged_applies(layer: nn.Module, rows: int) -> bool:
 
 
 def staged_shared_bytes(bits: int, group_size: int, warps: int, x_rows: int,
-                        swiglu: bool = False) -> int:
+                        swiglu: bool = False, norm_bytes: int = 0) -> int:
     """Dynamic shared memory of a staged launch: each warp's ring of STAGES chunk slots (with
-    SwiGLU, x's rows twice: gate and up)."""
+    SwiGLU, x's rows twice: gate and up), then norm_bytes of normalized rows (NORM)."""
     c = group_size // 16
-    return warps * STAGES * (16 * c * 16 * bits + 512 + (1 + swiglu) * x_rows * c * 256)
+    return warps * STAGES * (16 * c * 16 * bits + 512 + (1 + swiglu) * x_rows * c * 256) + norm_bytes
 
 
-def staged_launch(layer: nn.Module, m: int, warps: int = 0,
-                  swiglu: bool = False) -> tuple[int, int, int] | None:
+def staged_launch(layer: nn.Module, m: int, warps: int = 0, swiglu: bool = False,
+                  norm: bool = False) -> tuple[int, int, int] | None:
     """(warps, x rows staged, shared bytes) of a staged launch for m rows, or None if it cannot
     fit a block's shared memory. x rows: the next power of two above m (a kernel each), dropped
     to 0 (x from global memory) when the ring would pass SMEM_BUDGET, or when X_SMEM is off;
-    then fewer warps (unless `warps` is given)."""
+    then fewer warps (unless `warps` is given). With `norm` the rows live whole in shared
+    memory instead (a power of two of them), not in the ring."""
     k, n = input_width(layer), layer.weight.shape[0]
     nw = warps or warps_per_block(n, k, k // (8 * layer.group_size))
-    xr = 1 << (m - 1).bit_length() if X_SMEM else 0
-    smem = staged_shared_bytes(layer.bits, layer.group_size, nw, xr, swiglu)
+    rows = 1 << (m - 1).bit_length()
+    xr = rows if X_SMEM and not norm else 0
+    extra = rows * k * 2 if norm else 0
+    smem = staged_shared_bytes(layer.bits, layer.group_size, nw, xr, swiglu, extra)
     if smem > SMEM_BUDGET and xr:
-        xr, smem = 0, staged_shared_bytes(layer.bits, layer.group_size, nw, 0)
+        xr, smem = 0, staged_shared_bytes(layer.bits, layer.group_size, nw, 0, swiglu, extra)
     while smem > SMEM_BUDGET and nw > 1 and not warps:
         nw //= 2
-        smem = staged_shared_bytes(layer.bits, layer.group_size, nw, 0)
+        smem = staged_shared_bytes(layer.bits, layer.group_size, nw, 0, swiglu, extra)
     return (nw, xr, smem) if smem <= SMEM_LIMIT else None
 
 
@@ -336,6 +399,14 @@ def staged_launch(layer: nn.Module, m: int, warps: int = 0,
 def _kernel():
     return mx.fast.cuda_kernel(name="qgemv_mma", input_names=["x", "w", "scales", "biases"],
                                output_names=["y"], source=compact(SOURCE), header=compact(HEADER))
+
+
+@functools.lru_cache(maxsize=None)
+def _staged_norm_kernel(smem: int):
+    return mx.fast.cuda_kernel(name=f"qgemv_staged_norm_{smem}",
+                               input_names=["x", "res", "gamma", "w", "scales", "biases"],
+                               output_names=["y", "h_out"], source=compact(SOURCE_STAGED_NORM),
+                               header=compact(HEADER + SWIGLU_HEADER), shared_memory=smem)
 
 
 @functools.lru_cache(maxsize=None)
@@ -414,6 +485,55 @@ def swiglu_matches_layer(layer: nn.Module, atol: float = 2e-2) -> bool:
     return matches_dequantize_matmul([layer], [(m,) for m in range(1, MAX_ROWS + 1)],
                                      run, usable, "few-row 4/8-bit SwiGLU + down kernel",
                                      seed=4, atol=atol, returns_input=True)
+
+
+def norm_applies(layer: nn.Module, delta: mx.array, residual: mx.array, norm: nn.Module) -> bool:
+    """Whether qgemv_norm(layer, delta, residual, norm) computes layer(norm(residual + delta)):
+    the staged kernel serves the rows, and delta, residual and the norm's weight share the
+    layer's input width and x's type."""
+    if not isinstance(norm, nn.RMSNorm) or type(layer) is not nn.QuantizedLinear:
+        return False
+    k, m = input_width(layer), delta.size // delta.shape[-1]
+    return (delta.shape == residual.shape and residual.dtype == delta.dtype
+            and norm.weight.dtype == delta.dtype and norm.weight.shape == (k,)
+            and 1 <= m <= MAX_ROWS and tensor_core_format(layer, delta)
+            and staged_applies(layer, m) and staged_launch(layer, m, norm=True) is not None)
+
+
+def qgemv_norm(layer: nn.QuantizedLinear, delta: mx.array, residual: mx.array,
+               norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
+    """(layer(norm(h)), h) with h = residual + delta, in one kernel (see norm_applies())."""
+    from engine.fused_ops import _bits  # the eps as an int template argument, as add_rms_norm
+    k, m, n = input_width(layer), delta.size // delta.shape[-1], layer.weight.shape[0]
+    nw, _, smem = staged_launch(layer, m, norm=True)
+    y, h = _staged_norm_kernel(smem)(
+        inputs=[delta.reshape(m, k), residual.reshape(m, k), norm.weight, layer.weight,
+                layer.scales, layer.biases],
+        template=[("T", delta.dtype), ("K", k), ("BITS", layer.bits), ("GS", layer.group_size),
+                  ("BF16", delta.dtype == mx.bfloat16), ("NW", nw), ("S", STAGES), ("XR", 0),
+                  ("SW", False), ("FAST", FAST_DEQUANT), ("EPS_BITS", _bits(norm.eps))],
+        grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
+        output_shapes=[(m, n), (m, k)], output_dtypes=[delta.dtype, delta.dtype])
+    return y.reshape(*delta.shape[:-1], n), h.reshape(delta.shape)
+
+
+def norm_matches_layer(layer: nn.Module, norm: nn.Module, atol: float = 2e-2) -> bool:
+    """qgemv_norm against MLX's add, RMSNorm and dequantize + matmul at every row count (the
+    residual's output checked too): the runner's start-up check for a projection after a
+    residual add + norm (which also compiles each variant)."""
+    def run(layer, x):  # x: the case's rows, the delta; a second random matrix the residual
+        res = mx.random.normal(x.shape, key=mx.random.key(5)).astype(x.dtype)
+        y, h = qgemv_norm(layer, x, res, norm)
+        want_h = x + res
+        if not mx.array_equal(h, want_h).item():  # the next residual must be exact
+            return mx.full(y.shape, mx.nan, y.dtype), want_h
+        return y, norm(want_h)
+
+    def usable(layer, x):
+        return norm_applies(layer, x, x, norm)
+    return matches_dequantize_matmul([layer], [(m,) for m in range(1, MAX_ROWS + 1)], run, usable,
+                                     "few-row 4/8-bit add + RMSNorm + matmul kernel", seed=6,
+                                     atol=atol, returns_input=True)
 
 
 def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:

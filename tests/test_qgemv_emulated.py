@@ -25,6 +25,9 @@ def test_qgemv_kernel_matches_reference(tmp_path):
         assert {c.split(" NW ")[1].split()[0] for c, _ in cases} >= {"1", "2", "4"}
     # staged: x in shared memory for 1-8 rows and read from global memory (XR 0)
     assert {c.split(" XR ")[1].split()[0] for c, _ in staged} == {"0", "1", "2", "4", "8"}
+    # add + RMSNorm on the way in: the residual written out exact, at 1-8 rows and 1-4 warps
+    norm = [r for r in results if r[0].startswith("norm")]
+    assert len(norm) == 3 and all("residual exact" in c for c, _ in norm)
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
@@ -73,3 +76,18 @@ def _run_or_crash(tmp_path):
         return cuda_emulator.run_qgemv(tmp_path)
     except Exception:
         return []
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("ss += f * f;", "ss += f;"),                                         # not a sum of squares
+    ("for (int v = 0; v < NW; ++v) total += part[v][row];", "total = part[0][row];"),  # one warp's share
+    ("static_cast<float>(sp[e]) * inv * static_cast<float>(gp[e])", "static_cast<float>(sp[e]) * inv"),  # no gamma
+    ("    xb = xn;\n", "\n"),                                             # products on the raw delta
+    ("static_cast<float>(ap[e]) + static_cast<float>(bp[e])", "static_cast<float>(ap[e])"),  # residual not added
+])
+def test_emulation_catches_broken_norm(tmp_path, monkeypatch, wrong, right):
+    from engine import qgemv
+    assert wrong in qgemv.SOURCE_STAGED_NORM
+    monkeypatch.setattr(qgemv, "SOURCE_STAGED_NORM", qgemv.SOURCE_STAGED_NORM.replace(wrong, right, 1))
+    results = [r for r in _run_or_crash(tmp_path) if r[0].startswith("norm")]
+    assert len(results) < 3 or max(err for _, err in results) > 5e-2
