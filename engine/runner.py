@@ -26,7 +26,7 @@ from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers, input_width
 from engine.qgemm import MAX_ROWS as QGEMM_MAX_ROWS, qgemm_matches_layers
-from engine.qgemv import qgemv_matches_layers, swiglu_matches_layer
+from engine.qgemv import norm_matches_layer, qgemv_matches_layers, swiglu_matches_layer
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
@@ -345,7 +345,9 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
 
     1-8 rows of a quantized layer run as engine/qgemv.py's tensor-core kernel
     (MISTRAL_SERVE_QGEMV=0 turns it off); MISTRAL_SERVE_QGEMV_SWIGLU=1 also lets its down
-    projection apply SwiGLU to the gate|up rows itself, one kernel fewer per layer (opt-in); layers it cannot serve go through engine/gemv.py's
+    projection apply SwiGLU to the gate|up rows itself, one kernel fewer per layer, and
+    MISTRAL_SERVE_QGEMV_NORM=1 its q|k|v and gate|up projections the residual add + RMSNorm
+    before them, two fewer (both opt-in: not yet timed on a GPU); layers it cannot serve go through engine/gemv.py's
     kernels where they match MLX's matmul on this model's own layers (on an H200 those made
     4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
     faster, so gemv stays opt-in there. MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0"
@@ -363,9 +365,14 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
     qv = _switched_on("MISTRAL_SERVE_QGEMV", qgemv_matches_layers, quantized)
     down = layers[3]  # check_layers' order: q|k|v, o, gate|up, down, head
-    # Opt-in until timed end to end (its device tests pass; ninth session ran out of GPU time).
+    # Opt-in until timed end to end (ninth session ran out of GPU time; the SwiGLU kernel's
+    # device tests passed, the norm kernel has run only in the CPU emulation).
     sw = (qv and os.environ.get("MISTRAL_SERVE_QGEMV_SWIGLU", "0") == "1"
           and type(down) is nn.QuantizedLinear and swiglu_matches_layer(down))
+    first = model.model.layers[0]
+    nm = (qv and os.environ.get("MISTRAL_SERVE_QGEMV_NORM", "0") == "1"
+          and norm_matches_layer(layers[0], first.input_layernorm)
+          and norm_matches_layer(layers[2], first.post_attention_layernorm))
 
     def gemv_serves(l: nn.Module) -> bool:  # project() tries qgemv first: those need no gemv
         quant = type(l) is nn.QuantizedLinear
@@ -387,7 +394,8 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=sw)
+                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=sw,
+                      qgemv_norm=nm)
 
 
 def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module]) -> bool:

@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests ktests ftests ptests dtests qtests qkern q4deq q4qgemm ablate atrace fusedab trace why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests ktests ftests ptests dtests qtests qkern q4deq q4qgemm ablate qvtests q4fuse atrace fusedab trace why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
 set -u
 # 4-bit steps allow for start-up on a fresh machine: the self-checks compile every kernel
 # variant a run can launch (94-110 s on an H200, eighth session; MLX caches the PTX after).
@@ -46,6 +46,10 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   w1) timeout 240 $B --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --peer-batch-sizes 64,128 --json $OUT/w1.json | tail -4 ;;
   w2) timeout 240 $B --num-prompts 64 --input-len 1024 --output-len 256 --max-num-seqs 64 --peer-batch-sizes 64 --json $OUT/w2.json | tail -3 ;;
   window) timeout 260 python3 -m loadtest.window_bench --shape 7b --dtype bfloat16 --num-seqs 32 --prompt-len ${WINDOW_PROMPT:-8192} --total-len 16384 | tail -14 ;;
+  qvtests) timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_qgemv.py 2>&1 | tail -8 ;;
+  q4fuse) for v in "" "MISTRAL_SERVE_QGEMV_SWIGLU=1" "MISTRAL_SERVE_QGEMV_NORM=1" "MISTRAL_SERVE_QGEMV_SWIGLU=1 MISTRAL_SERVE_QGEMV_NORM=1"; do
+            echo "4-bit single, ${v:-defaults}"; env $v timeout 240 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --step-log | tail -4; done
+          echo "bf16 single"; timeout 60 $B --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer | tail -1 ;;
   q4single) timeout 240 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;
   q4) timeout 300 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit.json | tail -2
       [ -n "${Q4_SINGLE:-}" ] && timeout 240 $B --bits 4 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 --no-peer --json $OUT/single_4bit.json | tail -2 ;;

@@ -72,6 +72,28 @@ def test_swiglu_matches_swiglu_then_matmul(bits, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_norm_matches_add_norm_then_matmul(bits, monkeypatch):
+    # The 7B's q|k|v and gate|up after a residual add + RMSNorm, in one kernel, against MLX's
+    # add, RMSNorm, dequantize + matmul; the residual it writes must be the add exactly.
+    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)  # the staged kernel at every row count
+    norm = nn.RMSNorm(4096, eps=1e-5)
+    norm.weight = (1 + 0.1 * mx.random.normal((4096,))).astype(mx.bfloat16)
+    for n in (6144, 28672):
+        layer = quantized_linear(4096, n, bits)
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        for rows in (1, 3, 8):
+            delta, res = (mx.random.normal((rows, 4096)).astype(mx.bfloat16) for _ in range(2))
+            assert qgemv.norm_applies(layer, delta, res, norm)
+            y, h = qgemv.qgemv_norm(layer, delta, res, norm)
+            assert mx.array_equal(h, delta + res).item()
+            want = norm(delta + res).astype(mx.float32) @ w.astype(mx.float32).T
+            err = mx.abs(y.astype(mx.float32) - want).max().item()
+            assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (bits, n, rows, err)
+        assert qgemv.norm_matches_layer(layer, norm)
+
+
+@cuda
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 def test_every_warp_split_matches(warps):
     layer = quantized_linear(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
@@ -147,3 +169,19 @@ def test_swiglu_applies_only_to_gate_up_rows_of_a_staged_layer(monkeypatch):
     assert not qgemv.swiglu_applies(layer, mx.zeros((1, 2048), mx.float16))    # scales are bf16
     assert not qgemv.swiglu_applies(quantized_linear(1280, 64, 4), mx.zeros((1, 2560), mx.bfloat16))
     assert not qgemv.swiglu_applies(nn.Linear(1024, 64, bias=False), mx.zeros((1, 2048), mx.bfloat16))
+
+
+def test_norm_applies_only_with_matching_rows_and_norm(monkeypatch):
+    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)
+    layer = quantized_linear(1024, 64, 4)
+    norm = nn.RMSNorm(1024)
+    norm.weight = norm.weight.astype(mx.bfloat16)
+    x = mx.zeros((2, 1024), mx.bfloat16)
+    assert qgemv.norm_applies(layer, x, x, norm)
+    assert not qgemv.norm_applies(layer, x, x[:1], norm)                     # shapes differ
+    assert not qgemv.norm_applies(layer, x, x, nn.RMSNorm(1024))             # float32 weight
+    assert not qgemv.norm_applies(layer, x, x, nn.LayerNorm(1024))           # not an RMSNorm
+    assert not qgemv.norm_applies(layer, mx.zeros((9, 1024), mx.bfloat16),
+                                  mx.zeros((9, 1024), mx.bfloat16), norm)    # qgemm's rows
+    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 1)
+    assert not qgemv.norm_applies(layer, x, x, norm)                         # staged rows only
