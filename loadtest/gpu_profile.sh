@@ -5,6 +5,12 @@ set -u
 # 4-bit steps allow for start-up on a fresh machine: the self-checks compile every kernel
 # variant a run can launch (94-110 s on an H200, eighth session; MLX caches the PTX after).
 OUT=${OUT:-loadtest/results}; mkdir -p "$OUT"
+# A fresh machine spends most of a 4-bit start-up compiling kernels (NVRTC). MLX caches the
+# PTX per module (named by a hash of its source, so a changed kernel misses the cache):
+# PTX_CACHE_IN=tarball seeds that cache from an earlier call, PTX_CACHE_OUT=tarball saves it.
+export MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-/tmp/mlx-ptx-cache}; mkdir -p "$MLX_PTX_CACHE_DIR"
+[ -n "${PTX_CACHE_IN:-}" ] && [ -f "$PTX_CACHE_IN" ] && tar -xJf "$PTX_CACHE_IN" -C "$MLX_PTX_CACHE_DIR" && echo "ptx cache: $(ls "$MLX_PTX_CACHE_DIR" | wc -l) files from $PTX_CACHE_IN"
+[ -n "${PTX_CACHE_OUT:-}" ] && trap 'tar -cJf "$PTX_CACHE_OUT" -C "$MLX_PTX_CACHE_DIR" . && echo "ptx cache: $(du -h "$PTX_CACHE_OUT" | cut -f1) saved"' EXIT
 export PYTHONPATH=$PWD:$PWD/proto
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "card: $card"
 case "$card" in *H200*) BW=4.8e12 ;; *) BW=3.35e12 ;; esac
