@@ -9,7 +9,7 @@ from engine import runner
 from engine.engine import EngineConfig, LLMEngine
 from loadtest.offline_bench import _NoTokenizer
 from scheduler.request import SamplingParams
-from tests.tiny import tiny_model
+from tests.tiny import run_to_completion, tiny_model
 
 
 def _generate(compiled: bool) -> tuple[dict, LLMEngine]:
@@ -22,13 +22,7 @@ def _generate(compiled: bool) -> tuple[dict, LLMEngine]:
         engine.add_request(f"r{i}", list(range(3 + i, 20 + 9 * i)), SamplingParams(
             temperature=0 if i % 2 else 0.8, seed=i, max_tokens=50 + 10 * i, ignore_eos=True,
             logprobs=2))
-    out: dict = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            toks, lps = out.setdefault(o.request_id, ([], []))
-            toks.extend(o.new_token_ids)
-            lps.extend((lp.logprob, lp.top_logprobs) for lp in o.logprobs)
-    return out, engine
+    return run_to_completion(engine), engine
 
 
 @pytest.mark.parametrize("min_blocks", [runner.BLOCK_PAD, runner.COMPILED_MIN_BLOCKS])

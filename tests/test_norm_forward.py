@@ -13,7 +13,7 @@ from engine.engine import EngineConfig, LLMEngine
 from engine.model import PORTABLE, project
 from loadtest.offline_bench import _NoTokenizer
 from scheduler.request import SamplingParams
-from tests.tiny import tiny_model
+from tests.tiny import run_to_completion, tiny_model
 
 
 def _generate(norm_plan: bool) -> dict:
@@ -25,13 +25,7 @@ def _generate(norm_plan: bool) -> dict:
     for i in range(3):
         engine.add_request(f"r{i}", list(range(3 + i, 30 + 7 * i)), SamplingParams(
             temperature=0, max_tokens=20, ignore_eos=True, logprobs=2))
-    out: dict = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            toks, lps = out.setdefault(o.request_id, ([], []))
-            toks.extend(o.new_token_ids)
-            lps.extend((lp.logprob, lp.top_logprobs) for lp in o.logprobs)
-    return out
+    return run_to_completion(engine)
 
 
 @pytest.mark.parametrize("kernel_applies", [False, True])

@@ -41,3 +41,14 @@ def quantized_linear(k: int, n: int, bits: int, group_size: int = 64,
     q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), group_size=group_size, bits=bits)
     q.set_dtype(dtype)
     return q
+
+
+def run_to_completion(engine) -> dict:
+    """Step an engine until its requests finish: request id -> (tokens, [(logprob, top)])."""
+    out: dict = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            toks, lps = out.setdefault(o.request_id, ([], []))
+            toks.extend(o.new_token_ids)
+            lps.extend((lp.logprob, lp.top_logprobs) for lp in o.logprobs)
+    return out
