@@ -30,6 +30,7 @@ from engine.qgemv import norm_matches_layer, qgemv_matches_layers, swiglu_matche
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
+from scheduler.request import SamplingParams
 from scheduler.scheduler import INFLIGHT_TOKEN
 from scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 
@@ -42,6 +43,8 @@ BLOCK_PAD = 4  # pad block-table widths to a multiple of this to limit distinct 
 # the padding costs 4 bytes a block in the step's one host copy, and a sequence keeps one
 # trace up to 1,024 tokens instead of retracing at 64, 128, 256 and 512.
 COMPILED_MIN_BLOCKS = 64
+# Batch sizes whose compiled decode step is traced at start-up (ModelRunner.warm_decode).
+WARM_DECODE_BATCHES = (1, 2, 4, 8)
 # MLX's CUDA 4-bit matmul loses to dequantize + bf16 GEMM for many rows (H200, MLX 0.32.4,
 # `python -m loadtest.op_profile --qmm-rows ...`: from 256 rows on once warm). Between 16 and
 # 128 rows it wins when warm, but a batched 4-bit run with it stalled for minutes (new row
@@ -74,6 +77,24 @@ class ModelRunner:
         compile_env = os.environ.get("MISTRAL_SERVE_COMPILE", "auto")
         self.compile_decode = compile_env == "1" or (compile_env == "auto" and on_cuda)
         self._compiled: dict = {}  # KernelPlan -> compiled decode forward
+        if self.compile_decode:
+            self.warm_decode(WARM_DECODE_BATCHES)
+
+    def warm_decode(self, batch_sizes: Sequence[int]) -> None:
+        """Trace and run the compiled decode step once for each batch size (at the smallest
+        table width), so that the first requests of those sizes do not stall on a trace (on
+        an H200 the first decode step of one 4-bit sequence took 9-10 ms against 2.9).
+
+        Only before any request runs: the dummy decodes write K/V into slot 0 of block 0,
+        which a request given that block overwrites before reading."""
+        state = self.rng.getstate()  # dummy samples must not move the seed stream
+        params = SamplingParams(temperature=0, max_tokens=1)
+        for b in batch_sizes:
+            reqs = tuple(ScheduledRequest(f"warm-{i}", (0,), 0, (0,), 0, True, params, 0)
+                         for i in range(b))
+            self.collect(self.launch(SchedulerOutput(0, reqs, b)))
+        self.rng.setstate(state)
+        self._last_sampled = ({}, None)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for it; every request in `sched` shares one forward pass."""

@@ -43,3 +43,29 @@ def test_compiled_table_widths_are_few():
     widths = {runner._table_width(b, True) for b in range(1, 1025)}
     assert widths == {runner.COMPILED_MIN_BLOCKS << i for i in range(5)}  # 64 .. 1,024 blocks
     assert runner._table_width(5, False) == 8  # the op-by-op path pads to BLOCK_PAD only
+
+
+def test_warm_decode_traces_ahead_and_changes_nothing(monkeypatch):
+    # Traced at start-up for batch 1, a single request's decode steps (contexts under 1,024
+    # tokens) never trace again, and the dummy decodes leave no mark on its tokens.
+    want, _ = _generate(True)
+    model, args, _ = tiny_model(sliding_window=40)
+    monkeypatch.setenv("MISTRAL_SERVE_COMPILE", "1")
+    monkeypatch.setattr(runner, "WARM_DECODE_BATCHES", (1, 2, 3))
+    traces = []
+    original = runner.ModelRunner._decode_fn
+
+    def counted(self, *a):  # Python runs this only while mx.compile traces
+        traces.append(a[0].shape[0])
+        return original(self, *a)
+    monkeypatch.setattr(runner.ModelRunner, "_decode_fn", counted)
+    engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
+        kv_cache_memory_gib=0.01, max_num_seqs=4, enable_prefix_caching=False,
+        max_num_batched_tokens=64))
+    assert traces == [1, 2, 3]
+    for i in range(3):
+        engine.add_request(f"r{i}", list(range(3 + i, 20 + 9 * i)), SamplingParams(
+            temperature=0 if i % 2 else 0.8, seed=i, max_tokens=50 + 10 * i, ignore_eos=True,
+            logprobs=2))
+    assert run_to_completion(engine) == want
+    assert traces == [1, 2, 3]  # batches 3, 2, 1 as requests finish: all traced already
