@@ -18,8 +18,15 @@ into A fragments; the k-to-slot mapping is qgemm's, so one 16-byte load of x is 
 fragment of two mma. A block's NW warps take interleaved 128-wide K steps of the same
 features (so narrow layers still fill the GPU) and add their sums in shared memory.
 
+For one row (STAGED_MAX_ROWS) a staged form (SOURCE_STAGED) feeds the same fragments from
+per-warp cp.async rings in shared memory; it can also take gate|up rows and apply SwiGLU
+(the down projection: swiglu_applies) or take a sublayer's output and the residual and apply
+the residual add + RMSNorm first (q|k|v and gate|up: qgemv_norm), so a decode step of one
+sequence, paced by the host's per-kernel cost, runs fewer kernels.
+
 Used only after qgemv_matches_layers has shown it equal to dequantize + matmul on the
-model's own layers at every row count (engine/runner.py). tests/test_qgemv_emulated.py runs
+model's own layers at every row count (engine/runner.py; the two fused forms have their
+own checks and switches). tests/test_qgemv_emulated.py runs
 this source on a CPU; tests/test_qgemv.py runs the real one on a GPU.
 """
 
@@ -154,8 +161,8 @@ SOURCE = r"""
 """ + EPILOGUE
 
 
-# Staged variant (SOURCE_STAGED): the same products, but the weights reach the warp through shared
-# memory. On an H200 the direct-load kernel above read gate|up at 2.3 TB/s whether or not it
+# Staged variant (SOURCE_STAGED): the same products, but the weights reach the warp through
+# shared memory. On an H200 the direct-load kernel above read gate|up at 2.3 TB/s whether or not it
 # unpacked or multiplied (cuts no-unpack 28.2 us, no-mma 27.5, as written 28.9) and took 4 us
 # more to fetch x (no-x-loads 24.8); more warps or deeper unrolls did not help (ninth
 # session). Its loads are 64-byte runs of 8 features at a time. Here each warp copies whole
