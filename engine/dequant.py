@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.gemv import chunked_affine, input_width
-from engine.kernel_source import compact
+from engine.kernel_source import cuda_kernel
 from engine.paged_decode import VEC_HEADER
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ SOURCE = r"""
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    return mx.fast.cuda_kernel(name="dequantize_affine", input_names=["w", "scales", "biases"],
-                               output_names=["out"], source=compact(SOURCE), header=compact(VEC_HEADER))
+    return cuda_kernel(name="dequantize_affine", input_names=["w", "scales", "biases"],
+                       output_names=["out"], source=SOURCE, header=VEC_HEADER)
 
 
 def applies(layer: nn.Module) -> bool:

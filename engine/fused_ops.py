@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.kernel_source import compact
+from engine.kernel_source import cuda_kernel
 from engine.paged_decode import VEC_HEADER
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,9 @@ SOURCES = {"add_rms_norm": _ADD_RMS_NORM, "qkv_rope": _QKV_ROPE,
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
-    return mx.fast.cuda_kernel(name=f"fused_{name}", input_names=list(inputs),
-                               output_names=list(outputs), source=compact(SOURCES[name]),
-                               header=compact(VEC_HEADER))
+    return cuda_kernel(name=f"fused_{name}", input_names=list(inputs),
+                       output_names=list(outputs), source=SOURCES[name],
+                       header=VEC_HEADER)
 
 
 def _vec(dtype: mx.Dtype) -> int:
@@ -159,11 +159,11 @@ def _rope_launch(qkv: mx.array, n_heads: int, kv_heads: int, head_dim: int, base
     """Template and launch of the q|k|v RoPE kernels: a thread per (token, head, dim pair)."""
     threads = qkv.shape[0] * (n_heads + 2 * kv_heads) * (head_dim // 2)
     return dict(template=[("T", qkv.dtype), ("NH", n_heads), ("KVH", kv_heads), ("D", head_dim),
-                          ("LOG2_BASE_BITS", _bits(math.log2(base)))],
+                          ("LOG2_BASE_BITS", float_bits(math.log2(base)))],
                 **_elementwise_launch(threads))
 
 
-def _bits(value: float) -> int:
+def float_bits(value: float) -> int:
     """A float32 constant as a template argument (its bit pattern): kernels read eps and the
     RoPE base from no memory at all. As an input array it would be a scalar, and MLX keeps
     arrays of 8 bytes or less in CUDA managed memory on the host, which the GPU then reads
@@ -182,7 +182,7 @@ def add_rms_norm(x: mx.array, y: mx.array, norm: nn.RMSNorm, kernel: bool = Fals
     rows = x.size // width
     h, n = _kernel("add_rms_norm", ("x", "y", "w"), ("h", "n"))(
         inputs=[x, y, norm.weight],
-        template=[("T", x.dtype), ("H", width), ("NT", NORM_THREADS), ("EPS_BITS", _bits(norm.eps))],
+        template=[("T", x.dtype), ("H", width), ("NT", NORM_THREADS), ("EPS_BITS", float_bits(norm.eps))],
         grid=(rows * NORM_THREADS, 1, 1), threadgroup=(NORM_THREADS, 1, 1),
         output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype])
     return h, n

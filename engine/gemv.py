@@ -23,7 +23,7 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.kernel_source import compact
+from engine.kernel_source import cuda_kernel
 from engine.paged_decode import VEC_HEADER
 
 log = logging.getLogger(__name__)
@@ -205,15 +205,15 @@ def kernel_source(body: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _dense_kernel():
-    return mx.fast.cuda_kernel(name="gemv_dense", input_names=["x", "w"], output_names=["y"],
-                               source=compact(kernel_source(_DENSE)), header=compact(VEC_HEADER))
+    return cuda_kernel(name="gemv_dense", input_names=["x", "w"], output_names=["y"],
+                       source=kernel_source(_DENSE), header=VEC_HEADER)
 
 
 @functools.lru_cache(maxsize=None)
 def _quant_kernel():
-    return mx.fast.cuda_kernel(name="gemv_quantized", input_names=["x", "w", "scales", "biases"],
-                               output_names=["y"], source=compact(kernel_source(_QUANT)),
-                               header=compact(VEC_HEADER))
+    return cuda_kernel(name="gemv_quantized", input_names=["x", "w", "scales", "biases"],
+                       output_names=["y"], source=kernel_source(_QUANT),
+                       header=VEC_HEADER)
 
 
 def applies(layer: nn.Module, x: mx.array, dense: bool = True) -> bool:

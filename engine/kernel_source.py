@@ -1,4 +1,5 @@
-"""CUDA source text as handed to mx.fast.cuda_kernel: comments and indentation stripped.
+"""Every CUDA kernel of the engine is built here: mx.fast.cuda_kernel with its source text
+compacted (comments and indentation stripped).
 
 MLX's CUDA backend hashes a custom kernel's whole source (header + body) every time the
 kernel is evaluated, to find its compiled module; on a 4-bit decode step of one sequence the
@@ -10,6 +11,13 @@ sees is the same program in fewer bytes.
 from __future__ import annotations
 
 import functools
+
+import mlx.core as mx
+
+
+def cuda_kernel(*, source: str, header: str = "", **kwargs):
+    """mx.fast.cuda_kernel with `source` and `header` compacted; other arguments as MLX's."""
+    return mx.fast.cuda_kernel(source=compact(source), header=compact(header), **kwargs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import os
 
 import mlx.core as mx
 
-from engine.kernel_source import compact
+from engine.kernel_source import cuda_kernel
 
 log = logging.getLogger(__name__)
 
@@ -297,19 +297,19 @@ def kernel_source(epilogue: str, version: str = "v1") -> str:
 @functools.lru_cache(maxsize=None)
 def _kernel(split: bool, version: str = "v1"):
     if split:
-        return mx.fast.cuda_kernel(name=f"paged_decode_attention_split_{version}",
-                                   input_names=_INPUTS,
-                                   output_names=["part_acc", "part_m", "part_l"],
-                                   source=compact(kernel_source(_PARTIAL, version)), header=compact(VEC_HEADER))
-    return mx.fast.cuda_kernel(name=f"paged_decode_attention_{version}", input_names=_INPUTS,
-                               output_names=["out"], source=compact(kernel_source(_FINAL, version)),
-                               header=compact(VEC_HEADER))
+        return cuda_kernel(name=f"paged_decode_attention_split_{version}",
+                           input_names=_INPUTS,
+                           output_names=["part_acc", "part_m", "part_l"],
+                           source=kernel_source(_PARTIAL, version), header=VEC_HEADER)
+    return cuda_kernel(name=f"paged_decode_attention_{version}", input_names=_INPUTS,
+                       output_names=["out"], source=kernel_source(_FINAL, version),
+                       header=VEC_HEADER)
 
 
 @functools.lru_cache(maxsize=1)
 def _merge_kernel():
-    return mx.fast.cuda_kernel(name="paged_decode_merge", input_names=["part_acc", "part_m", "part_l"],
-                               output_names=["out"], source=compact(_MERGE))
+    return cuda_kernel(name="paged_decode_merge", input_names=["part_acc", "part_m", "part_l"],
+                       output_names=["out"], source=_MERGE)
 
 
 def supported(head_dim: int, dtype: mx.Dtype) -> bool:
@@ -360,7 +360,7 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     gqa = h // kvh
     warps = warps or num_warps(g * kvh * splits)
     # The window is a template argument, not an input: a one-int input array would live in
-    # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops._bits).
+    # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops.float_bits).
     template = [("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", gqa),
                 ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0),
                 ("V_BATCH", v_batch(warps))]

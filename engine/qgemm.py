@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.gemv import chunked_affine, input_width
-from engine.kernel_source import compact
+from engine.kernel_source import cuda_kernel
 from engine.paged_decode import VEC_HEADER
 
 log = logging.getLogger(__name__)
@@ -356,9 +356,9 @@ def shared_bytes(run: Launch, bits: int, group_size: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(smem: int):
-    return mx.fast.cuda_kernel(name=f"qgemm_mma_{smem}", input_names=["x", "w", "scales", "biases"],
-                               output_names=["y"], source=compact(SOURCE), header=compact(HEADER),
-                               shared_memory=smem)
+    return cuda_kernel(name=f"qgemm_mma_{smem}", input_names=["x", "w", "scales", "biases"],
+                       output_names=["y"], source=SOURCE, header=HEADER,
+                       shared_memory=smem)
 
 
 def applies(layer: nn.Module, x: mx.array) -> bool:

@@ -37,8 +37,9 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.fused_ops import float_bits
 from engine.gemv import input_width
-from engine.kernel_source import compact
+from engine.kernel_source import cuda_kernel
 from engine.qgemm import BK, FAST_DEQUANT, HEADER, matches_dequantize_matmul, tensor_core_format
 
 MAX_ROWS = 8         # B's width in mma.m16n8k16
@@ -391,37 +392,49 @@ def staged_launch(layer: nn.Module, m: int, warps: int = 0, swiglu: bool = False
     k, n = input_width(layer), layer.weight.shape[0]
     nw = warps or warps_per_block(n, k, k // (8 * layer.group_size))
     rows = 1 << (m - 1).bit_length()
-    xr = rows if X_SMEM and not norm else 0
     extra = rows * k * 2 if norm else 0
-    smem = staged_shared_bytes(layer.bits, layer.group_size, nw, xr, swiglu, extra)
-    if smem > SMEM_BUDGET and xr:
-        xr, smem = 0, staged_shared_bytes(layer.bits, layer.group_size, nw, 0, swiglu, extra)
-    while smem > SMEM_BUDGET and nw > 1 and not warps:
+
+    def size(nw: int, xr: int) -> int:
+        return staged_shared_bytes(layer.bits, layer.group_size, nw, xr, swiglu, extra)
+    xr = rows if X_SMEM and not norm else 0
+    if size(nw, xr) > SMEM_BUDGET:
+        xr = 0
+    while size(nw, xr) > SMEM_BUDGET and nw > 1 and not warps:
         nw //= 2
-        smem = staged_shared_bytes(layer.bits, layer.group_size, nw, 0, swiglu, extra)
-    return (nw, xr, smem) if smem <= SMEM_LIMIT else None
+    return (nw, xr, size(nw, xr)) if size(nw, xr) <= SMEM_LIMIT else None
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
-    return mx.fast.cuda_kernel(name="qgemv_mma", input_names=["x", "w", "scales", "biases"],
-                               output_names=["y"], source=compact(SOURCE), header=compact(HEADER))
+    return cuda_kernel(name="qgemv_mma", input_names=["x", "w", "scales", "biases"],
+                       output_names=["y"], source=SOURCE, header=HEADER)
 
 
 @functools.lru_cache(maxsize=None)
 def _staged_norm_kernel(smem: int):
-    return mx.fast.cuda_kernel(name=f"qgemv_staged_norm_{smem}",
-                               input_names=["x", "res", "gamma", "w", "scales", "biases"],
-                               output_names=["y", "h_out"], source=compact(SOURCE_STAGED_NORM),
-                               header=compact(HEADER + SWIGLU_HEADER), shared_memory=smem)
+    return cuda_kernel(name=f"qgemv_staged_norm_{smem}",
+                       input_names=["x", "res", "gamma", "w", "scales", "biases"],
+                       output_names=["y", "h_out"], source=SOURCE_STAGED_NORM,
+                       header=HEADER + SWIGLU_HEADER, shared_memory=smem)
 
 
 @functools.lru_cache(maxsize=None)
 def _staged_kernel(smem: int):
-    return mx.fast.cuda_kernel(name=f"qgemv_staged_{smem}",
-                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                               source=compact(SOURCE_STAGED), header=compact(HEADER + SWIGLU_HEADER),
-                               shared_memory=smem)
+    return cuda_kernel(name=f"qgemv_staged_{smem}",
+                       input_names=["x", "w", "scales", "biases"], output_names=["y"],
+                       source=SOURCE_STAGED, header=HEADER + SWIGLU_HEADER,
+                       shared_memory=smem)
+
+
+def _launch(layer: nn.QuantizedLinear, dtype: mx.Dtype, nw: int, **template) -> dict:
+    """The launch arguments every form shares: its template (the layer's format, x's type,
+    warps per block, then the form's own `template` values) and one block of nw warps per
+    FEATURES output features."""
+    n = layer.weight.shape[0]
+    return dict(template=[("T", dtype), ("K", input_width(layer)), ("BITS", layer.bits),
+                          ("GS", layer.group_size), ("BF16", dtype == mx.bfloat16), ("NW", nw),
+                          *template.items(), ("FAST", FAST_DEQUANT)],
+                grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1))
 
 
 def applies(layer: nn.Module, x: mx.array) -> bool:
@@ -445,10 +458,7 @@ def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None,
         nw, xr, smem = staged
         y = (build or _staged_kernel)(smem)(
             inputs=[x.reshape(m, x.shape[-1]), layer.weight, layer.scales, layer.biases],
-            template=[("T", x.dtype), ("K", k), ("BITS", layer.bits), ("GS", layer.group_size),
-                      ("BF16", x.dtype == mx.bfloat16), ("NW", nw), ("S", STAGES), ("XR", xr),
-                      ("SW", swiglu), ("FAST", FAST_DEQUANT)],
-            grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
+            **_launch(layer, x.dtype, nw, S=STAGES, XR=xr, SW=swiglu),
             output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
         return y.reshape(*x.shape[:-1], n)
     if swiglu:
@@ -456,11 +466,7 @@ def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None,
     nw = warps or warps_per_block(n, k)
     y = (build or (lambda smem: _kernel()))(0)(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
-        template=[("T", x.dtype), ("K", k), ("BITS", layer.bits),
-                  ("GS", layer.group_size), ("BF16", x.dtype == mx.bfloat16), ("NW", nw),
-                  ("U", UNROLL), ("FAST", FAST_DEQUANT)],
-        grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
-        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+        **_launch(layer, x.dtype, nw, U=UNROLL), output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -510,16 +516,13 @@ def norm_applies(layer: nn.Module, delta: mx.array, residual: mx.array, norm: nn
 def qgemv_norm(layer: nn.QuantizedLinear, delta: mx.array, residual: mx.array,
                norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
     """(layer(norm(h)), h) with h = residual + delta, in one kernel (see norm_applies())."""
-    from engine.fused_ops import _bits  # the eps as an int template argument, as add_rms_norm
     k, m, n = input_width(layer), delta.size // delta.shape[-1], layer.weight.shape[0]
     nw, _, smem = staged_launch(layer, m, norm=True)
     y, h = _staged_norm_kernel(smem)(
         inputs=[delta.reshape(m, k), residual.reshape(m, k), norm.weight, layer.weight,
                 layer.scales, layer.biases],
-        template=[("T", delta.dtype), ("K", k), ("BITS", layer.bits), ("GS", layer.group_size),
-                  ("BF16", delta.dtype == mx.bfloat16), ("NW", nw), ("S", STAGES), ("XR", 0),
-                  ("SW", False), ("FAST", FAST_DEQUANT), ("EPS_BITS", _bits(norm.eps))],
-        grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
+        **_launch(layer, delta.dtype, nw, S=STAGES, XR=0, SW=False,
+                  EPS_BITS=float_bits(norm.eps)),  # as fused_ops.add_rms_norm passes eps
         output_shapes=[(m, n), (m, k)], output_dtypes=[delta.dtype, delta.dtype])
     return y.reshape(*delta.shape[:-1], n), h.reshape(delta.shape)
 

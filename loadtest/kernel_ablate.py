@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine import gemv, qgemm, qgemv
+from engine.kernel_source import cuda_kernel
 from loadtest.quant_kernels import layer_4bit
 
 # Calls cycle through this many copies of a layer, so that its weights are read from memory
@@ -88,9 +89,9 @@ def _kernel(kind: str, variant: str, smem: int = 0):
         source = _cut(source, *cuts[variant])
     if kind == "gemv":
         source = gemv.kernel_source(source)
-    return mx.fast.cuda_kernel(name=f"abl_{kind}_{variant.replace('-', '_').replace(' ', '_')}",
-                               input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                               source=source, header=header, shared_memory=smem)
+    return cuda_kernel(name=f"abl_{kind}_{variant.replace('-', '_').replace(' ', '_')}",
+                       input_names=["x", "w", "scales", "biases"], output_names=["y"],
+                       source=source, header=header, shared_memory=smem)
 
 
 def _call(kind: str, variant: str, layer, x):
@@ -136,7 +137,7 @@ QGEMV_SWEEP = (
 
 
 @contextlib.contextmanager
-def _setting(module, attrs: dict):
+def setting(module, attrs: dict):
     """module's attributes set to attrs inside the block, restored after."""
     old = {name: getattr(module, name) for name in attrs}
     for name, value in attrs.items():
@@ -177,10 +178,10 @@ def main(argv=None) -> None:
                 us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x))
                 line.append(f"qgemv {launch} {us:7.1f} ({mb / us:.2f} TB/s)")
                 for label, attrs, nw in () if a.brief else QGEMV_SWEEP:
-                    with _setting(qgemv, attrs):
+                    with setting(qgemv, attrs):
                         us = kernel_us(lambda i: qgemv.qgemv(layers[i % COPIES], x, warps=nw))
                     line.append(f"qgemv {label} {us:7.1f}")
-                with _setting(qgemv, {"STAGED_MAX_ROWS": 0}):  # the cuts are the direct kernel's
+                with setting(qgemv, {"STAGED_MAX_ROWS": 0}):  # the cuts are the direct kernel's
                     for v in () if a.brief else tuple(QGEMV_CUTS):
                         us = kernel_us(lambda i: _call("qgemv", v, layers[i % COPIES], x))
                         line.append(f"qgemv direct {v} {us:7.1f}")

@@ -533,7 +533,7 @@ def fused_source() -> str:
     with shapes that leave threads of the last block idle."""
     from engine import fused_ops as fo
     return PRELUDE + pd.VEC_HEADER + f"""
-    constexpr int EPS_BITS = {fo._bits(1e-5)}, LB_BITS = {fo._bits(math.log2(10000.0))};
+    constexpr int EPS_BITS = {fo.float_bits(1e-5)}, LB_BITS = {fo.float_bits(math.log2(10000.0))};
     """ + r"""
     template <typename T, int H, int NT, int EPS_BITS>
     void add_rms_norm(const T* x, const T* y, const T* w, T* h, T* n) { """ + \

@@ -47,3 +47,22 @@ def test_compacted_qgemv_still_computes(tmp_path, monkeypatch):
     monkeypatch.setattr(qgemm, "UNPACK", compact(qgemm.UNPACK))
     results = cuda_emulator.run_qgemv(tmp_path)
     assert len(results) == 21 and max(err for _, err in results) < 5e-3
+
+
+def test_engine_kernels_are_built_compacted(monkeypatch):
+    # Every engine kernel goes through kernel_source.cuda_kernel, which hands MLX the
+    # compacted text (and passes the rest unchanged).
+    import mlx.core as mx
+
+    from engine import kernel_source
+    seen = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: seen.append(kw) or "kernel")
+    assert kernel_source.cuda_kernel(name="k", input_names=["x"], output_names=["y"],
+                                     source=qgemv.SOURCE, header=qgemm.HEADER,
+                                     shared_memory=64) == "kernel"
+    assert seen == [dict(name="k", input_names=["x"], output_names=["y"], shared_memory=64,
+                         source=compact(qgemv.SOURCE), header=compact(qgemm.HEADER))]
+    qgemv._staged_kernel.cache_clear()
+    qgemv._staged_kernel(1024)
+    qgemv._staged_kernel.cache_clear()
+    assert seen[-1]["source"] == compact(qgemv.SOURCE_STAGED)
