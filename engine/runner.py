@@ -368,9 +368,9 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     (MISTRAL_SERVE_QGEMV=0 turns it off); MISTRAL_SERVE_QGEMV_SWIGLU=1 also lets its down
     projection apply SwiGLU to the gate|up rows itself, one kernel fewer per layer, and
     MISTRAL_SERVE_QGEMV_NORM=1 its q|k|v and gate|up projections the residual add + RMSNorm
-    before them, two fewer (both opt-in: not yet timed on a GPU); layers it cannot serve go through engine/gemv.py's
-    kernels where they match MLX's matmul on this model's own layers (on an H200 those made
-    4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
+    before them, two fewer (both opt-in: not yet timed on a GPU). Layers it cannot serve go
+    through engine/gemv.py's kernels where they match MLX's matmul on this model's own layers
+    (on an H200 those made 4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
     faster, so gemv stays opt-in there. MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0"
     (none, to measure against MLX's own).
     The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0.
@@ -388,12 +388,15 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     down = layers[3]  # check_layers' order: q|k|v, o, gate|up, down, head
     # Opt-in until timed end to end (ninth session ran out of GPU time; the SwiGLU kernel's
     # device tests passed, the norm kernel has run only in the CPU emulation).
-    sw = (qv and os.environ.get("MISTRAL_SERVE_QGEMV_SWIGLU", "0") == "1"
-          and type(down) is nn.QuantizedLinear and swiglu_matches_layer(down))
+    sw = qv and _switched_on("MISTRAL_SERVE_QGEMV_SWIGLU",
+                             lambda ls: swiglu_matches_layer(ls[0]),
+                             [down] if type(down) is nn.QuantizedLinear else [], default="0")
     first = model.model.layers[0]
-    nm = (qv and os.environ.get("MISTRAL_SERVE_QGEMV_NORM", "0") == "1"
-          and norm_matches_layer(layers[0], first.input_layernorm)
-          and norm_matches_layer(layers[2], first.post_attention_layernorm))
+    nm = qv and _switched_on(
+        "MISTRAL_SERVE_QGEMV_NORM",
+        lambda ls: (norm_matches_layer(ls[0], first.input_layernorm)
+                    and norm_matches_layer(ls[1], first.post_attention_layernorm)),
+        [layers[0], layers[2]], default="0")
 
     def gemv_serves(l: nn.Module) -> bool:  # project() tries qgemv first: those need no gemv
         quant = type(l) is nn.QuantizedLinear
@@ -419,10 +422,11 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
                       qgemv_norm=nm)
 
 
-def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module]) -> bool:
-    """A quantized-layer kernel runs unless `env` is "0", where there are such layers and its
-    self-check passes on them."""
-    return os.environ.get(env, "1") != "0" and bool(layers) and self_check(layers)
+def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module],
+                 default: str = "1") -> bool:
+    """A quantized-layer kernel runs unless `env` (else `default`) is "0", where there are
+    such layers and its self-check passes on them."""
+    return os.environ.get(env, default) != "0" and bool(layers) and self_check(layers)
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:
