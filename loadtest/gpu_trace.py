@@ -14,9 +14,7 @@ without either; without the gemv kernels) runs in the same process on the same w
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import importlib
 import re
 import time
 from collections import defaultdict
@@ -28,6 +26,7 @@ from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers
 from engine.qgemm import qgemm_matches_layers
 from engine.engine import DTYPES, LLMEngine
+from loadtest import settings
 from loadtest.offline_bench import SHAPES
 from loadtest.profile_step import decode_engine, start_decoding, stop_all
 
@@ -132,20 +131,6 @@ def fused_ops_trace(args, dtype: mx.Dtype, rows_list: list[int], reps: int = 32)
             print(f"   rows {rows:4d} {name:15s} " + " | ".join(line))
 
 
-def _overrides(spec: str) -> dict:
-    """"module.ATTR=value,..." (modules of the engine package) -> {(module, attr): value}."""
-    out = {}
-    # Split at the commas that start a new "name=" so that tuple values stay whole.
-    for item in re.split(r",(?=\s*[\w.]+\s*=)", spec):
-        target, value = item.split("=", 1)
-        module, attr = target.strip().rsplit(".", 1)
-        mod = importlib.import_module(f"engine.{module}")
-        if not hasattr(mod, attr):
-            raise SystemExit(f"--set: engine.{module} has no {attr}")
-        out[(mod, attr)] = ast.literal_eval(value.strip())
-    return out
-
-
 def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
               sets: list[str] = ()):
     """(label, plan, compiled, paged_decode overrides) of each variant asked for."""
@@ -171,7 +156,9 @@ def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
             for k in min_keys]
     out += [(f"{w} warps per block", chosen, compiled,
              {(paged_decode, "NUM_WARPS"): w, (paged_decode, "FEW_BLOCKS_WARPS"): w}) for w in warps]
-    out += [(spec, chosen, compiled, _overrides(spec)) for spec in sets]
+    for spec in sets:
+        constants, plan_fields = settings.parse(spec)
+        out.append((spec, dataclasses.replace(chosen, **plan_fields), compiled, constants))
     return out
 
 
@@ -190,8 +177,9 @@ def main(argv=None):
                     help="also run as chosen with paged_decode.MIN_KEYS_PER_SPLIT set to each")
     ap.add_argument("--warps", default="", help="also run as chosen with these decode-kernel warps")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE,...",
-                    help="also run as chosen with these engine module constants set (repeatable: "
-                         "one variant each), e.g. paged_decode.UNROLL=8")
+                    help="also run as chosen with these settings (repeatable: one variant each): "
+                         "engine module constants or plan fields, e.g. paged_decode.UNROLL=8 "
+                         "(loadtest/settings.py)")
     ap.add_argument("--fused-ops", default="",
                     help="row counts: time each fused kernel against its MLX ops, alone")
     a = ap.parse_args(argv)

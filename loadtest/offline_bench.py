@@ -12,6 +12,7 @@ first use, slowly on CUDA).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from engine.config import ModelArgs
 from engine.engine import DTYPES, EngineConfig, LLMEngine
 from engine.kv_cache import kv_cache_gib
 from engine.model import Mistral
+from loadtest import settings
 from scheduler.request import SamplingParams
 
 SHAPES = {
@@ -142,6 +144,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--step-log", action="store_true", help="print where our run's time went, by step size")
+    ap.add_argument("--repeat", type=int, default=1, help="run ours this many times (the spread)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE,...",
+                    help="then run ours again with these settings, on the same engine and weights "
+                         "(repeatable, one run each): MODULE.ATTR of an engine module, or "
+                         "plan.FIELD of the KernelPlan, e.g. qgemv.STAGES=2")
     a = ap.parse_args(argv)
 
     if a.model:
@@ -166,7 +173,17 @@ def main(argv=None) -> None:
     startup = time.perf_counter() - t0  # on CUDA: the kernel self-checks compile every variant
     results = []
     run_ours(engine, warm, 8)
-    results.append(run_ours(engine, prompts, a.output_len, a.step_log))
+    for _ in range(a.repeat):
+        results.append(run_ours(engine, prompts, a.output_len, a.step_log))
+    for spec in a.set:
+        with settings.applied(engine, spec):
+            if a.step_log:
+                print(f"-- {spec}")
+            run_ours(engine, warm, 8)
+            for _ in range(a.repeat):
+                results.append(dataclasses.replace(
+                    run_ours(engine, prompts, a.output_len, a.step_log), engine=f"  {spec}"))
+    ours = len(results)
     if not a.no_peer:
         peer = build_peer(args, weights, bits)
         for bs in [int(x) for x in a.peer_batch_sizes.split(",")]:
@@ -181,8 +198,8 @@ def main(argv=None) -> None:
     print(f"{'engine':<40} {'output tok/s':>14} {'seconds':>9}")
     for r in results:
         print(f"{r.engine:<40} {r.output_tok_s:>14.1f} {r.seconds:>9.2f}")
-    if len(results) > 1:
-        best_peer = max(results[1:], key=lambda r: r.output_tok_s)
+    if len(results) > ours:
+        best_peer = max(results[ours:], key=lambda r: r.output_tok_s)
         print(f"ratio vs best peer ({best_peer.engine}): "
               f"{results[0].output_tok_s / best_peer.output_tok_s:.2f}x")
     if a.json:

@@ -69,3 +69,23 @@ def test_warm_decode_traces_ahead_and_changes_nothing(monkeypatch):
             logprobs=2))
     assert run_to_completion(engine) == want
     assert traces == [1, 2, 3]  # batches 3, 2, 1 as requests finish: all traced already
+
+
+def test_benchmark_settings_apply_and_restore():
+    # loadtest/settings.py: offline_bench --set runs a variant on the same engine; the variant's
+    # settings hold inside the block (with the compiled steps retraced) and are undone after.
+    from loadtest import settings
+
+    _, engine = _generate(True)
+    plan, floor = engine.model.plan, runner.COMPILED_MIN_BLOCKS
+    with settings.applied(engine, "runner.COMPILED_MIN_BLOCKS=8, plan.dequant_min_rows=16"):
+        assert runner.COMPILED_MIN_BLOCKS == 8 and engine.model.plan.dequant_min_rows == 16
+        assert engine.model.plan.qgemv == plan.qgemv  # fields not named keep their value
+        assert list(engine.runner._compiled) == [engine.model.plan]  # warm_decode traced it
+    assert runner.COMPILED_MIN_BLOCKS == floor and engine.model.plan == plan
+    assert not engine.runner._compiled
+    assert settings.parse("paged_decode.NUM_WARPS=(1, 2),plan.gemv=False") == (
+        {(runner.paged_decode, "NUM_WARPS"): (1, 2)}, {"gemv": False})
+    for bad in ("runner.NO_SUCH=1", "plan.no_such=1"):
+        with pytest.raises(SystemExit):
+            settings.parse(bad)
