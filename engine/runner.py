@@ -22,6 +22,7 @@ import numpy as np
 from engine import paged_decode, qgemv
 from engine.attention import AttentionGroup, AttentionMetadata, decode_kernel_matches_portable
 from engine.config import ModelArgs
+from engine.decode_carry import DecodeCarry
 from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers, input_width
@@ -67,6 +68,7 @@ class ModelRunner:
         self.decode_kernel = _choose_decode_kernel(attention_backend, args, kv_cache)
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
+        self._carry: Optional[DecodeCarry] = None  # the last step's inputs, if it can continue
         on_cuda = mx.cuda.is_available() and mx.default_device() == mx.gpu
         if on_cuda:  # the self-checks compile every kernel variant: minutes on a fresh machine
             t0 = time.perf_counter()
@@ -94,7 +96,7 @@ class ModelRunner:
                          for i in range(b))
             self.collect(self.launch(SchedulerOutput(0, reqs, b)))
         self.rng.setstate(state)
-        self._last_sampled = ({}, None)
+        self._last_sampled, self._carry = ({}, None), None
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for it; every request in `sched` shares one forward pass."""
@@ -107,7 +109,7 @@ class ModelRunner:
         tokens of the previously launched step, on the device, with no host sync.
         """
         errors = dict(self.fault_hook(sched) or {}) if self.fault_hook is not None else {}
-        ordered, hidden, last_index = self._forward(sched, sampled_only=True)
+        ordered, hidden, last_index, carry = self._forward(sched, sampled_only=True)
         rows = [r for r in ordered if r.sample]
         if not rows:
             mx.async_eval(self.kv_cache.state())
@@ -118,6 +120,7 @@ class ModelRunner:
                   if a is not None]
         mx.async_eval(arrays + self.kv_cache.state())
         self._last_sampled = ({r.request_id: i for i, r in enumerate(rows)}, out.token_ids)
+        self._carry = carry
         return LaunchedStep(rows, out, errors)
 
     def collect(self, step: "LaunchedStep") -> ModelRunnerOutput:
@@ -129,7 +132,7 @@ class ModelRunner:
 
     def all_logits(self, sched: SchedulerOutput) -> dict[str, np.ndarray]:
         """Logits (num_tokens, V) of every scheduled token, by request (tests, scoring)."""
-        ordered, hidden, _ = self._forward(sched)
+        ordered, hidden, _, _ = self._forward(sched)
         logits = np.array(self.model.logits(hidden).astype(mx.float32))
         result, offset = {}, 0
         for r in ordered:
@@ -138,51 +141,65 @@ class ModelRunner:
         return result
 
     def _forward(self, sched: SchedulerOutput, sampled_only: bool = False
-                 ) -> tuple[list[ScheduledRequest], mx.array, Optional[mx.array]]:
+                 ) -> tuple[list[ScheduledRequest], mx.array, Optional[mx.array],
+                            Optional[DecodeCarry]]:
         """(requests in step order, hidden states, the step index of each sampling request's
-        last token when `sampled_only`: only those become logits)."""
+        last token when `sampled_only`: only those become logits, and the step's inputs if
+        the next step may continue them)."""
         # Decodes (one query) first, then prompt chunks: each kind is one attention group.
         decodes = [r for r in sched.scheduled if r.num_tokens == 1]
         chunks = [r for r in sched.scheduled if r.num_tokens > 1]
         ordered = decodes + chunks
-        input_ids, positions, slots = self._flat_inputs(ordered)
-        # Every host integer array of the step, brought to the device in one copy.
-        host = dict(ids=np.maximum(input_ids, 0), positions=positions, slots=slots)
-        ends = np.cumsum([r.num_tokens for r in ordered])  # each request's end in the step
-        inflight = input_ids == INFLIGHT_TOKEN
-        if inflight.any():
-            at = np.flatnonzero(inflight)
-            owner = np.searchsorted(ends, at, side="right")
-            row_of, tokens = self._last_sampled
-            host["at"] = at
-            host["rows"] = np.array([row_of[ordered[k].request_id] for k in owner])
-        if sampled_only:
-            host["last"] = ends[[i for i, r in enumerate(ordered) if r.sample]] - 1
         compiled = bool(decodes) and not chunks and self.compile_decode
         kernel = bool(decodes) and self.decode_kernel
-        if kernel:
-            host["tables"], host["key_start"], host["query_positions"], splits = \
-                self._kernel_tables(decodes, pad_to_power_of_two=compiled)
-        dev = dict(zip(host, device_ints(*host.values())))
-        ids = dev["ids"]
-        if "at" in dev:  # tokens still in flight: from the previous step's samples
-            ids[dev["at"]] = tokens[dev["rows"]]
-        last = dev.get("last")
-        if kernel:
+        prev, self._carry = self._carry, None  # launch() keeps the new one once it samples
+        carry = prev.advance(decodes, self.block_size, self._last_sampled[0]) \
+            if compiled and kernel and sampled_only and prev is not None else None
+        if carry is not None:  # the last step's inputs, one token further (engine/decode_carry.py)
+            ids, moving, tables, key_start, last = (self._last_sampled[1], carry.moving,
+                                                    carry.tables_dev, carry.key_start, carry.last)
+            splits = self._splits(decodes)
+        else:
+            input_ids, positions, slots = self._flat_inputs(ordered)
+            # Every host integer array of the step, brought to the device in one copy.
+            host = dict(moving=np.concatenate([positions, slots]), ids=np.maximum(input_ids, 0))
+            ends = np.cumsum([r.num_tokens for r in ordered])  # each request's end in the step
+            inflight = input_ids == INFLIGHT_TOKEN
+            if inflight.any():
+                at = np.flatnonzero(inflight)
+                owner = np.searchsorted(ends, at, side="right")
+                row_of, tokens = self._last_sampled
+                host["at"] = at
+                host["rows"] = np.array([row_of[ordered[k].request_id] for k in owner])
+            if sampled_only:
+                host["last"] = ends[[i for i, r in enumerate(ordered) if r.sample]] - 1
+            if kernel:
+                host["tables"], host["key_start"] = self._kernel_tables(decodes, compiled)
+                splits = self._splits(decodes)
+            dev = dict(zip(host, device_ints(*host.values())))
+            ids, moving, last = dev["ids"], dev["moving"], dev.get("last")
+            tables, key_start = dev.get("tables"), dev.get("key_start")
+            if "at" in dev:  # tokens still in flight: from the previous step's samples
+                ids[dev["at"]] = tokens[dev["rows"]]
+            if compiled and kernel and sampled_only and all(r.sample for r in decodes):
+                carry = DecodeCarry.of(decodes, moving, tables, key_start, last)
+        n = moving.shape[0] // 2
+        positions, slots = moving[:n], moving[n:]
+        if kernel:  # a decode's query is its one token, at its position
             group = AttentionGroup(
                 token_start=0, num_tokens=len(decodes), query_index=None, output_index=None,
-                block_tables=dev["tables"], mask=None, num_seqs=len(decodes), query_len=1,
-                key_start=dev["key_start"], query_positions=dev["query_positions"], splits=splits)
+                block_tables=tables, mask=None, num_seqs=len(decodes), query_len=1,
+                key_start=key_start, query_positions=positions[:len(decodes)], splits=splits)
         elif decodes:
             group = self._group(decodes, 0, len(decodes), pad_to_power_of_two=compiled)
         if compiled:
-            return ordered, self._compiled_decode(group, ids, dev["positions"], dev["slots"]), last
+            return ordered, self._compiled_decode(group, ids, positions, slots), last, carry
         groups = [group] if decodes else []
         if chunks:
             groups.append(self._group(chunks, len(decodes), len(input_ids) - len(decodes)))
-        meta = AttentionMetadata(slot_mapping=dev["slots"], groups=groups,
+        meta = AttentionMetadata(slot_mapping=slots, groups=groups,
                                  sliding_window=self.args.sliding_window)
-        return ordered, self.model(ids, dev["positions"], self.kv_cache, meta), last
+        return ordered, self.model(ids, positions, self.kv_cache, meta), last, None
 
     def _compiled_decode(self, group: AttentionGroup, ids: mx.array, positions: mx.array,
                          slots: mx.array) -> mx.array:
@@ -233,17 +250,18 @@ class ModelRunner:
                 np.concatenate(slots).astype(np.int32))
 
     def _kernel_tables(self, reqs: Sequence[ScheduledRequest], pad_to_power_of_two: bool
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """The CUDA decode kernel's inputs, on the host: block tables, key starts, query
-        positions, and the number of key splits."""
-        max_keys = max(r.start_position + 1 - r.first_block_index * self.block_size for r in reqs)
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The CUDA decode kernel's block tables and key starts, on the host."""
         n_blocks = _table_width(max(len(r.block_table) for r in reqs), pad_to_power_of_two)
         tables = np.zeros((len(reqs), n_blocks), np.int32)
         for i, r in enumerate(reqs):
             tables[i, :len(r.block_table)] = r.block_table
-        return (tables, np.array([r.first_block_index * self.block_size for r in reqs]),
-                np.array([r.start_position for r in reqs]),
-                paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys))
+        return tables, np.array([r.first_block_index * self.block_size for r in reqs])
+
+    def _splits(self, reqs: Sequence[ScheduledRequest]) -> int:
+        """How many key splits the decode kernel runs for these decodes."""
+        max_keys = max(r.start_position + 1 - r.first_block_index * self.block_size for r in reqs)
+        return paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys)
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                num_tokens: int, pad_to_power_of_two: bool = False) -> AttentionGroup:

@@ -78,7 +78,7 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, voca
 
         def build():
             return runner._forward(so)
-        ordered, hidden, _ = timed(acc, "prepare+graph", build)
+        ordered, hidden, _, _ = timed(acc, "prepare+graph", build)
         timed(acc, "forward (device)", mx.eval, hidden)
         rows = [r for r in ordered if r.sample]
 
