@@ -32,9 +32,6 @@ class KernelPlan:
     (before dequantize + GEMM is considered).
     qgemv: quantized layers fed 1-8 rows use engine/qgemv.py's tensor-core kernel (before
     engine/gemv.py's).
-    qgemv_swiglu: there, the down projection applies SwiGLU to the gate|up rows itself.
-    qgemv_norm: there, q|k|v and gate|up add the residual and apply the RMSNorm before them
-    themselves (the forward pass passes each sublayer's output on unadded).
     """
 
     dequant_min_rows: Optional[int] = None
@@ -44,8 +41,6 @@ class KernelPlan:
     dequant_kernel: bool = False
     qgemm: bool = False
     qgemv: bool = False
-    qgemv_swiglu: bool = False
-    qgemv_norm: bool = False
 
 
 PORTABLE = KernelPlan()
@@ -68,17 +63,6 @@ def project(layer: nn.Module, x: mx.array, plan: KernelPlan) -> mx.array:
                               layer.bits)
         return x @ w.astype(x.dtype).T
     return layer(x)
-
-
-def _add_norm_project(layer: nn.Module, h: mx.array, delta: Optional[mx.array],
-                      norm: nn.RMSNorm, plan: KernelPlan) -> tuple[mx.array, mx.array]:
-    """(layer(norm(h + delta)), h + delta); with no delta yet (the first layer), (layer(norm(h)), h)."""
-    if delta is None:
-        return project(layer, norm(h), plan), h
-    if qgemv.norm_applies(layer, delta, h, norm):
-        return qgemv.qgemv_norm(layer, delta, h, norm)
-    h, normed = fused_ops.add_rms_norm(h, delta, norm, plan.fused)
-    return project(layer, normed, plan), h
 
 
 def concat_linear(layers: list[nn.Module]) -> nn.Module:
@@ -123,11 +107,6 @@ class Attention(nn.Module):
         else:
             qkv = mx.concatenate([project(p, x, plan) for p in (self.q_proj, self.k_proj,
                                                                  self.v_proj)], axis=-1)
-        return self.attend(qkv, positions, cache, layer, meta, plan)
-
-    def attend(self, qkv: mx.array, positions: mx.array, cache: PagedKVCache, layer: int,
-               meta: AttentionMetadata, plan: KernelPlan) -> mx.array:
-        """The rest of the sublayer once q|k|v is projected: RoPE, K/V write, attention, o."""
         q, cache.keys[layer], cache.values[layer] = fused_ops.qkv_rope_store(
             qkv, positions, meta.slot_mapping, cache.keys[layer], cache.values[layer],
             self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta, plan.fused,
@@ -155,12 +134,6 @@ class MLP(nn.Module):
         else:
             gate_up = mx.concatenate([project(self.gate_proj, x, plan),
                                       project(self.up_proj, x, plan)], axis=-1)
-        return self.down(gate_up, plan)
-
-    def down(self, gate_up: mx.array, plan: KernelPlan) -> mx.array:
-        """down_proj(SwiGLU(gate|up))."""
-        if plan.qgemv_swiglu and qgemv.swiglu_applies(self.down_proj, gate_up):
-            return qgemv.qgemv(self.down_proj, gate_up, swiglu=True)  # one kernel, not two
         return project(self.down_proj, fused_ops.swiglu(gate_up, plan.fused), plan)
 
 
@@ -207,30 +180,11 @@ class Mistral(nn.Module):
         """Hidden states after the final norm, (T, hidden), for a flat batch of T tokens."""
         layers = self.model.layers
         h = self.model.embed_tokens(input_ids)
-        if self.plan.qgemv_norm and "qkv_proj" in layers[0].self_attn \
-                and "gate_up_proj" in layers[0].mlp:
-            return self._forward_norms_in_projections(h, positions, cache, meta)
         normed = layers[0].input_layernorm(h)
         for i, layer in enumerate(layers):
             next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h, normed = layer(h, normed, positions, cache, i, meta, self.plan, next_norm)
         return normed
-
-    def _forward_norms_in_projections(self, h: mx.array, positions: mx.array,
-                                      cache: PagedKVCache, meta: AttentionMetadata) -> mx.array:
-        """The forward pass with each residual add + RMSNorm left to the projection after it
-        (KernelPlan.qgemv_norm): a sublayer's output travels as `delta`, not yet added to h,
-        and _add_norm_project adds it, normalizes and projects, in one kernel where
-        engine/qgemv.py's applies and as add_rms_norm + project() elsewhere."""
-        plan, delta = self.plan, None
-        for i, layer in enumerate(self.model.layers):
-            qkv, h = _add_norm_project(layer.self_attn.qkv_proj, h, delta,
-                                       layer.input_layernorm, plan)
-            delta = layer.self_attn.attend(qkv, positions, cache, i, meta, plan)
-            gate_up, h = _add_norm_project(layer.mlp.gate_up_proj, h, delta,
-                                           layer.post_attention_layernorm, plan)
-            delta = layer.mlp.down(gate_up, plan)
-        return fused_ops.add_rms_norm(h, delta, self.model.norm, plan.fused)[1]
 
     def fuse_projections(self) -> None:
         """Fuse q|k|v and gate|up in every layer (fewer, larger matmuls; same numbers).

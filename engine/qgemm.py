@@ -427,12 +427,10 @@ def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
 
 
 def matches_dequantize_matmul(layers: list[nn.Module], cases: list[tuple], run, usable,
-                              what: str, seed: int, atol: float,
-                              returns_input: bool = False) -> bool:
+                              what: str, seed: int, atol: float) -> bool:
     """run(layer, x, *args) against dequantize + matmul for each case (rows, *args) that
     usable(layer, x, *args) accepts, on each layer: the start-up self-check of this kernel and
-    engine/qgemv.py's (running each case also compiles its kernel). With `returns_input`, run
-    returns (output, the rows the matmul should have seen). False, with a warning naming
+    engine/qgemv.py's (running each case also compiles its kernel). False, with a warning naming
     `what`, if any case is off or a kernel fails to build or run; False if none ran."""
     if not mx.cuda.is_available():
         return False
@@ -448,7 +446,6 @@ def matches_dequantize_matmul(layers: list[nn.Module], cases: list[tuple], run, 
                 if not usable(layer, x, *args):
                     continue
                 got = run(layer, x, *args)
-                got, x = got if returns_input else (got, x)
                 want = (x @ w.T).astype(mx.float32)
                 err = mx.abs(got.astype(mx.float32) - want).max().item()
                 if not err <= atol * max(mx.abs(want).max().item(), 1.0):

@@ -19,14 +19,13 @@ fragment of two mma. A block's NW warps take interleaved 128-wide K steps of the
 features (so narrow layers still fill the GPU) and add their sums in shared memory.
 
 For one row (STAGED_MAX_ROWS) a staged form (SOURCE_STAGED) feeds the same fragments from
-per-warp cp.async rings in shared memory; it can also take gate|up rows and apply SwiGLU
-(the down projection: swiglu_applies) or take a sublayer's output and the residual and apply
-the residual add + RMSNorm first (q|k|v and gate|up: qgemv_norm), so a decode step of one
-sequence, paced by the host's per-kernel cost, runs fewer kernels.
+per-warp cp.async rings in shared memory. (Two fused staged forms, SwiGLU applied on the way
+into the down projection and residual add + RMSNorm on the way into q|k|v and gate|up, cut
+kernels from the host-paced single stream but were slower on an H200: RESULTS.md, tenth
+session. They were removed.)
 
 Used only after qgemv_matches_layers has shown it equal to dequantize + matmul on the
-model's own layers at every row count (engine/runner.py; the two fused forms have their
-own checks and switches). tests/test_qgemv_emulated.py runs
+model's own layers at every row count (engine/runner.py). tests/test_qgemv_emulated.py runs
 this source on a CPU; tests/test_qgemv.py runs the real one on a GPU.
 """
 
@@ -37,7 +36,6 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.fused_ops import float_bits
 from engine.gemv import input_width
 from engine.kernel_source import cuda_kernel
 from engine.qgemm import BK, FAST_DEQUANT, HEADER, matches_dequantize_matmul, tensor_core_format
@@ -181,9 +179,7 @@ SOURCE_STAGED = r"""
     constexpr int W_ROW = C * 16 * BITS;       // weight bytes per feature and chunk
     constexpr int W_BYTES = 16 * W_ROW;
     constexpr int X_ROW = C * 256;             // activation bytes per row and chunk
-    constexpr int XS = SW ? 2 : 1;             // staged x regions: x, or gate and up (SW)
-    constexpr int SLOT = W_BYTES + 512 + XS * XR * X_ROW;
-    constexpr long XK = SW ? 2L * K : K;       // x's row length: SW reads gate|up rows
+    constexpr int SLOT = W_BYTES + 512 + XR * X_ROW;
     extern __shared__ __align__(16) unsigned char smem[];
     const int M = x_shape[0], N = w_shape[0];  // runtime: one compiled kernel serves 1-XR rows
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -210,11 +206,11 @@ SOURCE_STAGED = r"""
             cp_async<16>(slot + W_BYTES + lane * 16, (lane < 16 ? scales : biases) + f * (K / GS) + c * 8, true);
         }
         #pragma unroll
-        for (int q = lane; q < XS * XR * X_ROW / 16; q += 32) {  // (SW: up after gate)
-            const int rr = q / (X_ROW / 16), r = rr % XR, ch = q % (X_ROW / 16);
+        for (int q = lane; q < XR * X_ROW / 16; q += 32) {
+            const int r = q / (X_ROW / 16), ch = q % (X_ROW / 16);
             const bool ok = r < M;
-            cp_async<16>(slot + W_BYTES + 512 + rr * X_ROW + xswz(ch, r) * 16,
-                         ok ? x + r * XK + (rr / XR) * K + (long)c * (C * 128) + ch * 8 : x, ok);
+            cp_async<16>(slot + W_BYTES + 512 + r * X_ROW + xswz(ch, r) * 16,
+                         ok ? x + r * K + (long)c * (C * 128) + ch * 8 : x, ok);
         }
     };
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -222,19 +218,12 @@ SOURCE_STAGED = r"""
         if (i < mine) issue(i);
         cp_async_commit();
     }
-    const T* xb = x;  // B's rows: x, or (NORM) its normalized rows in shared memory
     for (int i = 0; i < mine; ++i) {
         cp_async_wait<S - 2>();  // this lane's copies of chunk i have landed
         __syncwarp();            // every lane's have; and chunk i - 1's slot is free
         if (i + S - 1 < mine) issue(i + S - 1);
         cp_async_commit();
         unsigned char* slot = ring + (i % S) * SLOT;
-        if (SW && XR > 0) {  // silu(gate) * up into the gate region, once per value
-            T* gx = reinterpret_cast<T*>(slot + W_BYTES + 512);
-            for (int e = lane; e < XR * X_ROW / 2; e += 32)
-                gx[e] = swiglu1<T>(gx[e], gx[e + XR * X_ROW / 2]);
-            __syncwarp();
-        }
         const unsigned short* sb = reinterpret_cast<const unsigned short*>(slot + W_BYTES);
         const int k0 = (warp + i * NW) * (C * 128);
         #pragma unroll
@@ -258,11 +247,8 @@ SOURCE_STAGED = r"""
                 if (XR > 0)
                     xv = *reinterpret_cast<const uint4*>(slot + W_BYTES + 512 + xrow * X_ROW +
                                                          xswz(sc * 16 + 4 * t + j, xrow) * 16);
-                else if (SW)  // every lane of a quad computes its pieces (no sharing)
-                    xv = swiglu8<T>(*reinterpret_cast<const uint4*>(x + xrow * XK + k0 + sc * 128 + 32 * t + 8 * j),
-                                    *reinterpret_cast<const uint4*>(x + xrow * XK + K + k0 + sc * 128 + 32 * t + 8 * j));
                 else
-                    xv = *reinterpret_cast<const uint4*>(xb + (long)xrow * K + k0 + sc * 128 + 32 * t + 8 * j);
+                    xv = *reinterpret_cast<const uint4*>(x + (long)xrow * K + k0 + sc * 128 + 32 * t + 8 * j);
                 unsigned p0[4], p1[4];
                 unpack8<BITS, BF16, FAST>(&q[0][CH * j], s0, b0, p0);
                 unpack8<BITS, BF16, FAST>(&q[1][CH * j], s1, b1, p1);
@@ -275,86 +261,6 @@ SOURCE_STAGED = r"""
         }
     }
 """ + EPILOGUE
-
-
-# SwiGLU on the way in (the staged kernel's SW): x is a gate|up row and the product runs on
-# silu(gate) * up, rounded to x's type as engine/fused_ops.py's SwiGLU kernel rounds it, so
-# the down projection needs no SwiGLU kernel of its own (one node fewer per layer in a decode
-# step, whose pace at one row is the host's: loadtest/host_cost.py, RESULTS.md ninth session).
-SWIGLU_HEADER = r"""
-template <typename T> __device__ __forceinline__ T swiglu1(T g, T u) {
-  const float gf = static_cast<float>(g);
-  return static_cast<T>(gf / (1.f + __expf(-gf)) * static_cast<float>(u));
-}
-template <typename T> __device__ __forceinline__ uint4 swiglu8(uint4 g, uint4 u) {
-  uint4 r;
-  const T* gp = reinterpret_cast<const T*>(&g);
-  const T* up = reinterpret_cast<const T*>(&u);
-  T* rp = reinterpret_cast<T*>(&r);
-  #pragma unroll
-  for (int e = 0; e < 8; ++e) rp[e] = swiglu1<T>(gp[e], up[e]);
-  return r;
-}
-"""
-
-
-# Residual add + RMSNorm on the way in (the staged kernel with NORM_PROLOGUE): x is the
-# sublayer's output ("delta"), res the residual stream and gamma the norm's weight. Before its
-# loop each block forms h = x + res and h's RMSNorm times gamma for its rows in shared memory
-# (block 0 also writes h out: the next residual), rounding as engine/fused_ops.py's
-# add_rms_norm kernel does; the ring's first copies are in flight meanwhile. Then the
-# products read those rows. Two kernels fewer per layer in a decode step (the two
-# add_rms_norm kernels), at the price of every block summing its rows' squares itself.
-NORM_ANCHOR = "    const T* xb = x;  // B's rows: x, or (NORM) its normalized rows in shared memory\n"
-NORM_PROLOGUE = r"""
-    T* xn = reinterpret_cast<T*>(smem + NW * (S * SLOT));  // M rows of K after the rings
-    {
-        constexpr int NT = NW * 32;
-        __shared__ float part[NW][8];
-        for (int row = 0; row < M; ++row) {
-            float ss = 0.f;
-            for (int i = threadIdx.x * 8; i < K; i += NT * 8) {
-                const uint4 a = *reinterpret_cast<const uint4*>(x + (long)row * K + i);
-                const uint4 b = *reinterpret_cast<const uint4*>(res + (long)row * K + i);
-                uint4 sv;
-                const T* ap = reinterpret_cast<const T*>(&a);
-                const T* bp = reinterpret_cast<const T*>(&b);
-                T* sp = reinterpret_cast<T*>(&sv);
-                #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    sp[e] = static_cast<T>(static_cast<float>(ap[e]) + static_cast<float>(bp[e]));
-                    const float f = static_cast<float>(sp[e]);
-                    ss += f * f;
-                }
-                *reinterpret_cast<uint4*>(xn + row * K + i) = sv;
-                if (blockIdx.x == 0) *reinterpret_cast<uint4*>(h_out + (long)row * K + i) = sv;
-            }
-            #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, off);
-            if (lane == 0) part[warp][row] = ss;
-        }
-        __syncthreads();  // every row's h is in shared memory, every warp's sum in part
-        for (int row = 0; row < M; ++row) {
-            float total = 0.f;
-            for (int v = 0; v < NW; ++v) total += part[v][row];
-            const float inv = rsqrtf(total / K + __int_as_float(EPS_BITS));
-            for (int i = threadIdx.x * 8; i < K; i += NT * 8) {
-                uint4 sv = *reinterpret_cast<const uint4*>(xn + row * K + i);
-                const uint4 gv = *reinterpret_cast<const uint4*>(gamma + i);
-                T* sp = reinterpret_cast<T*>(&sv);
-                const T* gp = reinterpret_cast<const T*>(&gv);
-                #pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    sp[e] = static_cast<T>(static_cast<float>(sp[e]) * inv * static_cast<float>(gp[e]));
-                *reinterpret_cast<uint4*>(xn + row * K + i) = sv;
-            }
-        }
-        __syncthreads();
-    }
-    xb = xn;
-"""
-assert NORM_ANCHOR in SOURCE_STAGED
-SOURCE_STAGED_NORM = SOURCE_STAGED.replace(NORM_ANCHOR, NORM_ANCHOR + NORM_PROLOGUE)
 
 
 def warps_per_block(n: int, k: int, units: int = 0) -> int:
@@ -374,29 +280,23 @@ def staged_applies(layer: nn.Module, rows: int) -> bool:
     return rows <= STAGED_MAX_ROWS and gs in (32, 64, 128) and input_width(layer) % (8 * gs) == 0
 
 
-def staged_shared_bytes(bits: int, group_size: int, warps: int, x_rows: int,
-                        swiglu: bool = False, norm_bytes: int = 0) -> int:
-    """Dynamic shared memory of a staged launch: each warp's ring of STAGES chunk slots (with
-    SwiGLU, x's rows twice: gate and up), then norm_bytes of normalized rows (NORM)."""
+def staged_shared_bytes(bits: int, group_size: int, warps: int, x_rows: int) -> int:
+    """Dynamic shared memory of a staged launch: each warp's ring of STAGES chunk slots."""
     c = group_size // 16
-    return warps * STAGES * (16 * c * 16 * bits + 512 + (1 + swiglu) * x_rows * c * 256) + norm_bytes
+    return warps * STAGES * (16 * c * 16 * bits + 512 + x_rows * c * 256)
 
 
-def staged_launch(layer: nn.Module, m: int, warps: int = 0, swiglu: bool = False,
-                  norm: bool = False) -> tuple[int, int, int] | None:
+def staged_launch(layer: nn.Module, m: int, warps: int = 0) -> tuple[int, int, int] | None:
     """(warps, x rows staged, shared bytes) of a staged launch for m rows, or None if it cannot
     fit a block's shared memory. x rows: the next power of two above m (a kernel each), dropped
     to 0 (x from global memory) when the ring would pass SMEM_BUDGET, or when X_SMEM is off;
-    then fewer warps (unless `warps` is given). With `norm` the rows live whole in shared
-    memory instead (a power of two of them), not in the ring."""
+    then fewer warps (unless `warps` is given)."""
     k, n = input_width(layer), layer.weight.shape[0]
     nw = warps or warps_per_block(n, k, k // (8 * layer.group_size))
-    rows = 1 << (m - 1).bit_length()
-    extra = rows * k * 2 if norm else 0
 
     def size(nw: int, xr: int) -> int:
-        return staged_shared_bytes(layer.bits, layer.group_size, nw, xr, swiglu, extra)
-    xr = rows if X_SMEM and not norm else 0
+        return staged_shared_bytes(layer.bits, layer.group_size, nw, xr)
+    xr = 1 << (m - 1).bit_length() if X_SMEM else 0
     if size(nw, xr) > SMEM_BUDGET:
         xr = 0
     while size(nw, xr) > SMEM_BUDGET and nw > 1 and not warps:
@@ -411,19 +311,10 @@ def _kernel():
 
 
 @functools.lru_cache(maxsize=None)
-def _staged_norm_kernel(smem: int):
-    return cuda_kernel(name=f"qgemv_staged_norm_{smem}",
-                       input_names=["x", "res", "gamma", "w", "scales", "biases"],
-                       output_names=["y", "h_out"], source=SOURCE_STAGED_NORM,
-                       header=HEADER + SWIGLU_HEADER, shared_memory=smem)
-
-
-@functools.lru_cache(maxsize=None)
 def _staged_kernel(smem: int):
     return cuda_kernel(name=f"qgemv_staged_{smem}",
                        input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                       source=SOURCE_STAGED, header=HEADER + SWIGLU_HEADER,
-                       shared_memory=smem)
+                       source=SOURCE_STAGED, header=HEADER, shared_memory=smem)
 
 
 def _launch(layer: nn.QuantizedLinear, dtype: mx.Dtype, nw: int, **template) -> dict:
@@ -443,107 +334,27 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     return 1 <= x.size // x.shape[-1] <= MAX_ROWS and tensor_core_format(layer, x)
 
 
-def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None,
-          swiglu: bool = False) -> mx.array:
+def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None) -> mx.array:
     """layer(x) for x of 1..MAX_ROWS rows (see applies()): the staged kernel where
-    staged_applies(), else the direct one; with `swiglu`, layer(silu(gate) * up) for x the
-    gate|up rows (see swiglu_applies()). `warps` per block overrides warps_per_block(), and
+    staged_applies(), else the direct one. `warps` per block overrides warps_per_block(), and
     `build` (shared bytes -> kernel) stands in for the kernel with the same launch (both for
     loadtest sweeps)."""
     k = input_width(layer)
     m = x.size // x.shape[-1]
     n = layer.weight.shape[0]
-    staged = staged_launch(layer, m, warps, swiglu) if staged_applies(layer, m) else None
+    staged = staged_launch(layer, m, warps) if staged_applies(layer, m) else None
     if staged:
         nw, xr, smem = staged
         y = (build or _staged_kernel)(smem)(
             inputs=[x.reshape(m, x.shape[-1]), layer.weight, layer.scales, layer.biases],
-            **_launch(layer, x.dtype, nw, S=STAGES, XR=xr, SW=swiglu),
+            **_launch(layer, x.dtype, nw, S=STAGES, XR=xr),
             output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
         return y.reshape(*x.shape[:-1], n)
-    if swiglu:
-        raise ValueError("qgemv: SwiGLU needs the staged kernel (check swiglu_applies)")
     nw = warps or warps_per_block(n, k)
     y = (build or (lambda smem: _kernel()))(0)(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         **_launch(layer, x.dtype, nw, U=UNROLL), output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
     return y.reshape(*x.shape[:-1], n)
-
-
-def swiglu_applies(layer: nn.Module, gate_up: mx.array) -> bool:
-    """Whether qgemv(layer, gate_up, swiglu=True) computes layer(swiglu(gate_up)): gate_up
-    holds 1..MAX_ROWS rows of gate then up, each the layer's input width, and the staged kernel
-    serves the layer."""
-    k = input_width(layer) if type(layer) is nn.QuantizedLinear else 0
-    if not k or gate_up.shape[-1] != 2 * k:
-        return False
-    x = mx.zeros((1, k), gate_up.dtype)  # the shape and type the layer sees (nothing is run)
-    m = gate_up.size // gate_up.shape[-1]
-    return (1 <= m <= MAX_ROWS and tensor_core_format(layer, x) and staged_applies(layer, m)
-            and staged_launch(layer, m, swiglu=True) is not None)
-
-
-def swiglu_matches_layer(layer: nn.Module, atol: float = 2e-2) -> bool:
-    """qgemv(layer, gate_up, swiglu=True) against dequantize + matmul of MLX's silu(gate) * up,
-    at every row count: the runner's start-up check of the down projection (which also
-    compiles each variant)."""
-    def run(layer, x):  # x: the case's (m, k) rows, the gate; a second random half the up
-        up = mx.random.normal(x.shape, key=mx.random.key(3)).astype(x.dtype)
-        y = qgemv(layer, mx.concatenate([x, up], axis=-1), swiglu=True)
-        g = x.astype(mx.float32)
-        return y, (g * mx.sigmoid(g) * up.astype(mx.float32)).astype(x.dtype)
-
-    def usable(layer, x):
-        return swiglu_applies(layer, mx.zeros((x.shape[0], 2 * x.shape[-1]), x.dtype))
-    return matches_dequantize_matmul([layer], [(m,) for m in range(1, MAX_ROWS + 1)],
-                                     run, usable, "few-row 4/8-bit SwiGLU + down kernel",
-                                     seed=4, atol=atol, returns_input=True)
-
-
-def norm_applies(layer: nn.Module, delta: mx.array, residual: mx.array, norm: nn.Module) -> bool:
-    """Whether qgemv_norm(layer, delta, residual, norm) computes layer(norm(residual + delta)):
-    the staged kernel serves the rows, and delta, residual and the norm's weight share the
-    layer's input width and x's type."""
-    if not isinstance(norm, nn.RMSNorm) or type(layer) is not nn.QuantizedLinear:
-        return False
-    k, m = input_width(layer), delta.size // delta.shape[-1]
-    return (delta.shape == residual.shape and residual.dtype == delta.dtype
-            and norm.weight.dtype == delta.dtype and norm.weight.shape == (k,)
-            and 1 <= m <= MAX_ROWS and tensor_core_format(layer, delta)
-            and staged_applies(layer, m) and staged_launch(layer, m, norm=True) is not None)
-
-
-def qgemv_norm(layer: nn.QuantizedLinear, delta: mx.array, residual: mx.array,
-               norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
-    """(layer(norm(h)), h) with h = residual + delta, in one kernel (see norm_applies())."""
-    k, m, n = input_width(layer), delta.size // delta.shape[-1], layer.weight.shape[0]
-    nw, _, smem = staged_launch(layer, m, norm=True)
-    y, h = _staged_norm_kernel(smem)(
-        inputs=[delta.reshape(m, k), residual.reshape(m, k), norm.weight, layer.weight,
-                layer.scales, layer.biases],
-        **_launch(layer, delta.dtype, nw, S=STAGES, XR=0, SW=False,
-                  EPS_BITS=float_bits(norm.eps)),  # as fused_ops.add_rms_norm passes eps
-        output_shapes=[(m, n), (m, k)], output_dtypes=[delta.dtype, delta.dtype])
-    return y.reshape(*delta.shape[:-1], n), h.reshape(delta.shape)
-
-
-def norm_matches_layer(layer: nn.Module, norm: nn.Module, atol: float = 2e-2) -> bool:
-    """qgemv_norm against MLX's add, RMSNorm and dequantize + matmul at every row count (the
-    residual's output checked too): the runner's start-up check for a projection after a
-    residual add + norm (which also compiles each variant)."""
-    def run(layer, x):  # x: the case's rows, the delta; a second random matrix the residual
-        res = mx.random.normal(x.shape, key=mx.random.key(5)).astype(x.dtype)
-        y, h = qgemv_norm(layer, x, res, norm)
-        want_h = x + res
-        if not mx.array_equal(h, want_h).item():  # the next residual must be exact
-            return mx.full(y.shape, mx.nan, y.dtype), want_h
-        return y, norm(want_h)
-
-    def usable(layer, x):
-        return norm_applies(layer, x, x, norm)
-    return matches_dequantize_matmul([layer], [(m,) for m in range(1, MAX_ROWS + 1)], run, usable,
-                                     "few-row 4/8-bit add + RMSNorm + matmul kernel", seed=6,
-                                     atol=atol, returns_input=True)
 
 
 def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:

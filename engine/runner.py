@@ -27,7 +27,7 @@ from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers, input_width
 from engine.qgemm import MAX_ROWS as QGEMM_MAX_ROWS, qgemm_matches_layers
-from engine.qgemv import norm_matches_layer, qgemv_matches_layers, swiglu_matches_layer
+from engine.qgemv import qgemv_matches_layers
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
 from engine.sampling import SamplerOutput, SamplingBatch, sample
@@ -383,10 +383,7 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     """Which custom kernels run on MLX's CUDA backend, each only after its self-check.
 
     1-8 rows of a quantized layer run as engine/qgemv.py's tensor-core kernel
-    (MISTRAL_SERVE_QGEMV=0 turns it off); MISTRAL_SERVE_QGEMV_SWIGLU=1 also lets its down
-    projection apply SwiGLU to the gate|up rows itself, one kernel fewer per layer, and
-    MISTRAL_SERVE_QGEMV_NORM=1 its q|k|v and gate|up projections the residual add + RMSNorm
-    before them, two fewer (both opt-in: not yet timed on a GPU). Layers it cannot serve go
+    (MISTRAL_SERVE_QGEMV=0 turns it off). Layers it cannot serve go
     through engine/gemv.py's kernels where they match MLX's matmul on this model's own layers
     (on an H200 those made 4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
     faster, so gemv stays opt-in there. MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0"
@@ -403,18 +400,6 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     layers = check_layers(model)
     quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
     qv = _switched_on("MISTRAL_SERVE_QGEMV", qgemv_matches_layers, quantized)
-    down = layers[3]  # check_layers' order: q|k|v, o, gate|up, down, head
-    # Opt-in until timed end to end (ninth session ran out of GPU time; the SwiGLU kernel's
-    # device tests passed, the norm kernel has run only in the CPU emulation).
-    sw = qv and _switched_on("MISTRAL_SERVE_QGEMV_SWIGLU",
-                             lambda ls: swiglu_matches_layer(ls[0]),
-                             [down] if type(down) is nn.QuantizedLinear else [], default="0")
-    first = model.model.layers[0]
-    nm = qv and _switched_on(
-        "MISTRAL_SERVE_QGEMV_NORM",
-        lambda ls: (norm_matches_layer(ls[0], first.input_layernorm)
-                    and norm_matches_layer(ls[1], first.post_attention_layernorm)),
-        [layers[0], layers[2]], default="0")
 
     def gemv_serves(l: nn.Module) -> bool:  # project() tries qgemv first: those need no gemv
         quant = type(l) is nn.QuantizedLinear
@@ -436,15 +421,13 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=sw,
-                      qgemv_norm=nm)
+                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv)
 
 
-def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module],
-                 default: str = "1") -> bool:
-    """A quantized-layer kernel runs unless `env` (else `default`) is "0", where there are
-    such layers and its self-check passes on them."""
-    return os.environ.get(env, default) != "0" and bool(layers) and self_check(layers)
+def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module]) -> bool:
+    """A quantized-layer kernel runs unless `env` is "0", where there are such layers and its
+    self-check passes on them."""
+    return os.environ.get(env, "1") != "0" and bool(layers) and self_check(layers)
 
 
 def _to_host(rows: Sequence[ScheduledRequest], out) -> dict[str, SampledToken]:

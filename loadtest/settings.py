@@ -1,7 +1,7 @@
 """Engine settings by name, for benchmarks that compare variants in one process.
 
 A spec is "NAME=VALUE,..." where NAME is MODULE.ATTR (a constant of an engine module, e.g.
-qgemv.STAGES=2) or plan.FIELD (a field of the model's KernelPlan, e.g. plan.qgemv_norm=True).
+qgemv.STAGES=2) or plan.FIELD (a field of the model's KernelPlan, e.g. plan.qgemm=False).
 One process can then time several variants on the same weights: on a GPU, a 4-bit engine's
 start-up (kernel self-checks) costs about a minute each time.
 """

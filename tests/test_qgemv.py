@@ -54,46 +54,6 @@ def test_each_kernel_variant_matches_on_7b_shapes(setting, monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("bits", [4, 8])
-def test_swiglu_matches_swiglu_then_matmul(bits, monkeypatch):
-    # The 7B's down projection fed gate|up rows: SwiGLU applied in the kernel, against MLX's
-    # SwiGLU + dequantize + matmul; the runner's self-check, and the MLP through the plan.
-    from engine.fused_ops import swiglu
-    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)  # the staged kernel at every row count
-    layer = quantized_linear(14336, 4096, bits)
-    w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
-    for rows in (1, 3, 8):
-        gu = mx.random.normal((rows, 2 * 14336)).astype(mx.bfloat16)
-        assert qgemv.swiglu_applies(layer, gu)
-        want = swiglu(gu, False).astype(mx.float32) @ w.astype(mx.float32).T
-        err = mx.abs(qgemv.qgemv(layer, gu, swiglu=True).astype(mx.float32) - want).max().item()
-        assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (bits, rows, err)
-    assert qgemv.swiglu_matches_layer(layer)
-
-
-@cuda
-@pytest.mark.parametrize("bits", [4, 8])
-def test_norm_matches_add_norm_then_matmul(bits, monkeypatch):
-    # The 7B's q|k|v and gate|up after a residual add + RMSNorm, in one kernel, against MLX's
-    # add, RMSNorm, dequantize + matmul; the residual it writes must be the add exactly.
-    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)  # the staged kernel at every row count
-    norm = nn.RMSNorm(4096, eps=1e-5)
-    norm.weight = (1 + 0.1 * mx.random.normal((4096,))).astype(mx.bfloat16)
-    for n in (6144, 28672):
-        layer = quantized_linear(4096, n, bits)
-        w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
-        for rows in (1, 3, 8):
-            delta, res = (mx.random.normal((rows, 4096)).astype(mx.bfloat16) for _ in range(2))
-            assert qgemv.norm_applies(layer, delta, res, norm)
-            y, h = qgemv.qgemv_norm(layer, delta, res, norm)
-            assert mx.array_equal(h, delta + res).item()
-            want = norm(delta + res).astype(mx.float32) @ w.astype(mx.float32).T
-            err = mx.abs(y.astype(mx.float32) - want).max().item()
-            assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (bits, n, rows, err)
-        assert qgemv.norm_matches_layer(layer, norm)
-
-
-@cuda
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 def test_every_warp_split_matches(warps):
     layer = quantized_linear(1280, 72, 4)  # 10 K steps: no warp count divides them into equal shares
@@ -145,43 +105,15 @@ def test_staged_launch_fits_shared_memory():
     layer = quantized_linear(4096, 28672, 4)
     assert qgemv.staged_launch(layer, 1)[:2] == (4, 1)     # gate|up: x staged at one row
     down = quantized_linear(14336, 4096, 4)
-    assert qgemv.staged_launch(down, 8, swiglu=True)[:2] == (8, 0)  # 16 x rows would pass the budget
+    assert qgemv.staged_launch(down, 8)[:2] == (8, 0)  # 8 x rows would pass the budget
 
 
 def test_staged_ring_depth_decides_what_fits(monkeypatch):
     monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)
     down = quantized_linear(14336, 4096, 4)
     monkeypatch.setattr(qgemv, "STAGES", 2)
-    assert qgemv.staged_launch(down, 1, swiglu=True)[:2] == (8, 1)  # gate and up rows staged
+    assert qgemv.staged_launch(down, 1)[:2] == (8, 1)  # x staged
     monkeypatch.setattr(qgemv, "STAGES", 3)
-    assert qgemv.staged_launch(down, 1, swiglu=True)[:2] == (8, 0)  # x from global memory
+    assert qgemv.staged_launch(down, 1)[:2] == (8, 0)  # x from global memory
     assert not qgemv.staged_applies(quantized_linear(1280, 72, 4), 1)
     assert not qgemv.staged_applies(down, qgemv.STAGED_MAX_ROWS + 1)
-
-
-def test_swiglu_applies_only_to_gate_up_rows_of_a_staged_layer(monkeypatch):
-    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)
-    layer = quantized_linear(1024, 64, 4)
-    assert qgemv.swiglu_applies(layer, mx.zeros((1, 2048), mx.bfloat16))
-    assert qgemv.swiglu_applies(layer, mx.zeros((8, 2048), mx.bfloat16))
-    assert not qgemv.swiglu_applies(layer, mx.zeros((9, 2048), mx.bfloat16))   # qgemm's rows
-    assert not qgemv.swiglu_applies(layer, mx.zeros((1, 1024), mx.bfloat16))   # not gate|up
-    assert not qgemv.swiglu_applies(layer, mx.zeros((1, 2048), mx.float16))    # scales are bf16
-    assert not qgemv.swiglu_applies(quantized_linear(1280, 64, 4), mx.zeros((1, 2560), mx.bfloat16))
-    assert not qgemv.swiglu_applies(nn.Linear(1024, 64, bias=False), mx.zeros((1, 2048), mx.bfloat16))
-
-
-def test_norm_applies_only_with_matching_rows_and_norm(monkeypatch):
-    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 8)
-    layer = quantized_linear(1024, 64, 4)
-    norm = nn.RMSNorm(1024)
-    norm.weight = norm.weight.astype(mx.bfloat16)
-    x = mx.zeros((2, 1024), mx.bfloat16)
-    assert qgemv.norm_applies(layer, x, x, norm)
-    assert not qgemv.norm_applies(layer, x, x[:1], norm)                     # shapes differ
-    assert not qgemv.norm_applies(layer, x, x, nn.RMSNorm(1024))             # float32 weight
-    assert not qgemv.norm_applies(layer, x, x, nn.LayerNorm(1024))           # not an RMSNorm
-    assert not qgemv.norm_applies(layer, mx.zeros((9, 1024), mx.bfloat16),
-                                  mx.zeros((9, 1024), mx.bfloat16), norm)    # qgemm's rows
-    monkeypatch.setattr(qgemv, "STAGED_MAX_ROWS", 1)
-    assert not qgemv.norm_applies(layer, x, x, norm)                         # staged rows only

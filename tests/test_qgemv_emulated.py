@@ -17,17 +17,12 @@ def test_qgemv_kernel_matches_reference(tmp_path):
     direct = [r for r in results if r[0].startswith("qgemv")]
     staged = [r for r in results if r[0].startswith("staged")]
     assert len(direct) == 8 and {c.split()[0] for c, _ in direct} == {"qgemv4", "qgemv8"}
-    assert len(staged) == 10 and {c.split()[0] for c, _ in staged} == {"staged4", "staged8"}
-    # SwiGLU on the way in: x staged (then converted in place) and read from global memory
-    assert {c.split(" XR ")[1].split()[0] for c, _ in staged if " SW 1 " in c} == {"0", "1", "8"}
+    assert len(staged) == 7 and {c.split()[0] for c, _ in staged} == {"staged4", "staged8"}
     for cases in (direct, staged):
         assert {int(c.split(" M ")[1].split()[0]) for c, _ in cases} >= {1, 8}
         assert {c.split(" NW ")[1].split()[0] for c, _ in cases} >= {"1", "2", "4"}
     # staged: x in shared memory for 1-8 rows and read from global memory (XR 0)
     assert {c.split(" XR ")[1].split()[0] for c, _ in staged} == {"0", "1", "2", "4", "8"}
-    # add + RMSNorm on the way in: the residual written out exact, at 1-8 rows and 1-4 warps
-    norm = [r for r in results if r[0].startswith("norm")]
-    assert len(norm) == 3 and all("residual exact" in c for c, _ in norm)
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
@@ -58,16 +53,15 @@ def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, righ
     ("(lane < 16 ? scales : biases)", "(lane < 16 ? biases : scales)"),  # scales and biases swapped
     ("xswz(sc * 16 + 4 * t + j, xrow) * 16", "xswz(sc * 16 + 4 * t, xrow) * 16"),  # one x piece for all four
     ("const int xrow = min(g, M - 1);", "const int xrow = min(t, M - 1);"),  # B's column from t
-    ("gx[e] = swiglu1<T>(gx[e], gx[e + XR * X_ROW / 2]);", "gx[e] = swiglu1<T>(gx[e], gx[e]);"),  # gate as up
-    ("ok ? x + r * XK + (rr / XR) * K", "ok ? x + r * XK"),        # up staged from the gate half
-    ("x + xrow * XK + K + k0", "x + xrow * XK + k0"),              # global path: up read as the gate
+    ("ok ? x + r * K + (long)c * (C * 128)", "ok ? x + (long)c * (C * 128)"),  # every row staged from row 0
+    ("x + (long)xrow * K + k0 + sc * 128", "x + k0 + sc * 128"),  # global path: every row reads row 0
 ])
 def test_emulation_catches_broken_staging(tmp_path, monkeypatch, wrong, right):
     from engine import qgemv
     assert wrong in qgemv.SOURCE_STAGED
     monkeypatch.setattr(qgemv, "SOURCE_STAGED", qgemv.SOURCE_STAGED.replace(wrong, right, 1))
     results = [r for r in _run_or_crash(tmp_path) if r[0].startswith("staged")]
-    assert len(results) < 10 or max(err for _, err in results) > 5e-2
+    assert len(results) < 7 or max(err for _, err in results) > 5e-2
 
 
 def _run_or_crash(tmp_path):
@@ -76,18 +70,3 @@ def _run_or_crash(tmp_path):
         return cuda_emulator.run_qgemv(tmp_path)
     except Exception:
         return []
-
-
-@pytest.mark.parametrize("wrong, right", [
-    ("ss += f * f;", "ss += f;"),                                         # not a sum of squares
-    ("for (int v = 0; v < NW; ++v) total += part[v][row];", "total = part[0][row];"),  # one warp's share
-    ("static_cast<float>(sp[e]) * inv * static_cast<float>(gp[e])", "static_cast<float>(sp[e]) * inv"),  # no gamma
-    ("    xb = xn;\n", "\n"),                                             # products on the raw delta
-    ("static_cast<float>(ap[e]) + static_cast<float>(bp[e])", "static_cast<float>(ap[e])"),  # residual not added
-])
-def test_emulation_catches_broken_norm(tmp_path, monkeypatch, wrong, right):
-    from engine import qgemv
-    assert wrong in qgemv.SOURCE_STAGED_NORM
-    monkeypatch.setattr(qgemv, "SOURCE_STAGED_NORM", qgemv.SOURCE_STAGED_NORM.replace(wrong, right, 1))
-    results = [r for r in _run_or_crash(tmp_path) if r[0].startswith("norm")]
-    assert len(results) < 3 or max(err for _, err in results) > 5e-2
