@@ -19,14 +19,20 @@ from scheduler.output import ScheduledRequest
 
 @dataclass
 class SamplingBatch:
-    """Per-row parameters for the rows that sample in this step (device arrays)."""
+    """Per-row parameters for the rows that sample in this step (device arrays).
 
-    temperature: mx.array  # (R,) float32; 0 for greedy rows
-    top_k: mx.array  # (R,) int32; vocab size where disabled
-    top_p: mx.array  # (R,) float32
-    min_p: mx.array  # (R,) float32
-    seed: mx.array  # (R,) uint32
-    counter: mx.array  # (R,) uint32, the index of the token being sampled
+    Only what the step reads is built: the sampling parameters not at all when every row is
+    greedy, a penalty only when some row uses it. What is built reaches the device as ONE
+    host array (per-row slices of it): MLX keeps each array made from host data in CUDA
+    managed memory, which the device pages over on first read (engine/runner.device_ints
+    packs the step's inputs the same way)."""
+
+    temperature: Optional[mx.array]  # (R,) float32; 0 for greedy rows; None: all greedy
+    top_k: Optional[mx.array]  # (R,) int32; vocab size where disabled
+    top_p: Optional[mx.array]  # (R,) float32
+    min_p: Optional[mx.array]  # (R,) float32
+    seed: Optional[mx.array]  # (R,) uint32
+    counter: Optional[mx.array]  # (R,) uint32, the index of the token being sampled
     all_greedy: bool
     needs_sort: bool  # some row uses top-k or top-p
     needs_min_p: bool
@@ -42,35 +48,57 @@ class SamplingBatch:
     def build(cls, rows: Sequence[ScheduledRequest], vocab_size: int,
               rng: random.Random) -> "SamplingBatch":
         ps = [r.sampling_params for r in rows]
-        temp = np.array([p.temperature for p in ps], np.float32)
-        top_k = np.array([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps], np.int32)
-        top_p = np.array([p.top_p for p in ps], np.float32)
-        min_p = np.array([p.min_p for p in ps], np.float32)
-        # Unseeded rows draw a fresh seed every step: they need no reproducibility.
-        seed = np.array([p.seed & 0xFFFFFFFF if p.seed is not None else rng.getrandbits(32)
-                         for p in ps], np.uint32)
-        counter = np.array([r.num_output_tokens for r in rows], np.uint32)
-        sampled = temp > 0
-        rep = np.array([p.repetition_penalty for p in ps], np.float32)
-        pres = np.array([p.presence_penalty for p in ps], np.float32)
-        freq = np.array([p.frequency_penalty for p in ps], np.float32)
-        use_rep = bool((rep != 1).any())
-        use_out = bool((pres != 0).any() or (freq != 0).any())
+        all_greedy = all(p.temperature == 0 for p in ps)
+        use_rep = any(p.repetition_penalty != 1 for p in ps)
+        use_out = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in ps)
+        floats: dict[str, list] = {}
+        ints: dict[str, list] = {}
+        if not all_greedy:
+            floats.update(temperature=[p.temperature for p in ps], top_p=[p.top_p for p in ps],
+                          min_p=[p.min_p for p in ps])
+            # Unseeded rows draw a fresh seed every step: they need no reproducibility.
+            ints.update(top_k=[p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps],
+                        seed=[p.seed & 0xFFFFFFFF if p.seed is not None else rng.getrandbits(32)
+                              for p in ps],
+                        counter=[r.num_output_tokens for r in rows])
+        if use_rep:
+            floats["repetition_penalty"] = [p.repetition_penalty for p in ps]
+        if use_out:
+            floats.update(presence_penalty=[p.presence_penalty for p in ps],
+                          frequency_penalty=[p.frequency_penalty for p in ps])
+        dev = _one_copy(floats, ints)
+        sampled = [p.temperature > 0 for p in ps]
         return cls(
-            temperature=mx.array(temp), top_k=mx.array(top_k), top_p=mx.array(top_p),
-            min_p=mx.array(min_p), seed=mx.array(seed), counter=mx.array(counter),
-            all_greedy=not sampled.any(),
-            needs_sort=bool(((top_k < vocab_size) | (top_p < 1))[sampled].any()),
-            needs_min_p=bool((min_p > 0)[sampled].any()),
-            repetition_penalty=mx.array(rep) if use_rep else None,
-            presence_penalty=mx.array(pres) if use_out else None,
-            frequency_penalty=mx.array(freq) if use_out else None,
+            temperature=dev.get("temperature"), top_k=dev.get("top_k"), top_p=dev.get("top_p"),
+            min_p=dev.get("min_p"), seed=dev.get("seed"), counter=dev.get("counter"),
+            all_greedy=all_greedy,
+            needs_sort=any(s and (0 < p.top_k < vocab_size or p.top_p < 1)
+                           for s, p in zip(sampled, ps)),
+            needs_min_p=any(s and p.min_p > 0 for s, p in zip(sampled, ps)),
+            repetition_penalty=dev.get("repetition_penalty"),
+            presence_penalty=dev.get("presence_penalty"),
+            frequency_penalty=dev.get("frequency_penalty"),
             prompt_and_output_ids=_pad([r.prompt_token_ids + r.output_token_ids for r in rows],
                                        vocab_size) if use_rep else None,
             output_ids=_pad([r.output_token_ids for r in rows], vocab_size) if use_out else None,
             num_logprobs=max(p.logprobs for p in ps),
             want_logprobs=any(p.return_logprobs or p.logprobs for p in ps),
         )
+
+
+def _one_copy(floats: dict[str, list], ints: dict[str, list]) -> dict[str, mx.array]:
+    """Per-row float32 and 32-bit integer parameters as device arrays from one host array
+    (the integers travel as their bits; top_k comes back int32, the others uint32)."""
+    if not floats and not ints:
+        return {}
+    packed = np.concatenate([np.array(list(floats.values()), np.float32).reshape(-1),
+                             np.array(list(ints.values()), np.uint32).reshape(-1).view(np.float32)])
+    staged, out, n = mx.array(packed), {}, len(next(iter({**floats, **ints}.values())))
+    for i, name in enumerate([*floats, *ints]):
+        part = staged[i * n:(i + 1) * n]
+        out[name] = part if name in floats else mx.view(
+            part, mx.int32 if name == "top_k" else mx.uint32)
+    return out
 
 
 # argmax over the vocabulary in two stages: the best of each chunk of ARGMAX_CHUNK ids, then

@@ -122,3 +122,31 @@ def test_logprobs_are_raw_model_logprobs_best_first():
     top = out.top_ids.tolist()[0]
     assert top == list(np.argsort(-ref[0])[:3])
     assert np.allclose(out.top_logprobs.tolist()[0], np.sort(ref[0])[::-1][:3], atol=1e-5)
+
+
+def test_parameters_reach_the_device_in_one_copy(monkeypatch):
+    # Each array made from host data costs the GPU a page fault on first read (CUDA managed
+    # memory): every per-row parameter comes from one host array, and none at all when every
+    # row is greedy and nothing else is asked for.
+    from engine import sampling
+    made = []
+    real = mx.array
+    monkeypatch.setattr(sampling.mx, "array", lambda *a, **k: made.append(1) or real(*a, **k))
+    greedy = SamplingBatch.build([row(str(i), temperature=0) for i in range(3)], V,
+                                 random.Random(0))
+    assert len(made) == 0 and greedy.all_greedy and greedy.temperature is None
+    rows = [row("a", n_out=5, temperature=0.7, top_k=3, seed=2**32 + 9, repetition_penalty=1.2),
+            row("b", temperature=0, top_p=0.5, presence_penalty=0.5, frequency_penalty=0.25,
+                min_p=0.1, top_k=V + 5)]
+    b = SamplingBatch.build(rows, V, random.Random(0))
+    assert len(made) == 3  # the parameters, and the token ids the two penalties count
+    monkeypatch.setattr(sampling.mx, "array", real)
+    assert b.temperature.dtype == mx.float32 and np.allclose(b.temperature.tolist(), [0.7, 0])
+    assert b.top_k.dtype == mx.int32 and b.top_k.tolist() == [3, V]  # past the vocab: off
+    assert np.allclose(b.top_p.tolist(), [1, 0.5]) and np.allclose(b.min_p.tolist(), [0, 0.1])
+    assert b.seed.dtype == mx.uint32 and b.seed.tolist()[0] == 9
+    assert b.counter.dtype == mx.uint32 and b.counter.tolist() == [5, 0]
+    assert np.allclose(b.repetition_penalty.tolist(), [1.2, 1])
+    assert np.allclose(b.presence_penalty.tolist(), [0, 0.5])
+    assert np.allclose(b.frequency_penalty.tolist(), [0, 0.25])
+    assert b.needs_sort and not b.needs_min_p  # b's top-p and min-p: a greedy row's, unused
