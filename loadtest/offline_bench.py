@@ -85,22 +85,42 @@ def run_ours(engine: LLMEngine, prompts, output_len: int, step_log: bool = False
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
-    tokens, calls = 0, []
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
-        if step_log:  # (seconds, batched tokens of the step this call launched)
-            inflight = engine._inflight
-            calls.append((time.perf_counter() - t0, inflight[0].num_batched_tokens if inflight else 0))
+    tokens, calls, waits = 0, [], []
+    if step_log:  # time each wait for a launched step's samples (the host's only sync)
+        collect = engine.runner.collect
+        engine.runner.collect = lambda step: _timed(waits, collect, step)
+    try:
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+            if step_log:  # (seconds, batched tokens of the step this call launched)
+                inflight = engine._inflight
+                calls.append((time.perf_counter() - t0,
+                              inflight[0].num_batched_tokens if inflight else 0))
+    finally:
+        if step_log:
+            del engine.runner.collect
     if step_log:
-        print_step_log(calls)
+        print_step_log(calls, waits)
     return Result("mistral-serve", len(prompts), tokens, time.perf_counter() - start)
 
 
-def print_step_log(calls: list[tuple[float, int]]) -> None:
+def _timed(acc: list, fn, *args):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        acc.append(time.perf_counter() - t0)
+
+
+def print_step_log(calls: list[tuple[float, int]], waits: list[float] = ()) -> None:
     """Where a run's time went: step() calls grouped by the size of the step they launched
-    (each call waits for the step before it, so its time is roughly that step's)."""
+    (each call waits for the step before it, so its time is roughly that step's), and how
+    much of it the host spent waiting for the device (near 0: the host sets the pace)."""
     print(f"{len(calls)} step() calls, {sum(c[0] for c in calls):.2f} s")
+    if waits:
+        print(f"  waiting for the device: {sum(waits):6.2f} s in all, median "
+              f"{1e3 * sorted(waits)[len(waits) // 2]:.2f} ms a step")
     groups: dict[str, list[float]] = {}
     for sec, n in calls:
         key = "0" if n == 0 else f"<= {1 << (n - 1).bit_length()}"
