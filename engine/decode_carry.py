@@ -32,10 +32,14 @@ class DecodeCarry:
     positions: np.ndarray  # (R,) each request's position this step (host)
     tables: tuple[tuple[int, ...], ...]  # each request's block table, as scheduled
     first_blocks: tuple[int, ...]
-    moving: mx.array  # (2R,) int32: positions, then KV slots (device)
+    moving: mx.array  # (2R + 2,) int32: positions, then KV slots, then 2 spare (device)
     tables_dev: mx.array  # (R, width) int32 block tables as the kernel reads them
     key_start: mx.array  # (R,) int32
     last: mx.array  # (R,) int32: each request's row in the step's hidden states
+    # What advance() adds to `moving`: ones made on the device. A Python 1 would be a 4-byte
+    # array, and MLX keeps arrays of 8 bytes or less in host memory that the GPU reads across
+    # PCIe (so `moving` keeps two spare entries, too, to stay above that at batch 1).
+    step: mx.array
 
     @classmethod
     def of(cls, decodes: Sequence[ScheduledRequest], moving: mx.array, tables_dev: mx.array,
@@ -44,7 +48,7 @@ class DecodeCarry:
                    np.array([r.start_position for r in decodes], np.int64),
                    tuple(r.block_table for r in decodes),
                    tuple(r.first_block_index for r in decodes),
-                   moving, tables_dev, key_start, last)
+                   moving, tables_dev, key_start, last, mx.ones(moving.shape, mx.int32))
 
     def advance(self, decodes: Sequence[ScheduledRequest], block_size: int,
                 sampled_rows: dict[str, int]) -> Optional["DecodeCarry"]:
@@ -61,4 +65,5 @@ class DecodeCarry:
                     or r.first_block_index != self.first_blocks[i]
                     or r.block_table != self.tables[i]):
                 return None
-        return dataclasses.replace(self, positions=self.positions + 1, moving=self.moving + 1)
+        return dataclasses.replace(self, positions=self.positions + 1,
+                                   moving=self.moving + self.step)

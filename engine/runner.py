@@ -158,11 +158,15 @@ class ModelRunner:
         if carry is not None:  # the last step's inputs, one token further (engine/decode_carry.py)
             ids, moving, tables, key_start, last = (self._last_sampled[1], carry.moving,
                                                     carry.tables_dev, carry.key_start, carry.last)
-            splits = self._splits(decodes)
+            splits, n = self._splits(decodes), len(decodes)
         else:
             input_ids, positions, slots = self._flat_inputs(ordered)
             # Every host integer array of the step, brought to the device in one copy.
-            host = dict(moving=np.concatenate([positions, slots]), ids=np.maximum(input_ids, 0))
+            # (moving: two spare entries keep it, and the carry's copies, over MLX's 8-byte
+            # arrays, which live in host memory the GPU reads across PCIe: DecodeCarry)
+            host = dict(moving=np.concatenate([positions, slots, (0, 0)]),
+                        ids=np.maximum(input_ids, 0))
+            n = len(input_ids)
             ends = np.cumsum([r.num_tokens for r in ordered])  # each request's end in the step
             inflight = input_ids == INFLIGHT_TOKEN
             if inflight.any():
@@ -183,8 +187,7 @@ class ModelRunner:
                 ids[dev["at"]] = tokens[dev["rows"]]
             if compiled and kernel and sampled_only and all(r.sample for r in decodes):
                 carry = DecodeCarry.of(decodes, moving, tables, key_start, last)
-        n = moving.shape[0] // 2
-        positions, slots = moving[:n], moving[n:]
+        positions, slots = moving[:n], moving[n:2 * n]
         if kernel:  # a decode's query is its one token, at its position
             group = AttentionGroup(
                 token_start=0, num_tokens=len(decodes), query_index=None, output_index=None,

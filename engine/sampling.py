@@ -56,17 +56,18 @@ class SamplingBatch:
         if not all_greedy:
             floats.update(temperature=[p.temperature for p in ps], top_p=[p.top_p for p in ps],
                           min_p=[p.min_p for p in ps])
-            # Unseeded rows draw a fresh seed every step: they need no reproducibility.
+            # Unseeded sampled rows draw a fresh seed every step: they need no reproducibility
+            # (greedy rows read no seed, so they draw none).
             ints.update(top_k=[p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps],
-                        seed=[p.seed & 0xFFFFFFFF if p.seed is not None else rng.getrandbits(32)
-                              for p in ps],
+                        seed=[p.seed & 0xFFFFFFFF if p.seed is not None
+                              else rng.getrandbits(32) if p.temperature > 0 else 0 for p in ps],
                         counter=[r.num_output_tokens for r in rows])
         if use_rep:
             floats["repetition_penalty"] = [p.repetition_penalty for p in ps]
         if use_out:
             floats.update(presence_penalty=[p.presence_penalty for p in ps],
                           frequency_penalty=[p.frequency_penalty for p in ps])
-        dev = _one_copy(floats, ints)
+        dev = _one_copy(floats, ints, len(rows))
         sampled = [p.temperature > 0 for p in ps]
         return cls(
             temperature=dev.get("temperature"), top_k=dev.get("top_k"), top_p=dev.get("top_p"),
@@ -86,18 +87,20 @@ class SamplingBatch:
         )
 
 
-def _one_copy(floats: dict[str, list], ints: dict[str, list]) -> dict[str, mx.array]:
-    """Per-row float32 and 32-bit integer parameters as device arrays from one host array
-    (the integers travel as their bits; top_k comes back int32, the others uint32)."""
+def _one_copy(floats: dict[str, list], ints: dict[str, list], n: int) -> dict[str, mx.array]:
+    """Per-row float32 and 32-bit integer parameters (n rows each) as device arrays from one
+    uint32 host array: the floats travel as their bits (an integer array, so no conversion can
+    touch them; a seed's bits could be a float NaN), and come back by mx.view; top_k comes
+    back int32, the other integers uint32."""
     if not floats and not ints:
         return {}
-    packed = np.concatenate([np.array(list(floats.values()), np.float32).reshape(-1),
-                             np.array(list(ints.values()), np.uint32).reshape(-1).view(np.float32)])
-    staged, out, n = mx.array(packed), {}, len(next(iter({**floats, **ints}.values())))
+    packed = np.concatenate([np.array(list(floats.values()), np.float32).reshape(-1).view(np.uint32),
+                             np.array(list(ints.values()), np.uint32).reshape(-1)])
+    staged, out = _device(packed), {}
     for i, name in enumerate([*floats, *ints]):
         part = staged[i * n:(i + 1) * n]
-        out[name] = part if name in floats else mx.view(
-            part, mx.int32 if name == "top_k" else mx.uint32)
+        out[name] = mx.view(part, mx.float32 if name in floats
+                            else mx.int32 if name == "top_k" else mx.uint32)
     return out
 
 
@@ -221,4 +224,7 @@ def _pad(seqs: list[tuple[int, ...]], pad: int) -> mx.array:
     out = np.full((len(seqs), width), pad, np.int32)
     for i, s in enumerate(seqs):
         out[i, :len(s)] = s
-    return mx.array(out)
+    return _device(out)
+
+
+_device = mx.array  # host data to the device (a name of its own, for tests to count)

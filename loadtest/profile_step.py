@@ -76,7 +76,7 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, steps: int, voca
     for _ in range(steps):
         so = timed(acc, "schedule", engine.scheduler.schedule)
 
-        def build():
+        def build():  # the host-built inputs: step by step, decode_carry never applies
             return runner._forward(so)
         ordered, hidden, _, _ = timed(acc, "prepare+graph", build)
         timed(acc, "forward (device)", mx.eval, hidden)

@@ -42,6 +42,10 @@ def applied(engine, spec: str):
     The compiled decode steps captured the old kernels, so they are dropped (both ways)
     and, where the runner compiles, traced again before the block's requests run."""
     constants, plan_fields = parse(spec)
+    # warm_decode's dummy decodes write slot 0 of block 0: safe only with no request running
+    # and no cached prefix that could hold that block.
+    if engine.has_unfinished_requests() or engine.info.config.enable_prefix_caching:
+        raise ValueError("settings.applied needs an idle engine without prefix caching")
     saved = {k: getattr(*k) for k in constants}
     model, runner = engine.model, engine.runner
     plan = model.plan

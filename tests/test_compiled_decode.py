@@ -89,3 +89,8 @@ def test_benchmark_settings_apply_and_restore():
     for bad in ("runner.NO_SUCH=1", "plan.no_such=1"):
         with pytest.raises(SystemExit):
             settings.parse(bad)
+    # Its re-trace writes dummy K/V into block 0: not while a request runs.
+    engine.add_request("busy", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError):
+        with settings.applied(engine, "plan.gemv=False"):
+            pass

@@ -24,7 +24,8 @@ def _req(rid="a", pos=20, table=(7, 3), first=0, token=INFLIGHT_TOKEN, sample=Tr
 
 def _carry(reqs):
     n = len(reqs)
-    moving = mx.array([r.start_position for r in reqs] + [100 + i for i in range(n)], mx.int32)
+    moving = mx.array([r.start_position for r in reqs] + [100 + i for i in range(n)] + [0, 0],
+                      mx.int32)
     return DecodeCarry.of(reqs, moving, mx.zeros((n, 4), mx.int32), mx.zeros((n,), mx.int32),
                           mx.arange(n, dtype=mx.int32))
 
@@ -35,7 +36,7 @@ def test_advance_only_continues_the_same_steady_decodes():
     rows = {"a": 0, "b": 1}
     nxt = carry.advance([_req("a", 21), _req("b", 34, table=(1, 2, 4))], BS, rows)
     assert nxt is not None and nxt.positions.tolist() == [21, 34]
-    assert nxt.moving.tolist() == [21, 34, 101, 102]  # positions and slots one further
+    assert nxt.moving.tolist()[:4] == [21, 34, 101, 102]  # positions and slots one further
     assert nxt.tables_dev is carry.tables_dev and nxt.last is carry.last
     breaks = {
         "order": [_req("b", 34, table=(1, 2, 4)), _req("a", 21)],
@@ -113,6 +114,9 @@ def test_a_failed_step_leaves_nothing_to_continue(monkeypatch):
     while len(seen) < 3:
         engine.step()
     assert runner._carry is not None
+    # One sequence's positions and slots are 8 bytes; MLX would keep an array that small in
+    # host memory read across PCIe, so the carried array keeps spare entries.
+    assert runner._carry.moving.nbytes > 8 and runner._carry.step.nbytes > 8
     monkeypatch.setattr(runner_module, "sample", lambda *a: (_ for _ in ()).throw(RuntimeError))
     with pytest.raises(RuntimeError):
         runner.launch(engine.scheduler.schedule())

@@ -130,23 +130,23 @@ def test_parameters_reach_the_device_in_one_copy(monkeypatch):
     # row is greedy and nothing else is asked for.
     from engine import sampling
     made = []
-    real = mx.array
-    monkeypatch.setattr(sampling.mx, "array", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(sampling, "_device", lambda *a: made.append(1) or mx.array(*a))
     greedy = SamplingBatch.build([row(str(i), temperature=0) for i in range(3)], V,
                                  random.Random(0))
     assert len(made) == 0 and greedy.all_greedy and greedy.temperature is None
+    nan_bits = [0xFFFFFFFF, 0x7F800001, 0x7FC00000]  # seeds whose bits are float NaNs
     rows = [row("a", n_out=5, temperature=0.7, top_k=3, seed=2**32 + 9, repetition_penalty=1.2),
             row("b", temperature=0, top_p=0.5, presence_penalty=0.5, frequency_penalty=0.25,
                 min_p=0.1, top_k=V + 5)]
+    rows += [row(f"n{i}", temperature=1.0, seed=s) for i, s in enumerate(nan_bits)]
     b = SamplingBatch.build(rows, V, random.Random(0))
     assert len(made) == 3  # the parameters, and the token ids the two penalties count
-    monkeypatch.setattr(sampling.mx, "array", real)
-    assert b.temperature.dtype == mx.float32 and np.allclose(b.temperature.tolist(), [0.7, 0])
-    assert b.top_k.dtype == mx.int32 and b.top_k.tolist() == [3, V]  # past the vocab: off
-    assert np.allclose(b.top_p.tolist(), [1, 0.5]) and np.allclose(b.min_p.tolist(), [0, 0.1])
-    assert b.seed.dtype == mx.uint32 and b.seed.tolist()[0] == 9
-    assert b.counter.dtype == mx.uint32 and b.counter.tolist() == [5, 0]
-    assert np.allclose(b.repetition_penalty.tolist(), [1.2, 1])
-    assert np.allclose(b.presence_penalty.tolist(), [0, 0.5])
-    assert np.allclose(b.frequency_penalty.tolist(), [0, 0.25])
+    assert b.temperature.dtype == mx.float32 and np.allclose(b.temperature.tolist(), [0.7, 0, 1, 1, 1])
+    assert b.top_k.dtype == mx.int32 and b.top_k.tolist()[:2] == [3, V]  # past the vocab: off
+    assert np.allclose(b.top_p.tolist()[:2], [1, 0.5]) and np.allclose(b.min_p.tolist()[:2], [0, 0.1])
+    assert b.seed.dtype == mx.uint32 and b.seed.tolist() == [9, 0] + nan_bits  # greedy: no draw
+    assert b.counter.dtype == mx.uint32 and b.counter.tolist() == [5, 0, 0, 0, 0]
+    assert np.allclose(b.repetition_penalty.tolist()[:2], [1.2, 1])
+    assert np.allclose(b.presence_penalty.tolist()[:2], [0, 0.5])
+    assert np.allclose(b.frequency_penalty.tolist()[:2], [0, 0.25])
     assert b.needs_sort and not b.needs_min_p  # b's top-p and min-p: a greedy row's, unused
