@@ -56,14 +56,14 @@ def test_advance_only_continues_the_same_steady_decodes():
     assert carry.advance(same, 1, rows) is None  # block size 1: every token a new block
 
 
-def _engine(monkeypatch, max_num_seqs=4):
+def _engine(monkeypatch, max_num_seqs=4, kv_gib=0.01, prefix_caching=False):
     """A tiny engine whose decode steps take the CUDA kernel's inputs (the kernel itself is
     replaced by an embedding lookup, so tokens still depend on the inputs); the list its
     compiled decode steps' inputs go to, and the list of its host builds."""
     model, args, _ = tiny_model(sliding_window=40)
     engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
-        kv_cache_memory_gib=0.01, max_num_seqs=max_num_seqs, enable_prefix_caching=False,
-        max_num_batched_tokens=256))
+        kv_cache_memory_gib=kv_gib, max_num_seqs=max_num_seqs,
+        enable_prefix_caching=prefix_caching, max_num_batched_tokens=256))
     runner = engine.runner
     runner.decode_kernel = runner.compile_decode = True
     seen, host_builds = [], []
@@ -103,6 +103,48 @@ def test_carried_inputs_are_the_ones_the_host_builds(monkeypatch):
     assert host_steps == decode_steps + 1  # with the carry off: every step (and the prefill)
     # On: a step builds on the host only at a new batch, a new block or a slid window.
     assert carried_host_steps < decode_steps // 3, (carried_host_steps, decode_steps)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_carry_survives_arrivals_aborts_and_preemption(prefix_caching, monkeypatch):
+    # Staggered arrivals (mixed steps, whose decodes also take the kernel's inputs: its call is
+    # replaced by a function of them), an abort and the same id added again, shared prompt
+    # prefixes and a pool small enough to preempt: the same inputs and tokens either way.
+    from engine import attention
+
+    def run(enabled):
+        monkeypatch.setattr(decode_carry, "ENABLED", enabled)
+        kernel_inputs = []
+
+        def fake_kernel(q, k_pool, v_pool, tables, key_start, query_positions, *rest):
+            kernel_inputs.append(tuple(np.array(a).tolist() for a in
+                                       (tables, key_start, query_positions)) + rest)
+            return q * (1 + query_positions[:, None, None].astype(q.dtype) % 3)
+
+        monkeypatch.setattr(attention, "paged_decode_attention", fake_kernel)
+        engine, seen, host_builds = _engine(monkeypatch, kv_gib=0.00008,
+                                            prefix_caching=prefix_caching)
+        out, step = {}, 0
+        prompts = [list(range(3, 40)), list(range(3, 30)) + [7] * 9, list(range(50, 95))]
+        while step < 400 and (step < 30 or engine.has_unfinished_requests()):
+            if step in (0, 6, 13):
+                i = (0, 6, 13).index(step)
+                engine.add_request(f"r{i}", prompts[i], SamplingParams(
+                    temperature=0.8 if i == 1 else 0, seed=i, max_tokens=70, ignore_eos=True))
+            if step == 20:
+                engine.abort("r1")
+                engine.add_request("r1", prompts[1][:20], SamplingParams(max_tokens=40,
+                                                                         ignore_eos=True))
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            step += 1
+        return out, seen, kernel_inputs, len(host_builds), engine.scheduler.num_preemptions
+
+    want = run(False)
+    got = run(True)
+    assert got[:3] == want[:3] and got[4] == want[4]
+    assert want[4] > 0 and len(want[2]) > 0  # it did preempt, and ran mixed steps
+    assert got[3] < want[3] - 20  # and steps did carry
 
 
 def test_a_failed_step_leaves_nothing_to_continue(monkeypatch):
