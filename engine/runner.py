@@ -152,9 +152,10 @@ class ModelRunner:
         ordered = decodes + chunks
         compiled = bool(decodes) and not chunks and self.compile_decode
         kernel = bool(decodes) and self.decode_kernel
+        carriable = compiled and kernel and sampled_only  # what DecodeCarry can continue
         prev, self._carry = self._carry, None  # launch() keeps the new one once it samples
         carry = prev.advance(decodes, self.block_size, self._last_sampled[0]) \
-            if compiled and kernel and sampled_only and prev is not None else None
+            if carriable and prev is not None else None
         if carry is not None:  # the last step's inputs, one token further (engine/decode_carry.py)
             ids, moving, tables, key_start, last = (self._last_sampled[1], carry.moving,
                                                     carry.tables_dev, carry.key_start, carry.last)
@@ -185,7 +186,7 @@ class ModelRunner:
             tables, key_start = dev.get("tables"), dev.get("key_start")
             if "at" in dev:  # tokens still in flight: from the previous step's samples
                 ids[dev["at"]] = tokens[dev["rows"]]
-            if compiled and kernel and sampled_only and all(r.sample for r in decodes):
+            if carriable and all(r.sample for r in decodes):
                 carry = DecodeCarry.of(decodes, moving, tables, key_start, last)
         positions, slots = moving[:n], moving[n:2 * n]
         if kernel:  # a decode's query is its one token, at its position

@@ -48,7 +48,8 @@ class SamplingBatch:
     def build(cls, rows: Sequence[ScheduledRequest], vocab_size: int,
               rng: random.Random) -> "SamplingBatch":
         ps = [r.sampling_params for r in rows]
-        all_greedy = all(p.temperature == 0 for p in ps)
+        sampled = [p.temperature > 0 for p in ps]
+        all_greedy = not any(sampled)
         use_rep = any(p.repetition_penalty != 1 for p in ps)
         use_out = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in ps)
         floats: dict[str, list] = {}
@@ -60,7 +61,7 @@ class SamplingBatch:
             # (greedy rows read no seed, so they draw none).
             ints.update(top_k=[p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps],
                         seed=[p.seed & 0xFFFFFFFF if p.seed is not None
-                              else rng.getrandbits(32) if p.temperature > 0 else 0 for p in ps],
+                              else rng.getrandbits(32) if s else 0 for s, p in zip(sampled, ps)],
                         counter=[r.num_output_tokens for r in rows])
         if use_rep:
             floats["repetition_penalty"] = [p.repetition_penalty for p in ps]
@@ -68,7 +69,6 @@ class SamplingBatch:
             floats.update(presence_penalty=[p.presence_penalty for p in ps],
                           frequency_penalty=[p.frequency_penalty for p in ps])
         dev = _one_copy(floats, ints, len(rows))
-        sampled = [p.temperature > 0 for p in ps]
         return cls(
             temperature=dev.get("temperature"), top_k=dev.get("top_k"), top_p=dev.get("top_p"),
             min_p=dev.get("min_p"), seed=dev.get("seed"), counter=dev.get("counter"),

@@ -203,17 +203,13 @@ def main(argv=None):
     variants = _variants(engine, names, ints(a.min_keys_per_split), ints(a.warps), a.set)
     for b in batches:
         for label, plan, comp, overrides in variants:
-            saved = {k: getattr(*k) for k in overrides}
-            for (mod, attr), v in overrides.items():
-                setattr(mod, attr, v)
-            model.plan, engine.runner.compile_decode = plan, comp
-            engine.runner._compiled.clear()  # the compiled step captured the kernel settings
-            try:
-                trace(engine, b, a.context, a.steps, label)
-            finally:
-                for (mod, attr), v in saved.items():
-                    setattr(mod, attr, v)
-                engine.runner._compiled.clear()
+            with settings.constants(overrides):
+                model.plan, engine.runner.compile_decode = plan, comp
+                engine.runner._compiled.clear()  # the compiled step captured the kernel settings
+                try:
+                    trace(engine, b, a.context, a.steps, label)
+                finally:
+                    engine.runner._compiled.clear()
     model.plan, engine.runner.compile_decode = chosen, compiled
 
 

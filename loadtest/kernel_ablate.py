@@ -17,7 +17,6 @@ timed at the settings of QGEMV_SWEEP, and its cuts apply to its direct kernel. K
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 
 import mlx.core as mx
@@ -25,6 +24,7 @@ import mlx.nn as nn
 
 from engine import gemv, qgemm, qgemv
 from engine.kernel_source import cuda_kernel
+from loadtest import settings
 from loadtest.quant_kernels import layer_4bit
 
 # Calls cycle through this many copies of a layer, so that its weights are read from memory
@@ -136,17 +136,9 @@ QGEMV_SWEEP = (
 )
 
 
-@contextlib.contextmanager
 def setting(module, attrs: dict):
     """module's attributes set to attrs inside the block, restored after."""
-    old = {name: getattr(module, name) for name in attrs}
-    for name, value in attrs.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            setattr(module, name, value)
+    return settings.constants({(module, name): value for name, value in attrs.items()})
 
 
 def main(argv=None) -> None:

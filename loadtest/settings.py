@@ -36,30 +36,39 @@ def parse(spec: str) -> tuple[dict, dict]:
 
 
 @contextlib.contextmanager
+def constants(values: dict):
+    """Engine module constants {(module, attr): value} set inside the block, restored after."""
+    saved = {key: getattr(*key) for key in values}
+    for (mod, attr), value in values.items():
+        setattr(mod, attr, value)
+    try:
+        yield
+    finally:
+        for (mod, attr), value in saved.items():
+            setattr(mod, attr, value)
+
+
+@contextlib.contextmanager
 def applied(engine, spec: str):
     """The engine runs with spec's settings inside the block; they are restored after.
 
     The compiled decode steps captured the old kernels, so they are dropped (both ways)
     and, where the runner compiles, traced again before the block's requests run."""
-    constants, plan_fields = parse(spec)
+    values, plan_fields = parse(spec)
     # warm_decode's dummy decodes write slot 0 of block 0: safe only with no request running
     # and no cached prefix that could hold that block.
     if engine.has_unfinished_requests() or engine.info.config.enable_prefix_caching:
         raise ValueError("settings.applied needs an idle engine without prefix caching")
-    saved = {k: getattr(*k) for k in constants}
     model, runner = engine.model, engine.runner
     plan = model.plan
-    for (mod, attr), value in constants.items():
-        setattr(mod, attr, value)
-    model.plan = dataclasses.replace(plan, **plan_fields)
-    runner._compiled.clear()
-    try:
-        if runner.compile_decode:
-            from engine.runner import WARM_DECODE_BATCHES
-            runner.warm_decode(WARM_DECODE_BATCHES)
-        yield
-    finally:
-        for (mod, attr), value in saved.items():
-            setattr(mod, attr, value)
-        model.plan = plan
+    with constants(values):
+        model.plan = dataclasses.replace(plan, **plan_fields)
         runner._compiled.clear()
+        try:
+            if runner.compile_decode:
+                from engine.runner import WARM_DECODE_BATCHES
+                runner.warm_decode(WARM_DECODE_BATCHES)
+            yield
+        finally:
+            model.plan = plan
+            runner._compiled.clear()
