@@ -31,6 +31,7 @@ UNROLL = 4  # keys each warp loads before using them
 # 1,024 keys 3.60 ms with 8 against 4.44 with 0 and 4.64 with 16; batch 1 x 1,024 keys 1.12
 # against 1.39. 16 and 32 failed to launch with 16 warps (too many registers: v_batch()).
 V_BATCH = 8
+V_BATCH_FEW = 8  # the same with more than 4 warps (v_batch)
 MAX_SPLITS = 32
 # Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
 # at every batch size (H200, 32 layers, `op_profile --splits`: v2 at batch 1 0.63 ms with
@@ -326,9 +327,9 @@ def num_warps(blocks: int) -> int:
 
 
 def v_batch(warps: int) -> int:
-    """V rows loaded at once: V_BATCH, at most 8 with more than 4 warps (512 threads holding
+    """V rows loaded at once: V_BATCH, or V_BATCH_FEW with more than 4 warps (16 warps of
     16 or 32 V rows each asked for more registers than an SM has: the launch failed)."""
-    return V_BATCH if warps <= 4 else min(V_BATCH, 8)
+    return V_BATCH if warps <= 4 else V_BATCH_FEW
 
 
 def num_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:

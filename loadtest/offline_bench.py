@@ -85,10 +85,15 @@ def run_ours(engine: LLMEngine, prompts, output_len: int, step_log: bool = False
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
-    tokens, calls, waits = 0, [], []
-    if step_log:  # time each wait for a launched step's samples (the host's only sync)
-        collect = engine.runner.collect
-        engine.runner.collect = lambda step: _timed(waits, collect, step)
+    tokens, calls, waits, launches, encodes = 0, [], [], [], []
+    if step_log:  # time each wait for a launched step's samples (the host's only sync),
+        # each launch (building the step in Python, then MLX encoding its kernels) and the
+        # encoding alone (mx.async_eval), to tell a host-paced run from a device-paced one
+        runner, async_eval = engine.runner, mx.async_eval
+        collect, launch = runner.collect, runner.launch
+        runner.collect = lambda step: _timed(waits, collect, step)
+        runner.launch = lambda sched: _timed(launches, launch, sched)
+        mx.async_eval = lambda *a: _timed(encodes, async_eval, *a)
     try:
         while engine.has_unfinished_requests():
             t0 = time.perf_counter()
@@ -99,9 +104,10 @@ def run_ours(engine: LLMEngine, prompts, output_len: int, step_log: bool = False
                               inflight[0].num_batched_tokens if inflight else 0))
     finally:
         if step_log:
-            del engine.runner.collect
+            del runner.collect, runner.launch
+            mx.async_eval = async_eval
     if step_log:
-        print_step_log(calls, waits)
+        print_step_log(calls, waits, launches, encodes)
     return Result("mistral-serve", len(prompts), tokens, time.perf_counter() - start)
 
 
@@ -113,14 +119,18 @@ def _timed(acc: list, fn, *args):
         acc.append(time.perf_counter() - t0)
 
 
-def print_step_log(calls: list[tuple[float, int]], waits: list[float] = ()) -> None:
+def print_step_log(calls: list[tuple[float, int]], waits: list[float] = (),
+                   launches: list[float] = (), encodes: list[float] = ()) -> None:
     """Where a run's time went: step() calls grouped by the size of the step they launched
-    (each call waits for the step before it, so its time is roughly that step's), and how
-    much of it the host spent waiting for the device (near 0: the host sets the pace)."""
+    (each call waits for the step before it, so its time is roughly that step's); how much
+    of it the host spent waiting for the device (near 0: the host sets the pace), launching
+    steps, and of that, in MLX's encoding of the kernels (mx.async_eval)."""
     print(f"{len(calls)} step() calls, {sum(c[0] for c in calls):.2f} s")
-    if waits:
-        print(f"  waiting for the device: {sum(waits):6.2f} s in all, median "
-              f"{1e3 * sorted(waits)[len(waits) // 2]:.2f} ms a step")
+    for what, secs in (("waiting for the device", waits), ("launching steps", launches),
+                       ("  of which MLX encoding", encodes)):
+        if secs:
+            print(f"  {what + ':':<24}{sum(secs):6.2f} s in all, median "
+                  f"{1e3 * sorted(secs)[len(secs) // 2]:.2f} ms a step")
     groups: dict[str, list[float]] = {}
     for sec, n in calls:
         key = "0" if n == 0 else f"<= {1 << (n - 1).bit_length()}"

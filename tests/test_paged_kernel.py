@@ -32,6 +32,14 @@ def test_v_batch_matches_portable(monkeypatch, v_batch):
     assert decode_kernel_matches_portable(32, 8, 128, 16, None, mx.bfloat16, splits=(1, 5))
 
 
+@pytest.mark.parametrize("warps, v_batch", [(8, 32), (8, 16)])  # few blocks: fewer warps, more V rows
+def test_few_block_variants_match_portable(monkeypatch, warps, v_batch):
+    monkeypatch.setattr(paged_decode, "FEW_BLOCKS_WARPS", warps)
+    monkeypatch.setattr(paged_decode, "V_BATCH_FEW", v_batch)
+    assert paged_decode.v_batch(warps) == v_batch
+    assert decode_kernel_matches_portable(32, 8, 128, 16, None, mx.bfloat16, splits=(1, 5))
+
+
 def test_v1_matches_portable(monkeypatch):
     monkeypatch.setattr(paged_decode, "VERSION", "v1")
     assert decode_kernel_matches_portable(32, 8, 128, 16, 50, mx.bfloat16, splits=(1, 5))
