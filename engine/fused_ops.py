@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 NORM_THREADS = 256  # threads per row of add_rms_norm
 ELEMENTWISE_THREADS = 256
+# The fused gate|up projection's features alternate runs of GATE_UP_RUN gates and their ups
+# (engine/model.py's MLP.fuse): one 16-feature tile of engine/qgemv.py then holds 8 gates
+# and their 8 ups, and its epilogue applies SwiGLU itself.
+GATE_UP_RUN = 8
 
 # h = x + y (rounded to T, as the portable add), then n = h * rsqrt(mean(h^2) + eps) * w.
 # A block per row; each thread handles VEC-wide chunks and rereads its own h in the second pass.
@@ -115,16 +119,17 @@ _QKV_ROPE_STORE = _ROPE_PAIR + r"""
     dst[i + P] = static_cast<T>(x2);
 """
 
-# out (R, I) = silu(g) * u with g, u the two halves of each row of gu (R, 2I); a thread per
-# VEC outputs.
+# out (R, I) = silu(g) * u with each row of gu (R, 2I) alternating runs of RUN gates and
+# their RUN ups (RUN = I: the two halves); a thread per VEC outputs, VEC dividing RUN.
 _SWIGLU = r"""
     constexpr int VEC = 16 / sizeof(T);
     const long idx = ((long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (idx >= (long)gu_shape[0] * I) return;
     const long r = idx / I;
     const long j = idx % I;
-    const Vec<T, VEC> g = *reinterpret_cast<const Vec<T, VEC>*>(gu + r * 2 * I + j);
-    const Vec<T, VEC> u = *reinterpret_cast<const Vec<T, VEC>*>(gu + r * 2 * I + I + j);
+    const long gj = r * 2 * I + (j / RUN) * (2 * RUN) + j % RUN;  // gate j; RUN further: up j
+    const Vec<T, VEC> g = *reinterpret_cast<const Vec<T, VEC>*>(gu + gj);
+    const Vec<T, VEC> u = *reinterpret_cast<const Vec<T, VEC>*>(gu + gj + RUN);
     Vec<T, VEC> o;
     #pragma unroll
     for (int e = 0; e < VEC; ++e) {
@@ -240,17 +245,22 @@ def qkv_rope_store(qkv: mx.array, positions: mx.array, slots: mx.array, k_pool: 
 
 
 # ---- SwiGLU ----------------------------------------------------------------------------------
-def swiglu(gate_up: mx.array, kernel: bool = False) -> mx.array:
-    """silu(gate) * up, with gate and up the two halves of the fused projection's output."""
+def swiglu(gate_up: mx.array, kernel: bool = False, run: int | None = None) -> mx.array:
+    """silu(gate) * up from the fused projection's output, whose features alternate runs of
+    `run` gates and their `run` ups (engine/model.py's GATE_UP_RUN); None: the two halves."""
     inner = gate_up.shape[-1] // 2
-    if not kernel or inner % _vec(gate_up.dtype):
-        gate, up = mx.split(gate_up, 2, axis=-1)
+    run = run or inner
+    if not kernel or inner % _vec(gate_up.dtype) or run % _vec(gate_up.dtype):
+        lead = gate_up.shape[:-1]
+        pairs = gate_up.reshape(*lead, inner // run, 2, run)
+        gate, up = (pairs[..., i, :].reshape(*lead, inner) for i in (0, 1))
         # Written out rather than nn.silu (an mx.compile'd function): gate and up are strided
         # views of one matmul output here. See loadtest/gpu_diag.py.
         return gate * mx.sigmoid(gate) * up
     rows = gate_up.size // gate_up.shape[-1]
     return _kernel("swiglu", ("gu",), ("out",))(
-        inputs=[gate_up.reshape(rows, 2 * inner)], template=[("T", gate_up.dtype), ("I", inner)],
+        inputs=[gate_up.reshape(rows, 2 * inner)],
+        template=[("T", gate_up.dtype), ("I", inner), ("RUN", run)],
         **_elementwise_launch(rows * inner // _vec(gate_up.dtype)),
         output_shapes=[(*gate_up.shape[:-1], inner)], output_dtypes=[gate_up.dtype])[0]
 
@@ -270,6 +280,7 @@ def fused_ops_match_portable(hidden: int, intermediate: int, n_heads: int, kv_he
 
         def rand(*shape):
             return mx.random.normal(shape, key=next(keys)).astype(dtype)
+        gu_run = GATE_UP_RUN if intermediate % GATE_UP_RUN == 0 else None  # as MLP.fuse lays it out
         norm = nn.RMSNorm(hidden, eps=eps)
         norm.weight = rand(hidden)
         for t in rows:
@@ -280,7 +291,7 @@ def fused_ops_match_portable(hidden: int, intermediate: int, n_heads: int, kv_he
             def run(k):
                 return [*add_rms_norm(x, y, norm, k),
                         *qkv_rope(qkv, positions, n_heads, kv_heads, head_dim, base, k),
-                        swiglu(gate_up, k)]
+                        swiglu(gate_up, k), swiglu(gate_up, k, gu_run)]
             # In-place K/V writes into pools holding other rows: only the tokens' slots change.
             slots = mx.array([5, 0, 9, 2, 7, 11, 3][:t] + list(range(12, 12 + max(0, t - 7))), mx.int32)
             pools = [rand(12 + t, kv_heads, head_dim) for _ in range(2)]

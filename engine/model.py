@@ -32,6 +32,7 @@ class KernelPlan:
     (before dequantize + GEMM is considered).
     qgemv: quantized layers fed 1-8 rows use engine/qgemv.py's tensor-core kernel (before
     engine/gemv.py's).
+    qgemv_swiglu: where qgemv serves gate|up, it also applies SwiGLU (one kernel, not two).
     """
 
     dequant_min_rows: Optional[int] = None
@@ -41,6 +42,7 @@ class KernelPlan:
     dequant_kernel: bool = False
     qgemm: bool = False
     qgemv: bool = False
+    qgemv_swiglu: bool = False
 
 
 PORTABLE = KernelPlan()
@@ -65,8 +67,9 @@ def project(layer: nn.Module, x: mx.array, plan: KernelPlan) -> mx.array:
     return layer(x)
 
 
-def concat_linear(layers: list[nn.Module]) -> nn.Module:
-    """One Linear (or QuantizedLinear) computing every layer's output side by side.
+def concat_linear(layers: list[nn.Module], run: int = 0) -> nn.Module:
+    """One Linear (or QuantizedLinear) computing every layer's output side by side, or, for
+    two layers and a `run`, alternating runs of `run` features of each.
 
     Rows of a weight are output features, and quantization groups run along the input
     dimension, so weights, scales and biases all concatenate along axis 0.
@@ -78,7 +81,13 @@ def concat_linear(layers: list[nn.Module]) -> nn.Module:
         if not hasattr(fused, name):
             object.__setattr__(fused, name, value)
     for name in first.keys():
-        fused[name] = mx.concatenate([layer[name] for layer in layers], axis=0)
+        parts = [layer[name] for layer in layers]
+        if run:
+            a, b = parts
+            pairs = mx.stack(parts).reshape(2, a.shape[0] // run, run, *a.shape[1:])
+            fused[name] = mx.swapaxes(pairs, 0, 1).reshape(2 * a.shape[0], *a.shape[1:])
+        else:
+            fused[name] = mx.concatenate(parts, axis=0)
     return fused
 
 
@@ -124,17 +133,25 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def fuse(self) -> None:
-        """Replace gate_proj and up_proj by one gate_up_proj: one matmul instead of two."""
-        self.gate_up_proj = concat_linear([self.gate_proj, self.up_proj])
+        """Replace gate_proj and up_proj by one gate_up_proj: one matmul instead of two. Its
+        features alternate runs of GATE_UP_RUN gates and ups (fused_ops.GATE_UP_RUN), so that
+        qgemv can apply SwiGLU in the same kernel; the order costs other matmuls nothing."""
+        inner = self.gate_proj.weight.shape[0]
+        self.run = fused_ops.GATE_UP_RUN if inner % fused_ops.GATE_UP_RUN == 0 else inner
+        self.gate_up_proj = concat_linear([self.gate_proj, self.up_proj], self.run)
         del self.gate_proj, self.up_proj
 
     def __call__(self, x: mx.array, plan: KernelPlan) -> mx.array:
-        if "gate_up_proj" in self:
-            gate_up = project(self.gate_up_proj, x, plan)
-        else:
+        if "gate_up_proj" not in self:
             gate_up = mx.concatenate([project(self.gate_proj, x, plan),
                                       project(self.up_proj, x, plan)], axis=-1)
-        return project(self.down_proj, fused_ops.swiglu(gate_up, plan.fused), plan)
+            h = fused_ops.swiglu(gate_up, plan.fused)
+        elif (plan.qgemv_swiglu and self.run == fused_ops.GATE_UP_RUN
+              and qgemv.swiglu_applies(self.gate_up_proj, x)):
+            h = qgemv.qgemv(self.gate_up_proj, x, swiglu=True)
+        else:
+            h = fused_ops.swiglu(project(self.gate_up_proj, x, plan), plan.fused, self.run)
+        return project(self.down_proj, h, plan)
 
 
 class DecoderLayer(nn.Module):

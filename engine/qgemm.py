@@ -427,11 +427,12 @@ def qgemm_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
 
 
 def matches_dequantize_matmul(layers: list[nn.Module], cases: list[tuple], run, usable,
-                              what: str, seed: int, atol: float) -> bool:
-    """run(layer, x, *args) against dequantize + matmul for each case (rows, *args) that
-    usable(layer, x, *args) accepts, on each layer: the start-up self-check of this kernel and
-    engine/qgemv.py's (running each case also compiles its kernel). False, with a warning naming
-    `what`, if any case is off or a kernel fails to build or run; False if none ran."""
+                              what: str, seed: int, atol: float, then=None) -> bool:
+    """run(layer, x, *args) against dequantize + matmul (then `then` of it, if given) for each
+    case (rows, *args) that usable(layer, x, *args) accepts, on each layer: the start-up
+    self-check of this kernel and engine/qgemv.py's (running each case also compiles its
+    kernel). False, with a warning naming `what`, if any case is off or a kernel fails to
+    build or run; False if none ran."""
     if not mx.cuda.is_available():
         return False
     try:
@@ -446,7 +447,8 @@ def matches_dequantize_matmul(layers: list[nn.Module], cases: list[tuple], run, 
                 if not usable(layer, x, *args):
                     continue
                 got = run(layer, x, *args)
-                want = (x @ w.T).astype(mx.float32)
+                want = x @ w.T
+                want = (then(want) if then else want).astype(mx.float32)
                 err = mx.abs(got.astype(mx.float32) - want).max().item()
                 if not err <= atol * max(mx.abs(want).max().item(), 1.0):
                     log.warning("%s off by %.3g (%s, %d rows, case %s); not used", what, err,

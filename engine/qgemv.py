@@ -22,7 +22,9 @@ For one row (STAGED_MAX_ROWS) a staged form (SOURCE_STAGED) feeds the same fragm
 per-warp cp.async rings in shared memory. (Two fused staged forms, SwiGLU applied on the way
 into the down projection and residual add + RMSNorm on the way into q|k|v and gate|up, cut
 kernels from the host-paced single stream but were slower on an H200: RESULTS.md, tenth
-session. They were removed.)
+session. They were removed.) Both forms can instead end in SwiGLU on gate|up, whose rows the
+model interleaves so that a lane already holds each gate and its up (EPILOGUE): that costs
+the kernel nothing and saves the layer a kernel launch.
 
 Used only after qgemv_matches_layers has shown it equal to dequantize + matmul on the
 model's own layers at every row count (engine/runner.py). tests/test_qgemv_emulated.py runs
@@ -61,7 +63,11 @@ SMEM_BUDGET = 112 * 1024   # a block's ring at most: two blocks fit an H100's / 
 SMEM_LIMIT = 227 * 1024    # the most dynamic shared memory a block can have (sm_90)
 
 # Both kernels end alike: the block's warps add their sums (each took its own K steps) and
-# warp 0 stores D: c[0..1] are feature g's rows 2t, 2t + 1, c[2..3] feature g + 8's.
+# warp 0 stores D: c[0..1] are feature g's rows 2t, 2t + 1, c[2..3] feature g + 8's. With
+# SWIGLU the layer is gate|up with its rows interleaved in runs of 8 (engine/model.py's
+# GATE_UP_RUN), so a block's 16 features are 8 gates and their 8 ups, and one lane holds
+# both of a pair: it stores silu(gate) * up, and the layer's separate SwiGLU kernel (a
+# launch, ~7 us of host encoding, on a host-paced single stream) is not needed.
 EPILOGUE = r"""
     if (NW > 1) {  // the other warps' sums to warp 0
         __shared__ float red[NW][32][4];
@@ -73,11 +79,24 @@ EPILOGUE = r"""
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[e] += red[v][lane][e];
     }
-    #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const int row = 2 * t + (e & 1);
-        const long col = n0 + g + 8 * (e >> 1);
-        if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[e]);
+    if (!SWIGLU) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = 2 * t + (e & 1);
+            const long col = n0 + g + 8 * (e >> 1);
+            if (row < M && col < N) y[(long)row * N + col] = static_cast<T>(acc[e]);
+        }
+    } else {  // gate|up in runs of 8: feature g is gate n0 / 2 + g, feature g + 8 its up
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int row = 2 * t + e;
+            const long col = n0 / 2 + g;
+            // rounded to T first, as the separate SwiGLU kernel reads them
+            const float gf = static_cast<float>(static_cast<T>(acc[e]));
+            const float uf = static_cast<float>(static_cast<T>(acc[e + 2]));
+            if (row < M && col < N / 2)
+                y[(long)row * (N / 2) + col] = static_cast<T>(gf / (1.f + __expf(-gf)) * uf);
+        }
     }"""
 
 # y (M, N) = x (M, K) @ dequantize(w)^T. Block b computes features 16b..16b+15 for every row;
@@ -317,14 +336,15 @@ def _staged_kernel(smem: int):
                        source=SOURCE_STAGED, header=HEADER, shared_memory=smem)
 
 
-def _launch(layer: nn.QuantizedLinear, dtype: mx.Dtype, nw: int, **template) -> dict:
+def _launch(layer: nn.QuantizedLinear, dtype: mx.Dtype, nw: int, swiglu: bool,
+            **template) -> dict:
     """The launch arguments every form shares: its template (the layer's format, x's type,
     warps per block, then the form's own `template` values) and one block of nw warps per
     FEATURES output features."""
     n = layer.weight.shape[0]
     return dict(template=[("T", dtype), ("K", input_width(layer)), ("BITS", layer.bits),
                           ("GS", layer.group_size), ("BF16", dtype == mx.bfloat16), ("NW", nw),
-                          *template.items(), ("FAST", FAST_DEQUANT)],
+                          *template.items(), ("FAST", FAST_DEQUANT), ("SWIGLU", swiglu)],
                 grid=(-(-n // FEATURES) * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1))
 
 
@@ -334,27 +354,39 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     return 1 <= x.size // x.shape[-1] <= MAX_ROWS and tensor_core_format(layer, x)
 
 
-def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None) -> mx.array:
+def swiglu_applies(layer: nn.Module, x: mx.array) -> bool:
+    """Whether qgemv(layer, x, swiglu=True) can run: applies(), and whole 16-feature tiles
+    (each 8 gates and their 8 ups)."""
+    from engine.fused_ops import GATE_UP_RUN
+    return (applies(layer, x) and 2 * GATE_UP_RUN == FEATURES
+            and layer.weight.shape[0] % FEATURES == 0)
+
+
+def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None,
+          swiglu: bool = False) -> mx.array:
     """layer(x) for x of 1..MAX_ROWS rows (see applies()): the staged kernel where
     staged_applies(), else the direct one. `warps` per block overrides warps_per_block(), and
     `build` (shared bytes -> kernel) stands in for the kernel with the same launch (both for
-    loadtest sweeps)."""
+    loadtest sweeps). swiglu: layer is gate|up in runs of 8 (see EPILOGUE; swiglu_applies());
+    returns silu(gate) * up, half as wide."""
     k = input_width(layer)
     m = x.size // x.shape[-1]
     n = layer.weight.shape[0]
+    out = (m, n // 2 if swiglu else n)
     staged = staged_launch(layer, m, warps) if staged_applies(layer, m) else None
     if staged:
         nw, xr, smem = staged
         y = (build or _staged_kernel)(smem)(
             inputs=[x.reshape(m, x.shape[-1]), layer.weight, layer.scales, layer.biases],
-            **_launch(layer, x.dtype, nw, S=STAGES, XR=xr),
-            output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
-        return y.reshape(*x.shape[:-1], n)
+            **_launch(layer, x.dtype, nw, swiglu, S=STAGES, XR=xr),
+            output_shapes=[out], output_dtypes=[x.dtype])[0]
+        return y.reshape(*x.shape[:-1], out[1])
     nw = warps or warps_per_block(n, k)
     y = (build or (lambda smem: _kernel()))(0)(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
-        **_launch(layer, x.dtype, nw, U=UNROLL), output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
-    return y.reshape(*x.shape[:-1], n)
+        **_launch(layer, x.dtype, nw, swiglu, U=UNROLL), output_shapes=[out],
+        output_dtypes=[x.dtype])[0]
+    return y.reshape(*x.shape[:-1], out[1])
 
 
 def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
@@ -365,3 +397,14 @@ def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     return matches_dequantize_matmul(layers, [(m,) for m in range(1, MAX_ROWS + 1)],
                                      qgemv, applies,
                                      "few-row 4/8-bit tensor-core kernel", seed=2, atol=atol)
+
+
+def swiglu_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
+    """qgemv's SwiGLU epilogue against dequantize + matmul + SwiGLU (runs of 8) on the model's
+    gate|up layers at every row count: its start-up self-check (which compiles it too)."""
+    from engine.fused_ops import GATE_UP_RUN, swiglu
+    return matches_dequantize_matmul(
+        layers, [(m,) for m in range(1, MAX_ROWS + 1)],
+        lambda layer, x: qgemv(layer, x, swiglu=True), swiglu_applies,
+        "few-row 4/8-bit tensor-core kernel's SwiGLU epilogue", seed=3, atol=atol,
+        then=lambda y: swiglu(y, run=GATE_UP_RUN))

@@ -387,7 +387,8 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     """Which custom kernels run on MLX's CUDA backend, each only after its self-check.
 
     1-8 rows of a quantized layer run as engine/qgemv.py's tensor-core kernel
-    (MISTRAL_SERVE_QGEMV=0 turns it off). Layers it cannot serve go
+    (MISTRAL_SERVE_QGEMV=0 turns it off), which on gate|up also applies SwiGLU
+    (MISTRAL_SERVE_QGEMV_SWIGLU=0: the separate kernel instead). Layers it cannot serve go
     through engine/gemv.py's kernels where they match MLX's matmul on this model's own layers
     (on an H200 those made 4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
     faster, so gemv stays opt-in there. MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0"
@@ -404,6 +405,8 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     layers = check_layers(model)
     quantized = [l for l in layers if type(l) is nn.QuantizedLinear]
     qv = _switched_on("MISTRAL_SERVE_QGEMV", qgemv_matches_layers, quantized)
+    gate_up = [l for l in quantized if l is model.model.layers[0].mlp.gate_up_proj]
+    qsw = qv and _switched_on("MISTRAL_SERVE_QGEMV_SWIGLU", qgemv.swiglu_matches_layers, gate_up)
 
     def gemv_serves(l: nn.Module) -> bool:  # project() tries qgemv first: those need no gemv
         quant = type(l) is nn.QuantizedLinear
@@ -411,7 +414,8 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
             qv and quant and qgemv.applies(l, mx.zeros((1, input_width(l)), l.scales.dtype)))
     used = [l for l in layers if gemv_serves(l)]
     ok = bool(used) and gemv_matches_layers(used)
-    log.info("few-row matmuls: %s%s", "CUDA tensor-core kernel (quantized), " if qv else "",
+    log.info("few-row matmuls: %s%s", "CUDA tensor-core kernel (quantized%s), " % (
+                 ", gate|up with SwiGLU" if qsw else "") if qv else "",
              f"CUDA gemv kernels ({mode})" if ok else "MLX matmul")
     fused = os.environ.get("MISTRAL_SERVE_FUSED", "1") != "0" and fused_ops_match_portable(
         args.hidden_size, args.intermediate_size, args.num_attention_heads,
@@ -425,7 +429,7 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv)
+                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=qsw)
 
 
 def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module]) -> bool:

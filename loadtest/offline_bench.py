@@ -225,6 +225,7 @@ def main(argv=None) -> None:
           f"{'checkpoint ' + a.model if a.model else a.shape + ' random weights'}, "
           f"{a.dtype}{f', {bits}-bit' if bits else ''}, device {device}")
     print(f"engine start-up (model on the device, kernel self-checks): {startup:.1f} s")
+    print(f"kernel plan: {engine.model.plan}")
     print(f"{'engine':<40} {'output tok/s':>14} {'seconds':>9}")
     for r in results:
         print(f"{r.engine:<40} {r.output_tok_s:>14.1f} {r.seconds:>9.2f}")

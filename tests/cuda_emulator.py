@@ -382,6 +382,14 @@ QUANT_PROBLEM = r"""
         for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
           ref[(long)m * N + n] += (double)(float)x[(long)m * K + k] * wf[(long)n * K + k];
       }
+      void swiglu() {  // gate|up in runs of 8: ref and y become silu(gate) * up, N / 2 wide
+        std::vector<double> r((long)M * N / 2);
+        for (int m = 0; m < M; ++m) for (int j = 0; j < N / 2; ++j) {
+          const long gi = (long)m * N + j / 8 * 16 + j % 8;
+          const double g = (float)bf((float)ref[gi]), u = (float)bf((float)ref[gi + 8]);
+          r[(long)m * N / 2 + j] = g / (1 + exp(-g)) * u; }
+        ref = r; y.assign(r.size(), bf(NAN));
+      }
       double rel_err() const {  // max |y - ref| over max |ref|; an unwritten (NaN) output fails
         double err = 0, scale = 1e-9;
         for (size_t i = 0; i < y.size(); ++i) { float v = y[i]; err = max(err, std::isnan(v) ? 1e9 : fabs(v - ref[i])); scale = max(scale, fabs(ref[i])); }
@@ -449,24 +457,26 @@ def qgemv_source() -> str:
                                          "alignas(16) static unsigned char smem[1 << 18];")
     assert staged != qgemv.SOURCE_STAGED
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + QUANT_PROBLEM + qgemm.UNPACK + r"""
-    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int U, bool FAST>
+    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int U, bool FAST, bool SWIGLU>
     void qv(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
             T* y) { """ + qgemv.SOURCE + r""" }
     std::mt19937 rng(11);
-    template <int K, int M, int BITS, int GS, int NW, int U, bool FAST = true> void qgemv_case(int N) {
+    template <int K, int M, int BITS, int GS, int NW, int U, bool FAST = true, bool SW = false> void qgemv_case(int N) {
       QuantProblem p(rng, M, N, K, BITS, GS);
+      if (SW) p.swiglu();
       int xs[2] = {M, K}, ws[2] = {N, K * BITS / 32};
-      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, BITS, GS, true, NW, U, FAST>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
-      printf("qgemv%d K %d M %d GS %d NW %d U %d fast %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, U, (int)FAST, N, p.rel_err());
+      launch((N + 15) / 16, NW * 32, [&] { qv<bf, K, BITS, GS, true, NW, U, FAST, SW>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
+      printf("%sqgemv%d K %d M %d GS %d NW %d U %d fast %d N %d: rel err %.2e\n", SW ? "swiglu " : "", BITS, K, M, GS, NW, U, (int)FAST, N, p.rel_err());
     }
-    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int S, int XR, bool FAST>
+    template <typename T, int K, int BITS, int GS, bool BF16, int NW, int S, int XR, bool FAST, bool SWIGLU>
     void qvs(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales, const T* biases,
              T* y) { """ + staged + r""" }
-    template <int K, int M, int BITS, int GS, int NW, int S, int XR> void staged_case(int N) {
+    template <int K, int M, int BITS, int GS, int NW, int S, int XR, bool SW = false> void staged_case(int N) {
       QuantProblem p(rng, M, N, K, BITS, GS);
+      if (SW) p.swiglu();
       int xs[2] = {M, K}, ws[2] = {N, K * BITS / 32};
-      launch((N + 15) / 16, NW * 32, [&] { qvs<bf, K, BITS, GS, true, NW, S, XR, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
-      printf("staged%d K %d M %d GS %d NW %d S %d XR %d N %d: rel err %.2e\n", BITS, K, M, GS, NW, S, XR, N, p.rel_err());
+      launch((N + 15) / 16, NW * 32, [&] { qvs<bf, K, BITS, GS, true, NW, S, XR, true, SW>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); });
+      printf("%sstaged%d K %d M %d GS %d NW %d S %d XR %d N %d: rel err %.2e\n", SW ? "swiglu " : "", BITS, K, M, GS, NW, S, XR, N, p.rel_err());
     }
     int main() {
       staged_case<512, 1, 4, 64, 1, 2, 1>(40); staged_case<1024, 3, 4, 32, 2, 3, 4>(24);
@@ -477,6 +487,9 @@ def qgemv_source() -> str:
       qgemv_case<1024, 8, 4, 128, 4, 1>(16); qgemv_case<384, 5, 8, 64, 2, 4>(20);
       qgemv_case<896, 8, 8, 32, 4, 2>(9); qgemv_case<256, 2, 4, 64, 1, 1, false>(17);
       qgemv_case<1664, 7, 4, 32, 2, 2>(17); qgemv_case<2048, 1, 8, 64, 2, 4>(16);
+      // SwiGLU epilogue (gate|up in runs of 8): one row staged, 1-8 rows direct
+      staged_case<4096, 1, 4, 64, 4, 3, 1, true>(48); staged_case<1024, 1, 8, 32, 2, 2, 0, true>(32);
+      qgemv_case<640, 3, 4, 32, 2, 2, true, true>(32); qgemv_case<1024, 8, 4, 64, 4, 1, true, true>(48);
     }
     """
 
@@ -502,7 +515,7 @@ def fused_source() -> str:
     template <typename T, int NH, int KVH, int D, int LOG2_BASE_BITS>
     void qkv_rope_store(const T* qkv, const int* positions, const long* positions_shape,
                         const int* slots, const T* k_pool, const T* v_pool, T* q) { """ + fo.SOURCES["qkv_rope_store"] + r""" }
-    template <typename T, int I>
+    template <typename T, int I, int RUN>
     void swiglu(const T* gu, const long* gu_shape, T* out) { """ + fo.SOURCES["swiglu"] + r""" }
     std::mt19937 rng(5);
     std::normal_distribution<float> nd;
@@ -546,19 +559,20 @@ def fused_source() -> str:
       printf("qkv_rope_store NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
              max(max_err(q2.data(), rq), max(max_err(kp.data(), rkp), max_err(vp.data(), rvp))));
     }
-    template <int I> void swiglu_case(int rows) {
+    template <int I, int RUN = I> void swiglu_case(int rows) {
       std::vector<float> gu(rows * 2 * I), out(rows * I); std::vector<double> ref(rows * I); long shape[2] = {rows, 2 * I};
       for (auto& x : gu) x = nd(rng);
       for (int r = 0; r < rows; ++r) for (int j = 0; j < I; ++j) {
-        double g = gu[r * 2 * I + j], u = gu[r * 2 * I + I + j]; ref[r * I + j] = g / (1 + exp(-g)) * u; }
+        const long gi = r * 2 * I + j / RUN * 2 * RUN + j % RUN;
+        double g = gu[gi], u = gu[gi + RUN]; ref[r * I + j] = g / (1 + exp(-g)) * u; }
       int threads = rows * I / 4;
-      launch((threads + 255) / 256, 256, [&] { swiglu<float, I>(gu.data(), shape, out.data()); });
-      printf("swiglu I %d rows %d: max err %.2e\n", I, rows, max_err(out.data(), ref));
+      launch((threads + 255) / 256, 256, [&] { swiglu<float, I, RUN>(gu.data(), shape, out.data()); });
+      printf("swiglu I %d RUN %d rows %d: max err %.2e\n", I, RUN, rows, max_err(out.data(), ref));
     }
     int main() {
       norm_case<64>(3); norm_case<4096>(2); norm_case<1028>(1);
       rope_case<4, 2, 16>(5); rope_case<8, 2, 128>(3);
-      swiglu_case<36>(3); swiglu_case<1024>(2);
+      swiglu_case<36>(3); swiglu_case<1024>(2); swiglu_case<40, 8>(3); swiglu_case<1024, 8>(2);
     }
     """
 

@@ -33,8 +33,15 @@ def test_fused_model_equals_unfused(bits):
         mx.eval(model.parameters())
     ids = np.random.default_rng(0).integers(0, args.vocab_size, 11)
     before = _forward(model, args, ids)
+    mlp = model.model.layers[0].mlp
+    gate, up = np.array(mlp.gate_proj.weight), np.array(mlp.up_proj.weight)
     model.fuse_projections()
     layer = model.model.layers[0]
+    # gate|up alternate runs of 8 features (qgemv's 16-feature tile: 8 gates, their 8 ups)
+    assert layer.mlp.run == 8
+    fused = np.array(layer.mlp.gate_up_proj.weight)
+    assert (fused[:8] == gate[:8]).all() and (fused[8:16] == up[:8]).all()
+    assert (fused[-8:] == up[-8:]).all()
     assert "qkv_proj" in layer.self_attn and "q_proj" not in layer.self_attn
     assert "gate_up_proj" in layer.mlp and "up_proj" not in layer.mlp
     if bits:

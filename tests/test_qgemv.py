@@ -72,6 +72,35 @@ def test_self_check_and_project():
     assert mx.abs(fast - plain).max().item() <= 2e-2 * max(mx.abs(plain).max().item(), 1.0)
 
 
+@cuda
+@pytest.mark.parametrize("bits, dtype", [(4, mx.bfloat16), (8, mx.bfloat16), (4, mx.float16)])
+def test_swiglu_epilogue_matches_on_7b_gate_up(bits, dtype):
+    # gate|up (28,672 x 4,096) in runs of 8, every row count: staged (1 row) and direct
+    layer = quantized_linear(4096, 28672, bits, 64, dtype)
+    assert qgemv.swiglu_matches_layers([layer])
+    x = mx.random.normal((1, 4096)).astype(dtype)
+    assert qgemv.qgemv(layer, x, swiglu=True).shape == (1, 14336)
+
+
+@cuda
+def test_mlp_with_swiglu_epilogue_equals_without():
+    from engine.model import MLP
+    from tests.tiny import TINY
+    from engine.config import ModelArgs
+    args = ModelArgs.from_dict({**TINY, "hidden_size": 1024, "intermediate_size": 2048})
+    mlp = MLP(args)
+    mlp.set_dtype(mx.bfloat16)
+    nn.quantize(mlp, group_size=64, bits=4)
+    mlp.fuse()
+    for rows in (1, 5):
+        x = (mx.random.normal((rows, 1024)) * 0.1).astype(mx.bfloat16)
+        assert qgemv.swiglu_applies(mlp.gate_up_proj, x)
+        plain = mlp(x, KernelPlan(qgemv=True, fused=True)).astype(mx.float32)
+        fast = mlp(x, KernelPlan(qgemv=True, fused=True, qgemv_swiglu=True)).astype(mx.float32)
+        assert fast.shape == plain.shape == (rows, 1024)
+        assert mx.abs(fast - plain).max().item() <= 2e-2 * max(mx.abs(plain).max().item(), 1.0)
+
+
 def test_applies_only_where_it_computes_the_layer():
     layer = quantized_linear(128, 64, 4)
     x = mx.zeros((1, 128), mx.bfloat16)

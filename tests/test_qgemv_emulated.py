@@ -23,8 +23,27 @@ def test_qgemv_kernel_matches_reference(tmp_path):
         assert {c.split(" NW ")[1].split()[0] for c, _ in cases} >= {"1", "2", "4"}
     # staged: x in shared memory for 1-8 rows and read from global memory (XR 0)
     assert {c.split(" XR ")[1].split()[0] for c, _ in staged} == {"0", "1", "2", "4", "8"}
+    # the SwiGLU epilogue: staged at one row (x staged or global), direct at 3 and 8 rows
+    swiglu = [c for c, _ in results if c.startswith("swiglu")]
+    assert len(swiglu) == 4 and {c.split()[1] for c in swiglu} == {"staged4", "staged8", "qgemv4"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("const float uf = static_cast<float>(static_cast<T>(acc[e + 2]));",
+     "const float uf = static_cast<float>(static_cast<T>(acc[e]));"),  # up read from the gate
+    ("const long col = n0 / 2 + g;", "const long col = n0 + g;"),  # gate|up tile to the wrong outputs
+    ("const int row = 2 * t + e;", "const int row = 2 * t;"),      # odd rows overwrite even
+])
+def test_emulation_catches_broken_swiglu_epilogue(tmp_path, monkeypatch, wrong, right):
+    from engine import qgemv
+    for name in ("SOURCE", "SOURCE_STAGED"):
+        source = getattr(qgemv, name)
+        assert wrong in source
+        monkeypatch.setattr(qgemv, name, source.replace(wrong, right, 1))
+    results = [r for r in cuda_emulator.run_qgemv(tmp_path) if r[0].startswith("swiglu")]
+    assert results and max(err for _, err in results) > 5e-2
 
 
 @pytest.mark.parametrize("wrong, right", [
