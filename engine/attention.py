@@ -141,3 +141,48 @@ def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, b
             if not mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol):
                 return False
     return True
+
+
+def rope_store_kernel_matches(n_heads: int, kv_heads: int, head_dim: int, block_size: int,
+                              window: Optional[int], base: float, dtype: mx.Dtype,
+                              seed: int = 0) -> bool:
+    """paged_decode.rope_store_decode_attention against the two kernels it replaces,
+    fused_ops.qkv_rope_store (in place) then paged_decode_attention, on a random paged cache:
+    the same outputs and the same pools afterwards. Every warp count the engine may launch
+    runs, so each variant compiles here at start-up."""
+    from engine.fused_ops import qkv_rope_store
+    rng = np.random.default_rng(seed)
+    lengths = np.array([1, 5, 3 * block_size + 7, 40 * block_size + 3])
+    max_blocks = -(-lengths.max() // block_size) + 1
+    num_blocks = len(lengths) * max_blocks + 1
+    perm = rng.permutation(num_blocks - 1) + 1
+    pos = lengths - 1
+    first = (np.maximum(0, lengths - window) // block_size) if window else np.zeros_like(lengths)
+    tables = np.zeros((len(lengths), max_blocks), np.int32)
+    for i, n in enumerate(lengths):
+        nb = -(-n // block_size) - first[i]
+        tables[i, :nb] = perm[i * max_blocks:i * max_blocks + nb]
+    slots = tables[np.arange(len(lengths)), pos // block_size - first] * block_size + pos % block_size
+    pools = [rng.standard_normal((num_blocks * block_size, kv_heads, head_dim)).astype(np.float32)
+             for _ in range(2)]
+    qkv = mx.array(rng.standard_normal((len(lengths), (n_heads + 2 * kv_heads) * head_dim))
+                   .astype(np.float32)).astype(dtype)
+    bt, key_start = mx.array(tables), mx.array((first * block_size).astype(np.int32))
+    q_pos, slot = mx.array(pos.astype(np.int32)), mx.array(slots.astype(np.int32))
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    for warps in sorted({paged_decode.NUM_WARPS, paged_decode.FEW_BLOCKS_WARPS}):
+        two, one = ([mx.array(p).astype(dtype) for p in pools] for _ in range(2))
+        mx.eval(two, one)
+        q, k2, v2 = qkv_rope_store(qkv, q_pos, slot, *two, n_heads, kv_heads, head_dim, base,
+                                   kernel=True, in_place=True)
+        want = paged_decode_attention(q, k2, v2, bt, key_start, q_pos, block_size, window,
+                                      warps=warps)
+        got = paged_decode.rope_store_decode_attention(qkv, *one, bt, key_start, q_pos, slot,
+                                                       n_heads, base, block_size, window, warps)
+        mx.eval(want, got)
+        if not mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=tol, rtol=tol):
+            return False
+        for a, b in zip(one, two):
+            if not np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))):
+                return False
+    return True

@@ -81,6 +81,17 @@ _ADD_RMS_NORM = r"""
     }
 """
 
+# Rotates the pair (x1, x2) = dims (i, i + P) of a head at position ROPE_POS; shared with
+# engine/paged_decode.py's form that applies RoPE itself.
+ROPE_ROTATE = r"""
+        const float inv_freq = exp2f(-(static_cast<float>(i) / static_cast<float>(P)) * __int_as_float(LOG2_BASE_BITS));
+        const float theta = static_cast<float>(ROPE_POS) * inv_freq;
+        const float c = cosf(theta), s = sinf(theta);
+        const float r1 = x1 * c - x2 * s;
+        x2 = x1 * s + x2 * c;
+        x1 = r1;
+"""
+
 # A thread per (token, head of q|k|v, dim pair i < D/2). RoPE (non-traditional: dims i and
 # i + D/2 rotate together) on q and k heads, with inv_freq = 2^(-(i / (D/2)) * log2(base))
 # and theta = position * inv_freq as MLX's RoPE computes them; v heads pass through.
@@ -94,14 +105,7 @@ _ROPE_PAIR = r"""
     const int i = idx % P;
     const T* src = qkv + (t * HS + hs) * D;
     float x1 = static_cast<float>(src[i]), x2 = static_cast<float>(src[i + P]);
-    if (hs < NH + KVH) {
-        const float inv_freq = exp2f(-(static_cast<float>(i) / static_cast<float>(P)) * __int_as_float(LOG2_BASE_BITS));
-        const float theta = static_cast<float>(positions[t]) * inv_freq;
-        const float c = cosf(theta), s = sinf(theta);
-        const float r1 = x1 * c - x2 * s;
-        x2 = x1 * s + x2 * c;
-        x1 = r1;
-    }
+    if (hs < NH + KVH) {""" + ROPE_ROTATE.replace("ROPE_POS", "positions[t]") + r"""    }
 """
 _QKV_ROPE = _ROPE_PAIR + r"""
     T* dst = hs < NH ? q + (t * NH + hs) * D

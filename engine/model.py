@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import dequant, fused_ops, gemv, qgemm, qgemv
+from engine import dequant, fused_ops, gemv, paged_decode, qgemm, qgemv
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
@@ -33,6 +33,8 @@ class KernelPlan:
     qgemv: quantized layers fed 1-8 rows use engine/qgemv.py's tensor-core kernel (before
     engine/gemv.py's).
     qgemv_swiglu: where qgemv serves gate|up, it also applies SwiGLU (one kernel, not two).
+    decode_rope: on decode-only kernel steps in one split, the decode attention kernel
+    applies RoPE and writes K/V itself (paged_decode.rope_store_decode_attention).
     """
 
     dequant_min_rows: Optional[int] = None
@@ -43,6 +45,7 @@ class KernelPlan:
     qgemm: bool = False
     qgemv: bool = False
     qgemv_swiglu: bool = False
+    decode_rope: bool = False
 
 
 PORTABLE = KernelPlan()
@@ -116,6 +119,14 @@ class Attention(nn.Module):
         else:
             qkv = mx.concatenate([project(p, x, plan) for p in (self.q_proj, self.k_proj,
                                                                  self.v_proj)], axis=-1)
+        if plan.decode_rope and meta.only_decode_kernel and \
+                paged_decode.rope_store_applies(meta.groups, meta.slot_mapping):
+            g = meta.groups[0]  # one kernel: RoPE, the K/V write and attention
+            out = paged_decode.rope_store_decode_attention(
+                qkv, cache.keys[layer], cache.values[layer], g.block_tables, g.key_start,
+                g.query_positions, meta.slot_mapping, self.n_heads, self.rope_theta,
+                cache.block_size, meta.sliding_window)
+            return project(self.o_proj, out.reshape(out.shape[0], -1), plan)
         q, cache.keys[layer], cache.values[layer] = fused_ops.qkv_rope_store(
             qkv, positions, meta.slot_mapping, cache.keys[layer], cache.values[layer],
             self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta, plan.fused,

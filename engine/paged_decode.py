@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import mlx.core as mx
@@ -182,10 +183,7 @@ _BODY_V2 = r"""
 
     __shared__ float q_s[GQA][D];
     __shared__ float p_s[NUM_WARPS][GQA][TILE];
-    for (int idx = threadIdx.x; idx < GQA * D; idx += blockDim.x) {
-        q_s[idx / D][idx % D] =
-            static_cast<float>(queries[((long)b * (KVH * GQA) + g * GQA) * D + idx]) * scale;
-    }
+    Q_LOAD
     __syncthreads();
 
     float acc[GQA][DPL], m[GQA], l[GQA];
@@ -281,22 +279,62 @@ _BODY_V2 = r"""
     }
 """
 
+_Q_LOAD = r"""
+    for (int idx = threadIdx.x; idx < GQA * D; idx += blockDim.x) {
+        q_s[idx / D][idx % D] =
+            static_cast<float>(queries[((long)b * (KVH * GQA) + g * GQA) * D + idx]) * scale;
+    }"""
+# The ROPE form (rope_store_decode_attention) reads the q|k|v projection before RoPE: the
+# block rotates its query heads into q_s and writes its KV head's new K (rotated) and V
+# into the pools at the sequence's slot, as fused_ops.qkv_rope_store does, before
+# __syncthreads; after it every warp of the block sees them (one split only: a second
+# split's block could read the key before the first wrote it). Values are rounded to T
+# where the separate kernels store them, so both forms compute the same numbers.
+_Q_ROPE_STORE = r"""
+    {
+        constexpr int P = D / 2;
+        const T* src = qkv + (long)b * (KVH * GQA + 2 * KVH) * D;
+        for (int idx = threadIdx.x; idx < (GQA + 2) * P; idx += blockDim.x) {
+            const int h = idx / P, i = idx % P;  // h < GQA: query head g * GQA + h; then K, V
+            const int hs = h < GQA ? g * GQA + h : KVH * GQA + (h - GQA) * KVH + g;
+            float x1 = static_cast<float>(src[hs * D + i]), x2 = static_cast<float>(src[hs * D + i + P]);
+            if (h <= GQA) {ROPE_ROTATE}
+            if (h < GQA) {
+                q_s[h][i] = static_cast<float>(static_cast<T>(x1)) * scale;
+                q_s[h][i + P] = static_cast<float>(static_cast<T>(x2)) * scale;
+            } else {
+                T* dst = const_cast<T*>(h == GQA ? k_pool : v_pool) + ((long)slots[b] * KVH + g) * D;
+                dst[i] = static_cast<T>(x1);
+                dst[i + P] = static_cast<T>(x2);
+            }
+        }
+    }"""
+
 _INPUTS = ["queries", "k_pool", "v_pool", "block_tables", "key_start", "q_pos"]
+_ROPE_INPUTS = ["qkv", "k_pool", "v_pool", "block_tables", "key_start", "q_pos", "slots"]
 
 
 VERSION = os.environ.get("MISTRAL_SERVE_DECODE_KERNEL", "v2")
 
 
-def kernel_source(epilogue: str, version: str = "v1") -> str:
+def kernel_source(epilogue: str, version: str = "v1", rope: bool = False) -> str:
     """A decode kernel's body with its epilogue (_FINAL or _PARTIAL); also run on the CPU
-    by tests/cuda_emulator.py. v2 shares v1's warp-merge epilogue."""
+    by tests/cuda_emulator.py. v2 shares v1's warp-merge epilogue; rope: v2's ROPE form."""
+    from engine.fused_ops import ROPE_ROTATE
+    assert version == "v2" or not rope, "only v2 applies RoPE itself"
     merge_at = _BODY.index("    // Merge the warps' partial softmaxes.")
-    body = _BODY if version == "v1" else _BODY_V2 + _BODY[merge_at:]
+    q_load = _Q_ROPE_STORE.replace("ROPE_ROTATE", ROPE_ROTATE.replace("ROPE_POS", "qpos")) \
+        if rope else _Q_LOAD
+    body = _BODY if version == "v1" else _BODY_V2.replace("Q_LOAD", q_load) + _BODY[merge_at:]
     return (_PROLOGUE + body).replace("EPILOGUE", epilogue)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(split: bool, version: str = "v1"):
+def _kernel(split: bool, version: str = "v1", rope: bool = False):
+    if rope:
+        return cuda_kernel(name="paged_decode_attention_rope", input_names=_ROPE_INPUTS,
+                           output_names=["out"], source=kernel_source(_FINAL, "v2", True),
+                           header=VEC_HEADER)
     if split:
         return cuda_kernel(name=f"paged_decode_attention_split_{version}",
                            input_names=_INPUTS,
@@ -357,23 +395,54 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     splits > 1 divides each sequence's keys over that many thread blocks, merged after.
     """
     g, h, d = q.shape
-    kvh = k_pool.shape[1]
-    gqa = h // kvh
-    warps = warps or num_warps(g * kvh * splits)
-    # The window is a template argument, not an input: a one-int input array would live in
-    # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops.float_bits).
-    template = [("T", q.dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", gqa),
-                ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0),
-                ("V_BATCH", v_batch(warps))]
-    launch = dict(inputs=[q, k_pool, v_pool, block_tables, key_start, q_pos], template=template,
-                  grid=(g * kvh * splits * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1))
+    launch = _launch(g, h, k_pool, block_size, window, splits, q.dtype, warps,
+                     [q, k_pool, v_pool, block_tables, key_start, q_pos])
     version = version or VERSION
     if splits == 1:
         return _kernel(False, version)(**launch, output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
-    rows = g * kvh * splits * gqa
+    rows = g * h * splits  # (sequence, KV head, split, query head of the group)
+    gqa = h // k_pool.shape[1]
     parts = _kernel(True, version)(**launch, output_shapes=[(rows, d), (rows,), (rows,)],
                           output_dtypes=[mx.float32] * 3)
     return _merge_kernel()(
         inputs=parts, template=[("T", q.dtype), ("D", d), ("GQA", gqa)],
         grid=(g * h * d, 1, 1), threadgroup=(d, 1, 1),
         output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+
+
+def rope_store_decode_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.array,
+                                block_tables: mx.array, key_start: mx.array, q_pos: mx.array,
+                                slots: mx.array, n_heads: int, base: float, block_size: int,
+                                window: int | None, warps: int | None = None) -> mx.array:
+    """paged_decode_attention (v2, one split) from the q|k|v projection (G, (H + 2 KVH) * D)
+    before RoPE: each sequence's K (with RoPE at q_pos) and V are written into the pools at
+    its slot, in place, as fused_ops.qkv_rope_store(in_place=True) does, and its query heads
+    attend. One kernel instead of two; the same conditions for writing in place hold."""
+    from engine.fused_ops import float_bits
+    g, d = qkv.shape[0], k_pool.shape[2]
+    launch = _launch(g, n_heads, k_pool, block_size, window, 1, qkv.dtype, warps,
+                     [qkv, k_pool, v_pool, block_tables, key_start, q_pos, slots])
+    launch["template"].append(("LOG2_BASE_BITS", float_bits(math.log2(base))))
+    return _kernel(False, "v2", True)(**launch, output_shapes=[(g, n_heads, d)],
+                                      output_dtypes=[qkv.dtype])[0]
+
+
+def rope_store_applies(meta_groups: list, slots: mx.array) -> bool:
+    """Whether a step's attention can run as rope_store_decode_attention: one decode group
+    on the kernel, in one split, with int32 slots."""
+    return (len(meta_groups) == 1 and meta_groups[0].key_start is not None
+            and meta_groups[0].splits == 1 and slots.dtype == mx.int32)
+
+
+def _launch(g: int, h: int, k_pool: mx.array, block_size: int, window: int | None, splits: int,
+            dtype: mx.Dtype, warps: int | None, inputs: list) -> dict:
+    """Launch arguments of a decode kernel over g sequences of h query heads."""
+    kvh, d = k_pool.shape[1], k_pool.shape[2]
+    warps = warps or num_warps(g * kvh * splits)
+    # The window is a template argument, not an input: a one-int input array would live in
+    # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops.float_bits).
+    template = [("T", dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", h // kvh),
+                ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0),
+                ("V_BATCH", v_batch(warps))]
+    return dict(inputs=inputs, template=template, grid=(g * kvh * splits * 32 * warps, 1, 1),
+                threadgroup=(32 * warps, 1, 1))

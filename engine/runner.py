@@ -20,7 +20,8 @@ import mlx.nn as nn
 import numpy as np
 
 from engine import paged_decode, qgemv
-from engine.attention import AttentionGroup, AttentionMetadata, decode_kernel_matches_portable
+from engine.attention import (AttentionGroup, AttentionMetadata, decode_kernel_matches_portable,
+                              rope_store_kernel_matches)
 from engine.config import ModelArgs
 from engine.decode_carry import DecodeCarry
 from engine.fused_ops import fused_ops_match_portable
@@ -72,7 +73,7 @@ class ModelRunner:
         on_cuda = mx.cuda.is_available() and mx.default_device() == mx.gpu
         if on_cuda:  # the self-checks compile every kernel variant: minutes on a fresh machine
             t0 = time.perf_counter()
-            model.plan = _choose_plan(model, args)
+            model.plan = _choose_plan(model, args, self.decode_kernel, kv_cache)
             log.info("kernel self-checks took %.1f s", time.perf_counter() - t0)
         # Decode-only steps run an mx.compile'd forward pass on CUDA (MISTRAL_SERVE_COMPILE=0:
         # never; =1: on any backend, as the tests do on the CPU).
@@ -383,7 +384,8 @@ def check_layers(model: Mistral) -> list[nn.Module]:
             first.mlp.down_proj, model.lm_head]
 
 
-def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
+def _choose_plan(model: Mistral, args: ModelArgs, decode_kernel: bool = False,
+                 kv_cache: Optional[PagedKVCache] = None) -> KernelPlan:
     """Which custom kernels run on MLX's CUDA backend, each only after its self-check.
 
     1-8 rows of a quantized layer run as engine/qgemv.py's tensor-core kernel
@@ -393,7 +395,9 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
     (on an H200 those made 4-bit single-stream decode 1.28x faster). For float layers MLX's own matmul was as fast or
     faster, so gemv stays opt-in there. MISTRAL_SERVE_GEMV: "quant" (default), "all", or "0"
     (none, to measure against MLX's own).
-    The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0.
+    The small per-layer ops run fused (engine/fused_ops.py) unless MISTRAL_SERVE_FUSED=0;
+    with the decode kernel too, decode-only steps in one split apply RoPE and write K/V in
+    the attention kernel itself (MISTRAL_SERVE_DECODE_ROPE=0: in their own kernel).
     9-128 rows of a quantized layer run as engine/qgemm.py's tensor-core kernel (4-bit batch-64
     step 1.85x faster on an H200 with its first version; MISTRAL_SERVE_QGEMM=0 turns it off), and
     more rows dequantize with engine/dequant.py's kernel (5-20% faster than mx.dequantize + GEMM
@@ -422,6 +426,11 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
         args.num_key_value_heads, args.head_dim, args.rope_theta, args.rms_norm_eps,
         model.model.norm.weight.dtype)
     log.info("per-layer small ops: %s", "fused CUDA kernels" if fused else "MLX ops")
+    rope = fused and decode_kernel and kv_cache is not None and \
+        os.environ.get("MISTRAL_SERVE_DECODE_ROPE", "1") != "0" and _runs(
+            "decode attention with RoPE and the K/V write", rope_store_kernel_matches,
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+            kv_cache.block_size, args.sliding_window, args.rope_theta, kv_cache.dtype)
     deq = _switched_on("MISTRAL_SERVE_DEQUANT_KERNEL", dequantize_matches_layers, quantized)
     qg = _switched_on("MISTRAL_SERVE_QGEMM", qgemm_matches_layers, quantized)
     if quantized:
@@ -429,7 +438,20 @@ def _choose_plan(model: Mistral, args: ModelArgs) -> KernelPlan:
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
                  "CUDA dequantize kernel" if deq else "mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=qsw)
+                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=qsw,
+                      decode_rope=rope)
+
+
+def _runs(what: str, self_check: Callable[..., bool], *args) -> bool:
+    """self_check(*args), False (with a warning) if it fails or raises: a kernel that does
+    not build or match must not stop the server."""
+    try:
+        if self_check(*args):
+            return True
+        log.warning("%s off its reference; not used", what)
+    except Exception as exc:
+        log.warning("%s unavailable (%s); not used", what, exc)
+    return False
 
 
 def _switched_on(env: str, self_check: Callable[[list], bool], layers: list[nn.Module]) -> bool:

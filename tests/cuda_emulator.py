@@ -88,13 +88,24 @@ PRELUDE = r"""
 
 
 def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
-    """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases."""
+    """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases;
+    with v2, also its ROPE form (RoPE and the K/V write in the kernel) against RoPE in double
+    precision, written pools included."""
+    from engine.fused_ops import float_bits
     prelude = PRELUDE
     params = ("const T* queries, const T* k_pool, const T* v_pool, const int* block_tables, "
               "const int* key_start, const int* q_pos, const long* q_pos_shape, "
               "const long* block_tables_shape")
     src = prelude + pd.VEC_HEADER + "\n    int WINDOW = 0;  // a template argument on the GPU\n" \
-        + f"    constexpr int V_BATCH = {v_batch};\n"
+        + f"    constexpr int V_BATCH = {v_batch};\n" \
+        + f"    constexpr int LOG2_BASE_BITS = {float_bits(math.log2(10000.0))};\n"
+    if "v2" in versions:
+        rope_params = params.replace("const T* queries", "const T* qkv").replace(
+            "const int* q_pos,", "const int* q_pos, const int* slots,")
+        src += f"""
+    template <typename T, int D, int BS, int KVH, int GQA, int NUM_WARPS, int UNROLL>
+    void rope_v2({rope_params}, T* out) {{ {pd.kernel_source(pd._FINAL, "v2", rope=True)} }}
+    """
     for v in versions:
         src += f"""
     template <typename T, int D, int BS, int KVH, int GQA, int NUM_WARPS, int UNROLL>
@@ -126,7 +137,7 @@ def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
           int nb = (n + BS - 1) / BS - first;
           for (int j = 0; j < nb; ++j) tables[i * MAXB + j] = perm[i * MAXB + j];
         }
-        // reference
+        auto attend = [&](const std::vector<float>& q, const std::vector<float>& kp, const std::vector<float>& vp) {
         std::vector<float> ref(G * KVH * GQA * D, 0.f);
         for (int i = 0; i < G; ++i) for (int g = 0; g < KVH; ++g) for (int h = 0; h < GQA; ++h) {
           int lo = kstart[i]; if (window) lo = max(lo, qpos[i] - window + 1);
@@ -143,9 +154,34 @@ def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
             const float* v = &vp[((long)(blk * BS + p % BS) * KVH + g) * D];
             for (int e = 0; e < D; ++e) ref[((i * KVH + g) * GQA + h) * D + e] += s[j] / den * v[e]; }
         }
+        return ref; };
+        const std::vector<float> ref = attend(q, kp, vp);
         long qshape[1] = {G}, tshape[2] = {G, MAXB};
         WINDOW = window;
-    """ + "".join(f"""
+    """ + (r"""
+        {  // ROPE form: q|k|v before RoPE in; the token's K (rotated) and V into its slot
+          constexpr int HS = KVH * GQA + 2 * KVH;
+          std::vector<float> qkv(G * HS * D), qr(q.size()), kp2 = kp, vp2 = vp, kpw = kp, vpw = vp;
+          std::vector<int> slots(G);
+          for (auto& x : qkv) x = nd(rng);
+          for (int i = 0; i < G; ++i) {
+            slots[i] = tables[i * MAXB + qpos[i] / BS - kstart[i] / BS] * BS + qpos[i] % BS;
+            for (int hs = 0; hs < HS; ++hs) for (int e = 0; e < D / 2; ++e) {
+              double a = qkv[(i * HS + hs) * D + e], c = qkv[(i * HS + hs) * D + e + D / 2];
+              double th = qpos[i] * pow(10000.0, -(double)e / (D / 2)), r1 = a, r2 = c;
+              if (hs < KVH * GQA + KVH) { r1 = a * cos(th) - c * sin(th); r2 = a * sin(th) + c * cos(th); }
+              float* dst = hs < KVH * GQA ? &qr[(i * KVH * GQA + hs) * D]
+                         : &(hs < KVH * GQA + KVH ? kpw : vpw)[((long)slots[i] * KVH + (hs - KVH * GQA) % KVH) * D];
+              dst[e] = r1; dst[e + D / 2] = r2; } }
+          const std::vector<float> want = attend(qr, kpw, vpw);
+          std::vector<float> out(want.size(), 0.f);
+          launch(G * KVH, 32 * NW, [&] { rope_v2<float, D, BS, KVH, GQA, NW, UN>(qkv.data(), kp2.data(), vp2.data(), tables.data(), kstart.data(), qpos.data(), slots.data(), qshape, tshape, out.data()); });
+          double err = 0; for (size_t e = 0; e < want.size(); ++e) err = std::max(err, (double)fabs(out[e] - want[e]));
+          for (size_t e = 0; e < kp.size(); ++e) err = std::max(err, (double)std::max(fabs(kp2[e] - kpw[e]), fabs(vp2[e] - vpw[e])));
+          printf("rope window %2d splits 1: max err %.2e %s\n", window, err, err < 1e-4 ? "ok" : "FAIL");
+          fails += err >= 1e-4;
+        }
+    """ if "v2" in versions else "") + "".join(f"""
         for (int splits : {{1, 3, 8}}) {{
           std::vector<float> out(ref.size(), 0.f);
           if (splits == 1) {{

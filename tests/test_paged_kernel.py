@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine import paged_decode
-from engine.attention import decode_kernel_matches_portable
+from engine.attention import decode_kernel_matches_portable, rope_store_kernel_matches
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
 
@@ -38,6 +38,13 @@ def test_few_block_variants_match_portable(monkeypatch, warps, v_batch):
     monkeypatch.setattr(paged_decode, "V_BATCH_FEW", v_batch)
     assert paged_decode.v_batch(warps) == v_batch
     assert decode_kernel_matches_portable(32, 8, 128, 16, None, mx.bfloat16, splits=(1, 5))
+
+
+@pytest.mark.parametrize("dtype, window, base", [(mx.bfloat16, None, 1e6), (mx.bfloat16, 50, 1e4),
+                                                (mx.float32, None, 1e4)])
+def test_rope_form_matches_the_two_kernels_it_replaces(dtype, window, base):
+    # out, and the K/V rows it writes into the pools, as qkv_rope_store + the decode kernel
+    assert rope_store_kernel_matches(32, 8, 128, 16, window, base, dtype)
 
 
 def test_v1_matches_portable(monkeypatch):

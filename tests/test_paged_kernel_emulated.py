@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++
 def test_decode_kernel_logic_matches_reference(tmp_path, v_batch):
     results = cuda_emulator.run(tmp_path, ("v1", "v2"), v_batch)
     assert {(v, w, s) for v, w, s, _ in results} == {
-        (v, w, s) for v in ("v1", "v2") for w in (0, 7, 50) for s in (1, 3, 8)}
+        (v, w, s) for v in ("v1", "v2") for w in (0, 7, 50) for s in (1, 3, 8)} | {
+        ("rope", w, 1) for w in (0, 7, 50)}  # v2's form that applies RoPE and writes K/V
     bad = [r for r in results if not r[3] < 1e-4]
     assert not bad, bad
 
@@ -29,3 +30,16 @@ def test_emulation_catches_a_broken_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(paged_decode, "_BODY", broken)
     results = cuda_emulator.run(tmp_path, ("v1",))
     assert any(err > 1e-2 for _, _, _, err in results)
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("if (h <= GQA) {", "if (h < GQA) {"),                       # K written without RoPE
+    ("KVH * GQA + (h - GQA) * KVH + g", "KVH * GQA + g"),        # V written from K's head
+    ("((long)slots[b] * KVH + g) * D", "((long)slots[b] * KVH) * D"),  # every head to head 0
+])
+def test_emulation_catches_a_broken_rope_form(tmp_path, monkeypatch, wrong, right):
+    from engine import paged_decode
+    assert wrong in paged_decode._Q_ROPE_STORE
+    monkeypatch.setattr(paged_decode, "_Q_ROPE_STORE", paged_decode._Q_ROPE_STORE.replace(wrong, right, 1))
+    results = [r for r in cuda_emulator.run(tmp_path, ("v2",), 8) if r[0] == "rope"]
+    assert results and max(err for *_, err in results) > 1e-2
