@@ -427,11 +427,14 @@ def rope_store_decode_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.arra
                                       output_dtypes=[qkv.dtype])[0]
 
 
-def rope_store_applies(meta_groups: list, slots: mx.array) -> bool:
+def rope_store_applies(meta_groups: list, slots: mx.array, qkv: mx.array, k_pool: mx.array,
+                       v_pool: mx.array) -> bool:
     """Whether a step's attention can run as rope_store_decode_attention: one decode group
-    on the kernel, in one split, with int32 slots."""
+    on the kernel, in one split, int32 slots, and pools of q|k|v's dtype (the kernel
+    stores K/V as that type)."""
     return (len(meta_groups) == 1 and meta_groups[0].key_start is not None
-            and meta_groups[0].splits == 1 and slots.dtype == mx.int32)
+            and meta_groups[0].splits == 1 and slots.dtype == mx.int32
+            and k_pool.dtype == v_pool.dtype == qkv.dtype)
 
 
 def _launch(g: int, h: int, k_pool: mx.array, block_size: int, window: int | None, splits: int,
