@@ -49,3 +49,32 @@ def test_fused_model_equals_unfused(bits):
         assert layer.self_attn.qkv_proj.bits == bits
     after = _forward(model, args, ids)
     assert np.abs(after - before).max() < 1e-4
+
+
+def test_gate_up_keeps_halves_when_runs_of_8_do_not_fit():
+    # intermediate 36 is no multiple of 8: gate|up stays the two halves, and the numbers hold
+    model, args, _ = tiny_model(seed=4, intermediate_size=36)
+    ids = np.random.default_rng(1).integers(0, args.vocab_size, 7)
+    before = _forward(model, args, ids)
+    model.fuse_projections()
+    assert model.model.layers[0].mlp.run == 36
+    assert np.abs(_forward(model, args, ids) - before).max() < 1e-4
+
+
+def test_rope_form_only_for_one_split_decode_groups():
+    from engine import paged_decode
+    pools = mx.zeros((8, 2, 16), mx.float32)
+    qkv, slots = mx.zeros((2, 96), mx.float32), mx.zeros((2,), mx.int32)
+
+    def group(**kw):
+        return AttentionGroup(0, 2, None, None, mx.zeros((2, 4), mx.int32), None, 2, 1, **kw)
+    one = group(key_start=mx.zeros((2,), mx.int32), splits=1)
+    assert paged_decode.rope_store_applies([one], slots, qkv, pools, pools)
+    # two key splits: a split's block could read the new key before another wrote it
+    assert not paged_decode.rope_store_applies(
+        [group(key_start=mx.zeros((2,), mx.int32), splits=2)], slots, qkv, pools, pools)
+    assert not paged_decode.rope_store_applies([group()], slots, qkv, pools, pools)  # portable
+    assert not paged_decode.rope_store_applies([one, one], slots, qkv, pools, pools)  # + chunks
+    assert not paged_decode.rope_store_applies([one], slots.astype(mx.int64), qkv, pools, pools)
+    half = pools.astype(mx.float16)  # K/V are stored as q|k|v's type
+    assert not paged_decode.rope_store_applies([one], slots, qkv, half, half)
