@@ -12,6 +12,7 @@ first use, slowly on CUDA).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -85,16 +86,13 @@ def run_ours(engine: LLMEngine, prompts, output_len: int, step_log: bool = False
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
-    tokens, calls, waits, launches, encodes = 0, [], [], [], []
-    if step_log:  # time each wait for a launched step's samples (the host's only sync),
-        # each launch (building the step in Python, then MLX encoding its kernels) and the
-        # encoding alone (mx.async_eval), to tell a host-paced run from a device-paced one
-        runner, async_eval = engine.runner, mx.async_eval
-        collect, launch = runner.collect, runner.launch
-        runner.collect = lambda step: _timed(waits, collect, step)
-        runner.launch = lambda sched: _timed(launches, launch, sched)
-        mx.async_eval = lambda *a: _timed(encodes, async_eval, *a)
-    try:
+    tokens, calls = 0, []
+    # With the step log: each wait for a launched step's samples (the host's only sync), each
+    # launch (building the step in Python, then MLX encoding its kernels) and the encoding
+    # alone (mx.async_eval), to tell a host-paced run from a device-paced one.
+    runner = engine.runner
+    with timed_calls(dict(waits=(runner, "collect"), launches=(runner, "launch"),
+                          encodes=(mx, "async_eval")) if step_log else {}) as times:
         while engine.has_unfinished_requests():
             t0 = time.perf_counter()
             tokens += sum(len(o.new_token_ids) for o in engine.step())
@@ -102,21 +100,37 @@ def run_ours(engine: LLMEngine, prompts, output_len: int, step_log: bool = False
                 inflight = engine._inflight
                 calls.append((time.perf_counter() - t0,
                               inflight[0].num_batched_tokens if inflight else 0))
-    finally:
-        if step_log:
-            del runner.collect, runner.launch
-            mx.async_eval = async_eval
     if step_log:
-        print_step_log(calls, waits, launches, encodes)
+        print_step_log(calls, times["waits"], times["launches"], times["encodes"])
     return Result("mistral-serve", len(prompts), tokens, time.perf_counter() - start)
 
 
-def _timed(acc: list, fn, *args):
-    t0 = time.perf_counter()
+@contextlib.contextmanager
+def timed_calls(targets: dict[str, tuple[object, str]]):
+    """Inside the block, every call of each target (object, attribute name: a method or a
+    module's function) is timed: yields {target's key: [seconds of each call]}. The
+    attributes are put back after."""
+    times: dict[str, list[float]] = {key: [] for key in targets}
+    saved = []
+    for key, (obj, name) in targets.items():
+        fn, own = getattr(obj, name), vars(obj).get(name)
+
+        def timed_fn(*a, _fn=fn, _acc=times[key], **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                _acc.append(time.perf_counter() - t0)
+        saved.append((obj, name, own))
+        setattr(obj, name, timed_fn)
     try:
-        return fn(*args)
+        yield times
     finally:
-        acc.append(time.perf_counter() - t0)
+        for obj, name, own in reversed(saved):
+            if own is None:  # a method of the class: drop the instance's wrapper
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
 
 
 def print_step_log(calls: list[tuple[float, int]], waits: list[float] = (),

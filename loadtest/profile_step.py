@@ -26,7 +26,7 @@ from engine.config import ModelArgs
 from engine.engine import DTYPES, EngineConfig, LLMEngine
 from engine.kv_cache import kv_cache_gib
 from engine.sampling import SamplingBatch, sample
-from loadtest.offline_bench import SHAPES, _NoTokenizer, random_weights
+from loadtest.offline_bench import SHAPES, _NoTokenizer, random_weights, timed_calls
 from scheduler.request import SamplingParams
 
 
@@ -106,33 +106,16 @@ def profile_overlap(engine: LLMEngine, batch: int, context: int, steps: int, voc
     start_decoding(engine, "o", batch, context, steps + 16, seed=1)
     for _ in range(8):  # prefill and a few warm decode steps
         engine.step()
-    acc: dict[str, float] = defaultdict(float)
     runner, sched = engine.runner, engine.scheduler
-
-    def wrap(obj, name, key):
-        fn = getattr(obj, name)
-
-        def timed_fn(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[key] += time.perf_counter() - t
-        setattr(obj, name, timed_fn)
-        return fn
-    saved = [(runner, "_forward", wrap(runner, "_forward", "build layers")),
-             (runner_mod.mx, "async_eval", wrap(runner_mod.mx, "async_eval", "queue (async_eval)")),
-             (runner, "collect", wrap(runner, "collect", "wait + copy samples")),
-             (sched, "schedule", wrap(sched, "schedule", "schedule")),
-             (sched, "update", wrap(sched, "update", "update"))]
-    try:
+    with timed_calls({"build layers": (runner, "_forward"),
+                      "queue (async_eval)": (runner_mod.mx, "async_eval"),
+                      "wait + copy samples": (runner, "collect"),
+                      "schedule": (sched, "schedule"), "update": (sched, "update")}) as times:
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         wall = time.perf_counter() - t0
-    finally:
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
+    acc = {k: sum(v) for k, v in times.items()}
     stop_all(engine)
     print(f"\n-- engine.step() loop, batch {batch}, context ~{context}: "
           f"{wall / steps * 1e3:.2f} ms/step ({batch * steps / wall:.0f} tok/s)")

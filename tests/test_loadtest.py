@@ -345,3 +345,19 @@ def test_summary_numbers_from_known_records():
     assert "1 x INTERNAL: boom" in text
     with pytest.raises(ValueError, match="goodput"):
         parse_goodput(["ttft=5"])
+
+
+def test_timed_calls_times_each_call_and_puts_targets_back():
+    import types
+    from loadtest.offline_bench import timed_calls
+
+    class Runner:
+        def launch(self, x):
+            return x + 1
+    runner, module = Runner(), types.SimpleNamespace(eval=lambda *a: len(a))
+    original = module.eval
+    with timed_calls({"launch": (runner, "launch"), "eval": (module, "eval")}) as times:
+        assert runner.launch(1) == 2 and runner.launch(5) == 6 and module.eval(1, 2) == 2
+    assert len(times["launch"]) == 2 and len(times["eval"]) == 1
+    assert all(t >= 0 for t in times["launch"] + times["eval"])
+    assert "launch" not in vars(runner) and module.eval is original  # as before the block
