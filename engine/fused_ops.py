@@ -295,7 +295,7 @@ def fused_ops_match_portable(hidden: int, intermediate: int, n_heads: int, kv_he
             def run(k):
                 return [*add_rms_norm(x, y, norm, k),
                         *qkv_rope(qkv, positions, n_heads, kv_heads, head_dim, base, k),
-                        swiglu(gate_up, k), swiglu(gate_up, k, gu_run)]
+                        swiglu(gate_up, k, gu_run)]
             # In-place K/V writes into pools holding other rows: only the tokens' slots change.
             slots = mx.array([5, 0, 9, 2, 7, 11, 3][:t] + list(range(12, 12 + max(0, t - 7))), mx.int32)
             pools = [rand(12 + t, kv_heads, head_dim) for _ in range(2)]

@@ -119,7 +119,7 @@ class Attention(nn.Module):
         else:
             qkv = mx.concatenate([project(p, x, plan) for p in (self.q_proj, self.k_proj,
                                                                  self.v_proj)], axis=-1)
-        if plan.decode_rope and meta.only_decode_kernel and paged_decode.rope_store_applies(
+        if plan.decode_rope and paged_decode.rope_store_applies(
                 meta.groups, meta.slot_mapping, qkv, cache.keys[layer], cache.values[layer]):
             g = meta.groups[0]  # one kernel: RoPE, the K/V write and attention
             out = paged_decode.rope_store_decode_attention(

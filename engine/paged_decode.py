@@ -430,8 +430,8 @@ def rope_store_decode_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.arra
 def rope_store_applies(meta_groups: list, slots: mx.array, qkv: mx.array, k_pool: mx.array,
                        v_pool: mx.array) -> bool:
     """Whether a step's attention can run as rope_store_decode_attention: one decode group
-    on the kernel, in one split, int32 slots, and pools of q|k|v's dtype (the kernel
-    stores K/V as that type)."""
+    on the kernel (so the step is decode-only and may write the pools in place), in one
+    split, int32 slots, and pools of q|k|v's dtype (the kernel stores K/V as that type)."""
     return (len(meta_groups) == 1 and meta_groups[0].key_start is not None
             and meta_groups[0].splits == 1 and slots.dtype == mx.int32
             and k_pool.dtype == v_pool.dtype == qkv.dtype)
