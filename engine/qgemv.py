@@ -38,6 +38,7 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine import fused_ops
 from engine.gemv import input_width
 from engine.kernel_source import cuda_kernel
 from engine.qgemm import BK, FAST_DEQUANT, HEADER, matches_dequantize_matmul, tensor_core_format
@@ -57,6 +58,8 @@ MAX_WARPS = 8
 # 27.3), but its end-to-end run, on another machine, gave 314.9: not yet shown better. At 8
 # rows the direct kernel beat every staged setting on q|k|v and down, so it keeps 2-8 rows.
 STAGED_MAX_ROWS = 1
+# The SwiGLU epilogue pairs feature g of a tile with feature g + 8: gate|up runs of half a tile.
+assert 2 * fused_ops.GATE_UP_RUN == FEATURES
 STAGES = 3
 X_SMEM = True
 SMEM_BUDGET = 112 * 1024   # a block's ring at most: two blocks fit an H100's / H200's SM
@@ -357,9 +360,7 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
 def swiglu_applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether qgemv(layer, x, swiglu=True) can run: applies(), and whole 16-feature tiles
     (each 8 gates and their 8 ups)."""
-    from engine.fused_ops import GATE_UP_RUN
-    return (applies(layer, x) and 2 * GATE_UP_RUN == FEATURES
-            and layer.weight.shape[0] % FEATURES == 0)
+    return applies(layer, x) and layer.weight.shape[0] % FEATURES == 0
 
 
 def qgemv(layer: nn.QuantizedLinear, x: mx.array, warps: int = 0, build=None,
@@ -402,9 +403,8 @@ def qgemv_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
 def swiglu_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
     """qgemv's SwiGLU epilogue against dequantize + matmul + SwiGLU (runs of 8) on the model's
     gate|up layers at every row count: its start-up self-check (which compiles it too)."""
-    from engine.fused_ops import GATE_UP_RUN, swiglu
     return matches_dequantize_matmul(
         layers, [(m,) for m in range(1, MAX_ROWS + 1)],
         lambda layer, x: qgemv(layer, x, swiglu=True), swiglu_applies,
         "few-row 4/8-bit tensor-core kernel's SwiGLU epilogue", seed=3, atol=atol,
-        then=lambda y: swiglu(y, run=GATE_UP_RUN))
+        then=lambda y: fused_ops.swiglu(y, run=fused_ops.GATE_UP_RUN))
