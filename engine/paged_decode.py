@@ -34,6 +34,14 @@ UNROLL = 4  # keys each warp loads before using them
 V_BATCH = 8
 V_BATCH_FEW = 8  # the same with more than 4 warps (v_batch)
 MAX_SPLITS = 32
+# v3, the staged kernel (see _BODY_V3), for launches of NUM_WARPS warps (MISTRAL_SERVE_DECODE_STAGED=0:
+# v2 there too). H200, 7B, batch 64 x 1,024 keys (`gpu_trace --set paged_decode.STAGED=...`,
+# twelfth session): 83.4 us a layer against v2's 116.3, the step 7.68 ms against 8.60.
+STAGED = os.environ.get("MISTRAL_SERVE_DECODE_STAGED", "1") == "1"
+# Tiles in a warp's ring: STAGES - 1 in flight while it computes on one. With 4 warps, 3
+# slots (104 KB a block) fit two blocks an SM: 83.4 us a layer above; 2 slots fit three
+# blocks (99.3 us, 1.3 waves of 512 blocks); 8 warps of 2 slots, one block (91.3 us).
+STAGES = 3
 # Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
 # at every batch size (H200, 32 layers, `op_profile --splits`: v2 at batch 1 0.63 ms with
 # 1 split vs 1.13 ms with 16; batch 8 1.03 vs 2.13; batch 64 3.92 vs 5.38 with 8). So a
@@ -45,6 +53,25 @@ TARGET_BLOCKS = 512
 # An aligned vector of N values, for 16-byte loads (engine/gemv.py's kernels use it too).
 VEC_HEADER = r"""
 template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
+"""
+# Asynchronous copies from global to shared memory (sm_80+), for the kernels that stage their
+# reads through a ring of shared-memory slots (the staged decode kernel, qgemm, qgemv).
+CP_ASYNC = r"""
+// BYTES (4, 8 or 16) from global to shared memory, asynchronously; zeros when !ok.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool ok) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(ok ? 16 : 0));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;"
+                 :: "r"(d), "l"(src), "n"(BYTES), "r"(ok ? BYTES : 0));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N));
+}
 """
 
 # One thread block per (sequence, KV head, split). Each split walks its share of the keys
@@ -279,6 +306,132 @@ _BODY_V2 = r"""
     }
 """
 
+# Version 3, "staged" (STAGED; for many blocks, num_warps() == NUM_WARPS): v2's scoring with
+# the key rows read from shared memory. Each warp streams its tiles of TILE keys (their K rows,
+# then their V rows) through a ring of STAGES slots with cp.async, so the next tiles' bytes
+# are in flight while the warp computes on this one; v2 waits for each tile's K, then its V.
+# A key's score is split over two lanes (lane j and j + 16 take alternate 16-byte chunks of
+# key j's row), and rows are padded by 16 bytes, so shared-memory reads are conflict-free.
+_BODY_V3 = r"""
+    constexpr int TILE = 16;
+    constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte chunk
+    constexpr int CH = D / VEC;           // chunks per row
+    constexpr int RS = D + VEC;           // a row in shared memory, padded by one chunk
+    constexpr int SLOT = 2 * TILE * RS;   // a tile's K rows, then its V rows
+    constexpr int STEP = NUM_WARPS * TILE;
+    static_assert(CH % 2 == 0 && (2 * TILE * CH) % 32 == 0, "a row splits into pairs of chunks");
+
+    __shared__ float q_s[GQA][D];
+    __shared__ float p_s[NUM_WARPS][GQA][TILE];
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* ring = reinterpret_cast<T*>(smem) + warp * (STAGES * SLOT);
+    Q_LOAD
+    __syncthreads();
+
+    float acc[GQA][DPL], m[GQA], l[GQA];
+    #pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        #pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[h][i] = 0.f;
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+    }
+
+    const int* table = block_tables + (long)b * block_tables_shape[1];
+    const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
+    const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
+    const int j = lane & (TILE - 1), half = lane >> 4;
+    // Copy the warp's tile `it` into its ring slot (keys past hi: zeros); one commit group
+    // per call, a tile or not, so that waiting for "all but the last STAGES - 1" is exact.
+    auto issue = [&](int it) {
+        const int t0 = first + it * STEP;
+        if (it < tiles) {
+            const int p = min(t0 + j, hi);
+            const long off = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
+            T* slot = ring + (it % STAGES) * SLOT;
+            #pragma unroll
+            for (int i = 0; i < 2 * TILE * CH / 32; ++i) {
+                const int r = (lane + 32 * i) / CH, c = (lane + 32 * i) % CH;  // row r: key r % TILE
+                const long src = __shfl_sync(0xffffffff, off, r % TILE);
+                cp_async<16>(slot + r * RS + c * VEC, (r < TILE ? k_pool : v_pool) + src + c * VEC,
+                             t0 + r % TILE <= hi);
+            }
+        }
+        cp_async_commit();
+    };
+    #pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+    for (int it = 0; it < tiles; ++it) {
+        issue(it + STAGES - 1);  // into the slot the warp finished with last iteration
+        cp_async_wait<STAGES - 1>();
+        __syncwarp();  // every lane's copies of tile `it` have landed
+        const T* ks = ring + (it % STAGES) * SLOT;
+        const T* vs = ks + TILE * RS;
+        const bool valid = first + it * STEP + j <= hi;
+        float s[GQA];
+        #pragma unroll
+        for (int h = 0; h < GQA; ++h) s[h] = 0.f;
+        #pragma unroll
+        for (int c = half; c < CH; c += 2) {
+            const Vec<T, VEC> kv = *reinterpret_cast<const Vec<T, VEC>*>(ks + j * RS + c * VEC);
+            #pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const float kf = static_cast<float>(kv.v[i]);
+                #pragma unroll
+                for (int h = 0; h < GQA; ++h) s[h] += q_s[h][c * VEC + i] * kf;
+            }
+        }
+        // Online softmax over the tile (lanes j and j + 16 hold key j's score; key 0 is valid).
+        #pragma unroll
+        for (int h = 0; h < GQA; ++h) {
+            const float both = s[h] + __shfl_xor_sync(0xffffffff, s[h], 16);  // every lane shuffles
+            const float sh = valid ? both : NEG_INF;
+            float tmax = sh;
+            #pragma unroll
+            for (int off = 8; off > 0; off >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, off));
+            const float m_new = fmaxf(m[h], tmax);
+            const float corr = __expf(m[h] - m_new);
+            const float e = valid ? __expf(sh - m_new) : 0.f;
+            float tsum = e;
+            #pragma unroll
+            for (int off = 8; off > 0; off >>= 1) tsum += __shfl_xor_sync(0xffffffff, tsum, off);
+            l[h] = l[h] * corr + tsum;
+            #pragma unroll
+            for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
+            m[h] = m_new;
+            if (half == 0) p_s[warp][h][j] = e;
+        }
+        __syncwarp();
+        // Values: lanes split the head dims; keys past hi have weight 0 and zero rows.
+        #pragma unroll
+        for (int k = 0; k < TILE; ++k) {
+            const Vec<T, DPL> vv = *reinterpret_cast<const Vec<T, DPL>*>(vs + k * RS + lane * DPL);
+            #pragma unroll
+            for (int h = 0; h < GQA; ++h) {
+                const float w = p_s[warp][h][k];
+                #pragma unroll
+                for (int i = 0; i < DPL; ++i) acc[h][i] += w * static_cast<float>(vv.v[i]);
+            }
+        }
+        __syncwarp();  // done with the slot and p_s before the next iteration refills them
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is past its loop: the merge below reuses the rings
+"""
+# v3's merge keeps its partial softmaxes in the rings rather than in static shared memory, so
+# a block's static part is only q_s and p_s: three blocks of 4 warps with 2 slots fit an SM.
+_MERGE_IN_RING = r"""
+    static_assert(NUM_WARPS * GQA * (D + 2) * 4 <= NUM_WARPS * STAGES * SLOT * sizeof(T), "merge fits");
+    float (&sm_acc)[NUM_WARPS][GQA][D] = *reinterpret_cast<float (*)[NUM_WARPS][GQA][D]>(smem);
+    float (&sm_m)[NUM_WARPS][GQA] = *reinterpret_cast<float (*)[NUM_WARPS][GQA]>(smem + sizeof(sm_acc));
+    float (&sm_l)[NUM_WARPS][GQA] =
+        *reinterpret_cast<float (*)[NUM_WARPS][GQA]>(smem + sizeof(sm_acc) + sizeof(sm_m));
+"""
+_MERGE_STATIC = r"""    __shared__ float sm_m[NUM_WARPS][GQA];
+    __shared__ float sm_l[NUM_WARPS][GQA];
+    __shared__ float sm_acc[NUM_WARPS][GQA][D];
+"""
+
 _Q_LOAD = r"""
     for (int idx = threadIdx.x; idx < GQA * D; idx += blockDim.x) {
         q_s[idx / D][idx % D] =
@@ -319,30 +472,37 @@ VERSION = os.environ.get("MISTRAL_SERVE_DECODE_KERNEL", "v2")
 
 def kernel_source(epilogue: str, version: str = "v1", rope: bool = False) -> str:
     """A decode kernel's body with its epilogue (_FINAL or _PARTIAL); also run on the CPU
-    by tests/cuda_emulator.py. v2 shares v1's warp-merge epilogue; rope: v2's ROPE form."""
+    by tests/cuda_emulator.py. v2 and v3 share v1's warp-merge epilogue; rope: their ROPE form."""
     from engine.fused_ops import ROPE_ROTATE
-    assert version == "v2" or not rope, "only v2 applies RoPE itself"
+    assert version != "v1" or not rope, "only v2 and v3 apply RoPE themselves"
     merge_at = _BODY.index("    // Merge the warps' partial softmaxes.")
     q_load = _Q_ROPE_STORE.replace("ROPE_ROTATE", ROPE_ROTATE.replace("ROPE_POS", "qpos")) \
         if rope else _Q_LOAD
-    body = _BODY if version == "v1" else _BODY_V2.replace("Q_LOAD", q_load) + _BODY[merge_at:]
+    body = {"v1": _BODY, "v2": _BODY_V2, "v3": _BODY_V3}[version]
+    if version != "v1":
+        body = body.replace("Q_LOAD", q_load) + _BODY[merge_at:]
+    if version == "v3":
+        assert _MERGE_STATIC in body
+        body = body.replace(_MERGE_STATIC, _MERGE_IN_RING)
     return (_PROLOGUE + body).replace("EPILOGUE", epilogue)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(split: bool, version: str = "v1", rope: bool = False):
+def _kernel(split: bool, version: str = "v1", rope: bool = False, smem: int = 0):
+    """The decode kernel; v3 (staged) takes `smem` bytes of dynamic shared memory."""
+    extra = dict(header=VEC_HEADER + CP_ASYNC, shared_memory=smem) if version == "v3" \
+        else dict(header=VEC_HEADER)
     if rope:
-        return cuda_kernel(name="paged_decode_attention_rope", input_names=_ROPE_INPUTS,
-                           output_names=["out"], source=kernel_source(_FINAL, "v2", True),
-                           header=VEC_HEADER)
+        return cuda_kernel(name=f"paged_decode_attention_rope{'_v3' if version == 'v3' else ''}",
+                           input_names=_ROPE_INPUTS, output_names=["out"],
+                           source=kernel_source(_FINAL, version, True), **extra)
     if split:
         return cuda_kernel(name=f"paged_decode_attention_split_{version}",
                            input_names=_INPUTS,
                            output_names=["part_acc", "part_m", "part_l"],
-                           source=kernel_source(_PARTIAL, version), header=VEC_HEADER)
+                           source=kernel_source(_PARTIAL, version), **extra)
     return cuda_kernel(name=f"paged_decode_attention_{version}", input_names=_INPUTS,
-                       output_names=["out"], source=kernel_source(_FINAL, version),
-                       header=VEC_HEADER)
+                       output_names=["out"], source=kernel_source(_FINAL, version), **extra)
 
 
 @functools.lru_cache(maxsize=1)
@@ -362,6 +522,19 @@ def num_warps(blocks: int) -> int:
     walked by more warps at once (H200, 7B, batch 1, 256 keys: 20 us a layer with 16 warps,
     30 with 8, 44 with 4; at batch 64 x 1,024 keys 8 warps lost to 4, `gpu_trace --warps`)."""
     return FEW_BLOCKS_WARPS if blocks <= FEW_BLOCKS else NUM_WARPS
+
+
+def staged(warps: int) -> bool:
+    """Whether a launch with this many warps per block runs v3 (the staged kernel): STAGED
+    on, the default version v2, and the many-block launch (NUM_WARPS), where the v2 kernel
+    reads at 2.3 TB/s (H200, batch 64 x 1,024 keys); few-block launches stay on v2."""
+    return STAGED and VERSION == "v2" and warps == NUM_WARPS
+
+
+def staged_smem(warps: int, head_dim: int, dtype: mx.Dtype) -> int:
+    """Dynamic shared memory of a v3 block: each warp's ring of STAGES slots of 16 keys' K
+    and V rows, padded by 16 bytes each."""
+    return warps * STAGES * 2 * 16 * (head_dim * dtype.size + 16)
 
 
 def v_batch(warps: int) -> int:
@@ -396,14 +569,15 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
     """
     g, h, d = q.shape
     launch = _launch(g, h, k_pool, block_size, window, splits, q.dtype, warps,
-                     [q, k_pool, v_pool, block_tables, key_start, q_pos])
-    version = version or VERSION
+                     [q, k_pool, v_pool, block_tables, key_start, q_pos], version)
+    version, smem = launch.pop("version"), launch.pop("smem")
     if splits == 1:
-        return _kernel(False, version)(**launch, output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+        return _kernel(False, version, False, smem)(**launch, output_shapes=[q.shape],
+                                                    output_dtypes=[q.dtype])[0]
     rows = g * h * splits  # (sequence, KV head, split, query head of the group)
     gqa = h // k_pool.shape[1]
-    parts = _kernel(True, version)(**launch, output_shapes=[(rows, d), (rows,), (rows,)],
-                          output_dtypes=[mx.float32] * 3)
+    parts = _kernel(True, version, False, smem)(**launch, output_shapes=[(rows, d), (rows,), (rows,)],
+                                                output_dtypes=[mx.float32] * 3)
     return _merge_kernel()(
         inputs=parts, template=[("T", q.dtype), ("D", d), ("GQA", gqa)],
         grid=(g * h * d, 1, 1), threadgroup=(d, 1, 1),
@@ -423,8 +597,9 @@ def rope_store_decode_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.arra
     launch = _launch(g, n_heads, k_pool, block_size, window, 1, qkv.dtype, warps,
                      [qkv, k_pool, v_pool, block_tables, key_start, q_pos, slots])
     launch["template"].append(("LOG2_BASE_BITS", float_bits(math.log2(base))))
-    return _kernel(False, "v2", True)(**launch, output_shapes=[(g, n_heads, d)],
-                                      output_dtypes=[qkv.dtype])[0]
+    version, smem = launch.pop("version"), launch.pop("smem")
+    return _kernel(False, "v3" if version == "v3" else "v2", True, smem)(
+        **launch, output_shapes=[(g, n_heads, d)], output_dtypes=[qkv.dtype])[0]
 
 
 def rope_store_applies(meta_groups: list, slots: mx.array, qkv: mx.array, k_pool: mx.array,
@@ -438,14 +613,17 @@ def rope_store_applies(meta_groups: list, slots: mx.array, qkv: mx.array, k_pool
 
 
 def _launch(g: int, h: int, k_pool: mx.array, block_size: int, window: int | None, splits: int,
-            dtype: mx.Dtype, warps: int | None, inputs: list) -> dict:
-    """Launch arguments of a decode kernel over g sequences of h query heads."""
+            dtype: mx.Dtype, warps: int | None, inputs: list, version: str | None = None) -> dict:
+    """Launch arguments of a decode kernel over g sequences of h query heads, with "version"
+    (as given, else v3 where staged(), else VERSION) and "smem", v3's shared memory (else 0)."""
     kvh, d = k_pool.shape[1], k_pool.shape[2]
     warps = warps or num_warps(g * kvh * splits)
+    version = version or ("v3" if staged(warps) else VERSION)
+    smem = staged_smem(warps, d, dtype) if version == "v3" else 0
     # The window is a template argument, not an input: a one-int input array would live in
     # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops.float_bits).
     template = [("T", dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", h // kvh),
                 ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0),
-                ("V_BATCH", v_batch(warps))]
+                ("V_BATCH", v_batch(warps))] + ([("STAGES", STAGES)] if smem else [])
     return dict(inputs=inputs, template=template, grid=(g * kvh * splits * 32 * warps, 1, 1),
-                threadgroup=(32 * warps, 1, 1))
+                threadgroup=(32 * warps, 1, 1), version=version, smem=smem)

@@ -29,7 +29,7 @@ import mlx.nn as nn
 
 from engine.gemv import chunked_affine, input_width
 from engine.kernel_source import cuda_kernel
-from engine.paged_decode import VEC_HEADER
+from engine.paged_decode import CP_ASYNC, VEC_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +70,6 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsi
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
-}
-// BYTES (4, 8 or 16) from global to shared memory, asynchronously; zeros when !ok.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool ok) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  if (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(ok ? 16 : 0));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;"
-                 :: "r"(d), "l"(src), "n"(BYTES), "r"(ok ? BYTES : 0));
-  }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" :: "n"(N));
 }
 // Two 16-bit floats in a register: a - b, a * b + c (one rounding), and two floats packed.
 template <bool BF16> __device__ __forceinline__ unsigned sub2(unsigned a, unsigned b) {
@@ -147,7 +132,7 @@ template <bool BF16> __device__ __forceinline__ float half_bits_to_float(unsigne
 }
 """
 
-HEADER = VEC_HEADER + DEVICE + HALF_BITS + UNPACK
+HEADER = VEC_HEADER + CP_ASYNC + DEVICE + HALF_BITS + UNPACK
 
 # y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z) computes output features
 # n0..n0+BN-1 of rows m0..m0+BM-1 over split z's share of K, in BK-wide steps through a ring

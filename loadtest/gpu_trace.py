@@ -54,6 +54,22 @@ def _kernel_events(prof):
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def gaps(kernels, top: int = 8, min_us: float = 20.0) -> list[tuple]:
+    """Where the GPU sat idle: gaps of at least min_us between one kernel's end and the next
+    kernel's start (kernels in start order), summed by the kernel before and after the gap,
+    largest total first: (total us, count, kernel before, kernel after)."""
+    spans = sorted((k.time_range.start, k.time_range.end, _short(k.name)) for k in kernels)
+    by_pair = defaultdict(lambda: [0.0, 0])
+    end, before = None, None
+    for s, e, name in spans:
+        if end is not None and s - end >= min_us:
+            by_pair[(before, name)][0] += s - end
+            by_pair[(before, name)][1] += 1
+        if end is None or e > end:
+            end, before = e, name
+    return sorted(((t, c, b, a) for (b, a), (t, c) in by_pair.items()), reverse=True)[:top]
+
+
 def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
     start_decoding(engine, label, batch, context, 2 * steps + 32)
@@ -82,6 +98,11 @@ def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -
           f"{result['kernels_per_step']:.0f} kernels/step")
     for n, t, c in result["top"]:
         print(f"   {t:7.3f} ms  {c:6.1f}x  {1e3 * t / c:7.1f} us/call  {n}")
+    idle = gaps(kernels)
+    if idle:
+        print("   idle gaps of >= 20 us, by the kernels around them (ms a step, gaps a step):")
+    for t, c, before, after in idle:
+        print(f"   {t / 1e3 / steps:7.3f} ms  {c / steps:6.2f}x  after {before[:40]}  before {after[:40]}")
     return result
 
 

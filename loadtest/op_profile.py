@@ -100,7 +100,7 @@ def profile(args: ModelArgs, dtype, bits, batch: int, context: int, bandwidth: f
         ("lm_head (once)", lambda: _matmul(x, head, bits, False)),
     ]
     if supported(d, dtype):
-        for version in ("v1", "v2"):
+        for version in ("v1", "v2", "v3"):
             rows.append((f"paged decode attention {version}", per_layer(
                 lambda i, version=version: paged_decode_attention(
                     qd, pools[0], pools[1], tables, mx.zeros((batch,), mx.int32), pos,
@@ -183,7 +183,7 @@ def splits_sweep(args: ModelArgs, dtype, batches: list[int], context: int,
         start = mx.zeros((batch,), mx.int32)
         mx.eval(pools, tables, qd, pos, start)
         chosen = num_splits(batch, kvh, context + 1)
-        for version in ("v1", "v2"):
+        for version in ("v1", "v2", "v3"):
             cells = []
             for splits in (1, 2, 4, 8, 16, 32):
                 t = _time(lambda: [paged_decode_attention(qd, pools[0], pools[1], tables, start, pos,

@@ -33,8 +33,12 @@ def available() -> bool:
                                str(probe)], capture_output=True).returncode == 0
 
 
-def _kernel_body(version: str, epilogue: str) -> str:
-    return pd.kernel_source(epilogue, version)
+SMEM = ("extern __shared__ __align__(16) unsigned char smem[];",
+        "alignas(16) static unsigned char smem[1 << 18];")
+
+
+def _kernel_body(version: str, epilogue: str, rope: bool = False) -> str:
+    return pd.kernel_source(epilogue, version, rope).replace(*SMEM)
 
 
 PRELUDE = r"""
@@ -70,6 +74,15 @@ PRELUDE = r"""
       shfl_long[w][l] = v; warp_bar[w]->arrive_and_wait();
       long r = shfl_long[w][src]; warp_bar[w]->arrive_and_wait(); return r; }
     inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+    // cp.async as a synchronous copy: the data are right, but a ring slot refilled before
+    // its readers are done would go unnoticed here (the device tests cover that).
+    template <int BYTES> void cp_async(void* dst, const void* src, bool ok) {
+      static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+      if (((uintptr_t)dst | (uintptr_t)src) % BYTES) { printf("misaligned cp.async\n"); abort(); }
+      if (ok) memcpy(dst, src, BYTES); else memset(dst, 0, BYTES);
+    }
+    inline void cp_async_commit() {}
+    template <int N> void cp_async_wait() {}
     struct alignas(16) uint4 { unsigned x, y, z, w; };
     // Blocks along x; a caller with a y or z grid runs launch per (y, z), passing the grid's
     // y and z sizes for gridDim and setting blockIdx.y / .z in its lambda.
@@ -87,24 +100,51 @@ PRELUDE = r"""
     """
 
 
+_ROPE_CASE = r"""
+        {  // ROPE form: q|k|v before RoPE in; the token's K (rotated) and V into its slot
+          constexpr int HS = KVH * GQA + 2 * KVH;
+          std::vector<float> qkv(G * HS * D), qr(q.size()), kp2 = kp, vp2 = vp, kpw = kp, vpw = vp;
+          std::vector<int> slots(G);
+          for (auto& x : qkv) x = nd(rng);
+          for (int i = 0; i < G; ++i) {
+            slots[i] = tables[i * MAXB + qpos[i] / BS - kstart[i] / BS] * BS + qpos[i] % BS;
+            for (int hs = 0; hs < HS; ++hs) for (int e = 0; e < D / 2; ++e) {
+              double a = qkv[(i * HS + hs) * D + e], c = qkv[(i * HS + hs) * D + e + D / 2];
+              double th = qpos[i] * pow(10000.0, -(double)e / (D / 2)), r1 = a, r2 = c;
+              if (hs < KVH * GQA + KVH) { r1 = a * cos(th) - c * sin(th); r2 = a * sin(th) + c * cos(th); }
+              float* dst = hs < KVH * GQA ? &qr[(i * KVH * GQA + hs) * D]
+                         : &(hs < KVH * GQA + KVH ? kpw : vpw)[((long)slots[i] * KVH + (hs - KVH * GQA) % KVH) * D];
+              dst[e] = r1; dst[e + D / 2] = r2; } }
+          const std::vector<float> want = attend(qr, kpw, vpw);
+          std::vector<float> out(want.size(), 0.f);
+          launch(G * KVH, 32 * NW, [&] { ROPE_FN<float, D, BS, KVH, GQA, NW, UN>(qkv.data(), kp2.data(), vp2.data(), tables.data(), kstart.data(), qpos.data(), slots.data(), qshape, tshape, out.data()); });
+          double err = 0; for (size_t e = 0; e < want.size(); ++e) err = std::max(err, (double)fabs(out[e] - want[e]));
+          for (size_t e = 0; e < kp.size(); ++e) err = std::max(err, (double)std::max(fabs(kp2[e] - kpw[e]), fabs(vp2[e] - vpw[e])));
+          printf("ROPE_LABEL window %2d splits 1: max err %.2e %s\n", window, err, err < 1e-4 ? "ok" : "FAIL");
+          fails += err >= 1e-4;
+        }
+"""
+
+
 def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
     """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases;
-    with v2, also its ROPE form (RoPE and the K/V write in the kernel) against RoPE in double
-    precision, written pools included."""
+    with v2 or v3, also its ROPE form (RoPE and the K/V write in the kernel) against RoPE in
+    double precision, written pools included (cases "rope" and "ropev3")."""
     from engine.fused_ops import float_bits
     prelude = PRELUDE
     params = ("const T* queries, const T* k_pool, const T* v_pool, const int* block_tables, "
               "const int* key_start, const int* q_pos, const long* q_pos_shape, "
               "const long* block_tables_shape")
     src = prelude + pd.VEC_HEADER + "\n    int WINDOW = 0;  // a template argument on the GPU\n" \
-        + f"    constexpr int V_BATCH = {v_batch};\n" \
+        + f"    constexpr int V_BATCH = {v_batch}, STAGES = {pd.STAGES};\n" \
         + f"    constexpr int LOG2_BASE_BITS = {float_bits(math.log2(10000.0))};\n"
-    if "v2" in versions:
+    ropes = [v for v in versions if v != "v1"]
+    for v in ropes:
         rope_params = params.replace("const T* queries", "const T* qkv").replace(
             "const int* q_pos,", "const int* q_pos, const int* slots,")
         src += f"""
     template <typename T, int D, int BS, int KVH, int GQA, int NUM_WARPS, int UNROLL>
-    void rope_v2({rope_params}, T* out) {{ {pd.kernel_source(pd._FINAL, "v2", rope=True)} }}
+    void rope_{v}({rope_params}, T* out) {{ {_kernel_body(v, pd._FINAL, rope=True)} }}
     """
     for v in versions:
         src += f"""
@@ -158,30 +198,8 @@ def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
         const std::vector<float> ref = attend(q, kp, vp);
         long qshape[1] = {G}, tshape[2] = {G, MAXB};
         WINDOW = window;
-    """ + (r"""
-        {  // ROPE form: q|k|v before RoPE in; the token's K (rotated) and V into its slot
-          constexpr int HS = KVH * GQA + 2 * KVH;
-          std::vector<float> qkv(G * HS * D), qr(q.size()), kp2 = kp, vp2 = vp, kpw = kp, vpw = vp;
-          std::vector<int> slots(G);
-          for (auto& x : qkv) x = nd(rng);
-          for (int i = 0; i < G; ++i) {
-            slots[i] = tables[i * MAXB + qpos[i] / BS - kstart[i] / BS] * BS + qpos[i] % BS;
-            for (int hs = 0; hs < HS; ++hs) for (int e = 0; e < D / 2; ++e) {
-              double a = qkv[(i * HS + hs) * D + e], c = qkv[(i * HS + hs) * D + e + D / 2];
-              double th = qpos[i] * pow(10000.0, -(double)e / (D / 2)), r1 = a, r2 = c;
-              if (hs < KVH * GQA + KVH) { r1 = a * cos(th) - c * sin(th); r2 = a * sin(th) + c * cos(th); }
-              float* dst = hs < KVH * GQA ? &qr[(i * KVH * GQA + hs) * D]
-                         : &(hs < KVH * GQA + KVH ? kpw : vpw)[((long)slots[i] * KVH + (hs - KVH * GQA) % KVH) * D];
-              dst[e] = r1; dst[e + D / 2] = r2; } }
-          const std::vector<float> want = attend(qr, kpw, vpw);
-          std::vector<float> out(want.size(), 0.f);
-          launch(G * KVH, 32 * NW, [&] { rope_v2<float, D, BS, KVH, GQA, NW, UN>(qkv.data(), kp2.data(), vp2.data(), tables.data(), kstart.data(), qpos.data(), slots.data(), qshape, tshape, out.data()); });
-          double err = 0; for (size_t e = 0; e < want.size(); ++e) err = std::max(err, (double)fabs(out[e] - want[e]));
-          for (size_t e = 0; e < kp.size(); ++e) err = std::max(err, (double)std::max(fabs(kp2[e] - kpw[e]), fabs(vp2[e] - vpw[e])));
-          printf("rope window %2d splits 1: max err %.2e %s\n", window, err, err < 1e-4 ? "ok" : "FAIL");
-          fails += err >= 1e-4;
-        }
-    """ if "v2" in versions else "") + "".join(f"""
+    """ + "".join(_ROPE_CASE.replace("ROPE_FN", f"rope_{v}").replace(
+        "ROPE_LABEL", "rope" if v == "v2" else f"rope{v}") for v in ropes) + "".join(f"""
         for (int splits : {{1, 3, 8}}) {{
           std::vector<float> out(ref.size(), 0.f);
           if (splits == 1) {{
@@ -369,13 +387,6 @@ QGEMM_PRELUDE = r"""
       }
       warp_bar[w]->arrive_and_wait();
     }
-    template <int BYTES> void cp_async(void* dst, const void* src, bool ok) {
-      static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
-      if (((uintptr_t)dst | (uintptr_t)src) % BYTES) { printf("misaligned cp.async\n"); abort(); }
-      if (ok) memcpy(dst, src, BYTES); else memset(dst, 0, BYTES);
-    }
-    inline void cp_async_commit() {}
-    template <int N> void cp_async_wait() {}
     inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
       unsigned long long pool = x | ((unsigned long long)y << 32); unsigned r = 0;
       for (int i = 0; i < 4; ++i) r |= (unsigned)((pool >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);

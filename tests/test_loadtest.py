@@ -361,3 +361,19 @@ def test_timed_calls_times_each_call_and_puts_targets_back():
     assert len(times["launch"]) == 2 and len(times["eval"]) == 1
     assert all(t >= 0 for t in times["launch"] + times["eval"])
     assert "launch" not in vars(runner) and module.eval is original  # as before the block
+
+
+def test_gpu_trace_gaps_sums_idle_time_by_neighbouring_kernels():
+    """gpu_trace.gaps: idle spans >= 20 us between kernels, keyed by the kernels around
+    them; an overlapping kernel extends the busy span rather than opening a gap."""
+    from types import SimpleNamespace as NS
+
+    from loadtest.gpu_trace import gaps
+
+    def k(name, start, end):
+        return NS(name=name, time_range=NS(start=start, end=end))
+    events = [k("a", 0, 10), k("b", 5, 40), k("c", 50, 60),  # 10 us gap: too short
+              k("sample", 60, 70), k("a", 170, 180), k("sample", 180, 190), k("a", 290, 300)]
+    assert gaps(events) == [(200.0, 2, "sample", "a")]
+    assert gaps(events, min_us=5) == [(200.0, 2, "sample", "a"), (10.0, 1, "b", "c")]
+

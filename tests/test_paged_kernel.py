@@ -47,6 +47,18 @@ def test_rope_form_matches_the_two_kernels_it_replaces(dtype, window, base):
     assert rope_store_kernel_matches(32, 8, 128, 16, window, base, dtype)
 
 
+@pytest.mark.parametrize("dtype, window, stages", [(mx.bfloat16, None, 2), (mx.bfloat16, 50, 3),
+                                                  (mx.float32, 4096, 2), (mx.float16, None, 4)])
+def test_staged_kernel_matches_portable(monkeypatch, dtype, window, stages):
+    # v3 serves the many-block launches (NUM_WARPS); the check runs both warp counts, so
+    # the few-block v2 launch is compared too. The ROPE form against the two kernels.
+    monkeypatch.setattr(paged_decode, "STAGED", True)
+    monkeypatch.setattr(paged_decode, "STAGES", stages)
+    assert paged_decode.staged(paged_decode.NUM_WARPS)
+    assert decode_kernel_matches_portable(32, 8, 128, 16, window, dtype, splits=(1, 5))
+    assert rope_store_kernel_matches(32, 8, 128, 16, window, 1e4, dtype)
+
+
 def test_v1_matches_portable(monkeypatch):
     monkeypatch.setattr(paged_decode, "VERSION", "v1")
     assert decode_kernel_matches_portable(32, 8, 128, 16, 50, mx.bfloat16, splits=(1, 5))

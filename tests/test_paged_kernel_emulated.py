@@ -2,7 +2,8 @@
 
 Complements tests/test_paged_kernel.py, which runs the real kernels but only on a GPU: here
 every push runs the same kernel source against a double-precision reference, for windows
-(none, shorter than a block, longer), sequences starting mid-table, and 1, 3 and 8 key splits.
+(none, shorter than a block, longer), sequences starting mid-table, and 1, 3 and 8 key splits,
+for each version (v3: the staged kernel, its ring of STAGES slots wrapping).
 """
 
 import pytest
@@ -14,10 +15,10 @@ pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++
 
 @pytest.mark.parametrize("v_batch", [0, 8, 16])  # v2's V rows: unrolled loop / loaded in batches
 def test_decode_kernel_logic_matches_reference(tmp_path, v_batch):
-    results = cuda_emulator.run(tmp_path, ("v1", "v2"), v_batch)
+    results = cuda_emulator.run(tmp_path, ("v1", "v2", "v3"), v_batch)
     assert {(v, w, s) for v, w, s, _ in results} == {
-        (v, w, s) for v in ("v1", "v2") for w in (0, 7, 50) for s in (1, 3, 8)} | {
-        ("rope", w, 1) for w in (0, 7, 50)}  # v2's form that applies RoPE and writes K/V
+        (v, w, s) for v in ("v1", "v2", "v3") for w in (0, 7, 50) for s in (1, 3, 8)} | {
+        (r, w, 1) for r in ("rope", "ropev3") for w in (0, 7, 50)}  # RoPE + K/V write forms
     bad = [r for r in results if not r[3] < 1e-4]
     assert not bad, bad
 
@@ -42,4 +43,17 @@ def test_emulation_catches_a_broken_rope_form(tmp_path, monkeypatch, wrong, righ
     assert wrong in paged_decode._Q_ROPE_STORE
     monkeypatch.setattr(paged_decode, "_Q_ROPE_STORE", paged_decode._Q_ROPE_STORE.replace(wrong, right, 1))
     results = [r for r in cuda_emulator.run(tmp_path, ("v2",), 8) if r[0] == "rope"]
+    assert results and max(err for *_, err in results) > 1e-2
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("for (int c = half; c < CH; c += 2)", "for (int c = 0; c < CH; c += 2)"),  # odd chunks unscored
+    ("const bool valid = first + it * STEP + j <= hi;", "const bool valid = true;"),  # keys past hi
+    ("const T* ks = ring + (it % STAGES) * SLOT;", "const T* ks = ring;"),  # always slot 0
+])
+def test_emulation_catches_a_broken_staged_kernel(tmp_path, monkeypatch, wrong, right):
+    from engine import paged_decode
+    assert wrong in paged_decode._BODY_V3
+    monkeypatch.setattr(paged_decode, "_BODY_V3", paged_decode._BODY_V3.replace(wrong, right, 1))
+    results = cuda_emulator.run(tmp_path, ("v3",))
     assert results and max(err for *_, err in results) > 1e-2
