@@ -135,7 +135,7 @@ def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, b
     # Every (splits, warps) pair the engine may launch, so that each kernel is also compiled
     # here at start-up, not mid-run (NVRTC takes seconds on the first launch of a variant).
     for n in splits:
-        for warps in sorted({paged_decode.NUM_WARPS, paged_decode.FEW_BLOCKS_WARPS}):
+        for warps in paged_decode.launch_warps():
             got = paged_decode_attention(q, k_pool, v_pool, bt, key_start, query_positions,
                                          block_size, window, n, warps=warps)
             if not mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol):
@@ -170,7 +170,7 @@ def rope_store_kernel_matches(n_heads: int, kv_heads: int, head_dim: int, block_
     bt, key_start = mx.array(tables), mx.array((first * block_size).astype(np.int32))
     q_pos, slot = mx.array(pos.astype(np.int32)), mx.array(slots.astype(np.int32))
     tol = 1e-4 if dtype == mx.float32 else 2e-2
-    for warps in sorted({paged_decode.NUM_WARPS, paged_decode.FEW_BLOCKS_WARPS}):
+    for warps in paged_decode.launch_warps():
         two, one = ([mx.array(p).astype(dtype) for p in pools] for _ in range(2))
         mx.eval(two, one)
         q, k2, v2 = qkv_rope_store(qkv, q_pos, slot, *two, n_heads, kv_heads, head_dim, base,

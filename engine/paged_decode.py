@@ -34,14 +34,14 @@ UNROLL = 4  # keys each warp loads before using them
 V_BATCH = 8
 V_BATCH_FEW = 8  # the same with more than 4 warps (v_batch)
 MAX_SPLITS = 32
-# v3, the staged kernel (see _BODY_V3), for launches of NUM_WARPS warps (MISTRAL_SERVE_DECODE_STAGED=0:
-# v2 there too). H200, 7B, batch 64 x 1,024 keys (`gpu_trace --set paged_decode.STAGED=...`,
-# twelfth session): 83.4 us a layer against v2's 116.3, the step 7.68 ms against 8.60.
+# v3, the staged kernel (see _BODY_V3), for the launches of more than FEW_BLOCKS blocks
+# (MISTRAL_SERVE_DECODE_STAGED=0: v2 there too). H200, 7B, batch 64 x 1,024 keys, GPU time a
+# layer (`gpu_trace --set paged_decode.STAGED=...`, twelfth session, calls B-D): v2 116 us;
+# v3 with STAGED_WARPS x STAGES = 2 x 3: 78.4, 2 x 2: 77.0, 4 x 3: 83.4-84.1, 4 x 2: 82.5
+# (static merge) / 99.3 (merge in the rings, three blocks an SM: 1.3 waves), 8 x 2: 90-91.
 STAGED = os.environ.get("MISTRAL_SERVE_DECODE_STAGED", "1") == "1"
-# Tiles in a warp's ring: STAGES - 1 in flight while it computes on one. With 4 warps, 3
-# slots (104 KB a block) fit two blocks an SM: 83.4 us a layer above; 2 slots fit three
-# blocks (99.3 us, 1.3 waves of 512 blocks); 8 warps of 2 slots, one block (91.3 us).
-STAGES = 3
+STAGED_WARPS = 2
+STAGES = 3  # tiles in a warp's ring: STAGES - 1 in flight while it computes on one
 # Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
 # at every batch size (H200, 32 layers, `op_profile --splits`: v2 at batch 1 0.63 ms with
 # 1 split vs 1.13 ms with 16; batch 8 1.03 vs 2.13; batch 64 3.92 vs 5.38 with 8). So a
@@ -520,15 +520,23 @@ def supported(head_dim: int, dtype: mx.Dtype) -> bool:
 def num_warps(blocks: int) -> int:
     """Warps per thread block: more when there are few blocks, so a small batch's keys are
     walked by more warps at once (H200, 7B, batch 1, 256 keys: 20 us a layer with 16 warps,
-    30 with 8, 44 with 4; at batch 64 x 1,024 keys 8 warps lost to 4, `gpu_trace --warps`)."""
-    return FEW_BLOCKS_WARPS if blocks <= FEW_BLOCKS else NUM_WARPS
+    30 with 8, 44 with 4; at batch 64 x 1,024 keys 8 warps lost to 4, `gpu_trace --warps`);
+    STAGED_WARPS where the staged kernel serves the many-block launches."""
+    if blocks <= FEW_BLOCKS:
+        return FEW_BLOCKS_WARPS
+    return STAGED_WARPS if STAGED and VERSION == "v2" else NUM_WARPS
+
+
+def launch_warps() -> list[int]:
+    """Every warp count num_warps() can return: the self-checks run (so compile) each."""
+    return sorted({num_warps(FEW_BLOCKS), num_warps(FEW_BLOCKS + 1)})
 
 
 def staged(warps: int) -> bool:
     """Whether a launch with this many warps per block runs v3 (the staged kernel): STAGED
-    on, the default version v2, and the many-block launch (NUM_WARPS), where the v2 kernel
+    on, the default version v2, and the many-block launch's warps (STAGED_WARPS), where v2
     reads at 2.3 TB/s (H200, batch 64 x 1,024 keys); few-block launches stay on v2."""
-    return STAGED and VERSION == "v2" and warps == NUM_WARPS
+    return STAGED and VERSION == "v2" and warps == STAGED_WARPS != FEW_BLOCKS_WARPS
 
 
 def staged_smem(warps: int, head_dim: int, dtype: mx.Dtype) -> int:

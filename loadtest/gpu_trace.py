@@ -176,7 +176,8 @@ def _variants(engine, names: list[str], min_keys: list[int], warps: list[int],
     out += [(f"splits from {k} keys", chosen, compiled, {(paged_decode, "MIN_KEYS_PER_SPLIT"): k})
             for k in min_keys]
     out += [(f"{w} warps per block", chosen, compiled,
-             {(paged_decode, "NUM_WARPS"): w, (paged_decode, "FEW_BLOCKS_WARPS"): w}) for w in warps]
+             {(paged_decode, "NUM_WARPS"): w, (paged_decode, "STAGED_WARPS"): w,
+              (paged_decode, "FEW_BLOCKS_WARPS"): w}) for w in warps]
     for spec in sets:
         constants, plan_fields = settings.parse(spec)
         out.append((spec, dataclasses.replace(chosen, **plan_fields), compiled, constants))

@@ -47,14 +47,17 @@ def test_rope_form_matches_the_two_kernels_it_replaces(dtype, window, base):
     assert rope_store_kernel_matches(32, 8, 128, 16, window, base, dtype)
 
 
-@pytest.mark.parametrize("dtype, window, stages", [(mx.bfloat16, None, 2), (mx.bfloat16, 50, 3),
-                                                  (mx.float32, 4096, 2), (mx.float16, None, 4)])
-def test_staged_kernel_matches_portable(monkeypatch, dtype, window, stages):
-    # v3 serves the many-block launches (NUM_WARPS); the check runs both warp counts, so
-    # the few-block v2 launch is compared too. The ROPE form against the two kernels.
+@pytest.mark.parametrize("dtype, window, stages, warps", [
+    (mx.bfloat16, None, 2, 2), (mx.bfloat16, 50, 3, 2), (mx.float32, 4096, 2, 4),
+    (mx.float16, None, 4, 2), (mx.bfloat16, None, 3, 4)])
+def test_staged_kernel_matches_portable(monkeypatch, dtype, window, stages, warps):
+    # v3 serves the many-block launches (STAGED_WARPS); the check runs every warp count the
+    # engine launches, so the few-block v2 launch is compared too. The ROPE form against
+    # the two kernels it replaces.
     monkeypatch.setattr(paged_decode, "STAGED", True)
     monkeypatch.setattr(paged_decode, "STAGES", stages)
-    assert paged_decode.staged(paged_decode.NUM_WARPS)
+    monkeypatch.setattr(paged_decode, "STAGED_WARPS", warps)
+    assert paged_decode.staged(paged_decode.num_warps(512))
     assert decode_kernel_matches_portable(32, 8, 128, 16, window, dtype, splits=(1, 5))
     assert rope_store_kernel_matches(32, 8, 128, 16, window, 1e4, dtype)
 
@@ -112,6 +115,10 @@ def test_engine_tokens_same_with_and_without_kernel(window, tmp_path):
         assert np.allclose(results["cuda"][rid][1], results["portable"][rid][1], atol=1e-3)
 
 
-def test_few_blocks_get_more_warps():
+def test_few_blocks_get_more_warps(monkeypatch):
     assert paged_decode.num_warps(8) == paged_decode.FEW_BLOCKS_WARPS  # batch 1
-    assert paged_decode.num_warps(512) == paged_decode.NUM_WARPS  # batch 64
+    assert paged_decode.num_warps(512) == paged_decode.STAGED_WARPS  # batch 64, staged
+    assert paged_decode.launch_warps() == sorted({paged_decode.STAGED_WARPS, paged_decode.FEW_BLOCKS_WARPS})
+    monkeypatch.setattr(paged_decode, "STAGED", False)
+    assert paged_decode.num_warps(512) == paged_decode.NUM_WARPS
+    assert not paged_decode.staged(paged_decode.NUM_WARPS)
