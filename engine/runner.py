@@ -155,7 +155,7 @@ class ModelRunner:
         kernel = bool(decodes) and self.decode_kernel
         carriable = compiled and kernel and sampled_only  # what DecodeCarry can continue
         prev, self._carry = self._carry, None  # launch() keeps the new one once it samples
-        carry = prev.advance(decodes, self.block_size, self._last_sampled[0], device_ints) \
+        carry = prev.advance(decodes, self.block_size, self._last_sampled[0]) \
             if carriable and prev is not None else None
         if carry is not None:  # the last step's inputs, one token further (engine/decode_carry.py)
             ids, moving, tables, key_start, last = (self._last_sampled[1], carry.moving,

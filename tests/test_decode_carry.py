@@ -34,7 +34,7 @@ def test_advance_only_continues_the_same_steady_decodes():
     reqs = [_req("a", 20), _req("b", 33, table=(1, 2, 4))]
     carry = _carry(reqs)
     rows = {"a": 0, "b": 1}
-    nxt = carry.advance([_req("a", 21), _req("b", 34, table=(1, 2, 4))], BS, rows, _to_device)
+    nxt = carry.advance([_req("a", 21), _req("b", 34, table=(1, 2, 4))], BS, rows)
     assert nxt is not None and nxt.positions.tolist() == [21, 34]
     assert nxt.moving.tolist()[:4] == [21, 34, 101, 102]  # positions and slots one further
     assert nxt.tables_dev is carry.tables_dev and nxt.last is carry.last
@@ -42,45 +42,18 @@ def test_advance_only_continues_the_same_steady_decodes():
         "order": [_req("b", 34, table=(1, 2, 4)), _req("a", 21)],
         "fewer": [_req("a", 21)],
         "position jump": [_req("a", 22), _req("b", 34, table=(1, 2, 4))],
-        "new block not in the table": [_req("a", 21), _req("b", 32, table=(1, 2, 4))],
-        "new block, table rebuilt": [_req("a", 21), _req("b", 32, table=(1, 5, 4, 9))],
+        "new block": [_req("a", 21), _req("b", 32, table=(1, 2, 4))],
         "table changed": [_req("a", 21, table=(7, 5)), _req("b", 34, table=(1, 2, 4))],
         "window slid": [_req("a", 21, first=1), _req("b", 34, table=(1, 2, 4))],
         "token known": [_req("a", 21, token=5), _req("b", 34, table=(1, 2, 4))],
         "not sampled": [_req("a", 21, sample=False), _req("b", 34, table=(1, 2, 4))],
     }
     for why, nxt_reqs in breaks.items():
-        assert carry.advance(nxt_reqs, BS, rows, _to_device) is None, why
+        assert carry.advance(nxt_reqs, BS, rows) is None, why
     same = [_req("a", 21), _req("b", 34, table=(1, 2, 4))]
-    assert carry.advance(same, BS, {"a": 1, "b": 0}, _to_device) is None  # samples in another order
-    assert carry.advance(same, BS, {"a": 0, "b": 1, "c": 2}, _to_device) is None
-
-
-def test_advance_patches_a_request_that_opens_a_new_block():
-    reqs = [_req("a", 20), _req("b", 47, table=(1, 2, 4))]
-    carry = _carry(reqs)
-    tables_before = np.array(carry.tables_dev).tolist()
-    rows = {"a": 0, "b": 1}
-    nxt = carry.advance([_req("a", 21), _req("b", 48, table=(1, 2, 4, 9))], BS, rows, _to_device)
-    assert nxt is not None and nxt.positions.tolist() == [21, 48]
-    # b's slot is its new block's first (9 * 16), a's one further; b's table gains block 9
-    assert nxt.moving.tolist()[:4] == [21, 48, 101, 9 * BS]
-    assert np.array(nxt.tables_dev).tolist() == [[0, 0, 0, 0], [0, 0, 0, 9]]
-    assert np.array(carry.tables_dev).tolist() == tables_before  # the last step's unchanged
-    assert nxt.tables[1] == (1, 2, 4, 9)
-    # and the step after continues from the patched inputs
-    again = nxt.advance([_req("a", 22), _req("b", 49, table=(1, 2, 4, 9))], BS, rows, _to_device)
-    assert again.moving.tolist()[:4] == [22, 49, 102, 9 * BS + 1]
-    # a block past the table's width (4 columns) needs a wider table: built on the host
-    full = [_req("a", 22), _req("b", 64, table=(1, 2, 4, 9, 11))]
-    assert again.advance(full, BS, rows, _to_device) is None
-    # block size 1: every token a new block, each appended
-    one = _carry([_req("a", 2, table=(5, 6))])
-    assert one.advance([_req("a", 3, table=(5, 6, 8))], 1, {"a": 0}, _to_device).moving.tolist()[:2] == [3, 8]
-
-
-def _to_device(*arrays):
-    return runner_module.device_ints(*arrays)
+    assert carry.advance(same, BS, {"a": 1, "b": 0}) is None  # samples in another order
+    assert carry.advance(same, BS, {"a": 0, "b": 1, "c": 2}) is None
+    assert carry.advance(same, 1, rows) is None  # block size 1: every token a new block
 
 
 def _engine(monkeypatch, max_num_seqs=4, kv_gib=0.01, prefix_caching=False):
