@@ -126,6 +126,11 @@ _ROPE_CASE = r"""
 """
 
 
+def _warps(version: str) -> int:
+    """Warps a block in the emulation: the engine's for v3 (STAGED_WARPS), else 4."""
+    return pd.STAGED_WARPS if version == "v3" else 4
+
+
 def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
     """The C++ program: the kernels of `versions`, the merge kernel, a reference and cases;
     with v2 or v3, also its ROPE form (RoPE and the K/V write in the kernel) against RoPE in
@@ -198,16 +203,16 @@ def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
         const std::vector<float> ref = attend(q, kp, vp);
         long qshape[1] = {G}, tshape[2] = {G, MAXB};
         WINDOW = window;
-    """ + "".join(_ROPE_CASE.replace("ROPE_FN", f"rope_{v}").replace(
+    """ + "".join(_ROPE_CASE.replace("ROPE_FN", f"rope_{v}").replace("NW", str(_warps(v))).replace(
         "ROPE_LABEL", "rope" if v == "v2" else f"rope{v}") for v in ropes) + "".join(f"""
         for (int splits : {{1, 3, 8}}) {{
           std::vector<float> out(ref.size(), 0.f);
           if (splits == 1) {{
-            launch(G * KVH, 32 * NW, [&] {{ final_{v}<float, D, BS, KVH, GQA, NW, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, out.data()); }});
+            launch(G * KVH, 32 * {_warps(v)}, [&] {{ final_{v}<float, D, BS, KVH, GQA, {_warps(v)}, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, out.data()); }});
           }} else {{
             long rows = (long)G * KVH * splits * GQA;
             std::vector<float> pa(rows * D), pm(rows), pl(rows);
-            launch(G * KVH * splits, 32 * NW, [&] {{ part_{v}<float, D, BS, KVH, GQA, NW, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, pa.data(), pm.data(), pl.data()); }});
+            launch(G * KVH * splits, 32 * {_warps(v)}, [&] {{ part_{v}<float, D, BS, KVH, GQA, {_warps(v)}, UN>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, pa.data(), pm.data(), pl.data()); }});
             long pms[1] = {{rows}};
             launch(G * KVH * GQA, D, [&] {{ merge<float, D, GQA>(pa.data(), pm.data(), pl.data(), pms, out.data()); }});
           }}
