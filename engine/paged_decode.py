@@ -199,6 +199,31 @@ _MERGE = r"""
     out[(long)blockIdx.x * D + d] = static_cast<T>(num / den);
 """
 
+def _tile_softmax(keys: int, store_p: str) -> str:
+    """v2's and v3's online-softmax update over a tile of `keys` keys, one score s[h] per
+    lane (valid: the key is one of the warp's), the tile's weights stored by `store_p`."""
+    return r"""
+        #pragma unroll
+        for (int h = 0; h < GQA; ++h) {
+            const float sh = valid ? s[h] : NEG_INF;
+            float tmax = sh;
+            #pragma unroll
+            for (int off = KEYS / 2; off > 0; off >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, off));
+            const float m_new = fmaxf(m[h], tmax);
+            const float corr = __expf(m[h] - m_new);
+            const float e = valid ? __expf(sh - m_new) : 0.f;
+            float tsum = e;
+            #pragma unroll
+            for (int off = KEYS / 2; off > 0; off >>= 1) tsum += __shfl_xor_sync(0xffffffff, tsum, off);
+            l[h] = l[h] * corr + tsum;
+            #pragma unroll
+            for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
+            m[h] = m_new;
+            STORE_P
+        }
+        __syncwarp();""".replace("KEYS", str(keys)).replace("STORE_P", store_p)
+
+
 # Version 2 (the default; MISTRAL_SERVE_DECODE_KERNEL=v1 selects the first one): a warp
 # scores a tile of 32 keys at once, one key per lane (q in shared memory), so the softmax
 # reductions run once per tile instead of once per key; then lanes split the head dims to
@@ -208,21 +233,7 @@ _BODY_V2 = r"""
     constexpr int TILE = 32;
     constexpr int VEC = 16 / sizeof(T) < D ? 16 / sizeof(T) : D;  // elements per 16-byte load
 
-    __shared__ float q_s[GQA][D];
-    __shared__ float p_s[NUM_WARPS][GQA][TILE];
-    Q_LOAD
-    __syncthreads();
-
-    float acc[GQA][DPL], m[GQA], l[GQA];
-    #pragma unroll
-    for (int h = 0; h < GQA; ++h) {
-        #pragma unroll
-        for (int i = 0; i < DPL; ++i) acc[h][i] = 0.f;
-        m[h] = NEG_INF;
-        l[h] = 0.f;
-    }
-
-    const int* table = block_tables + (long)b * block_tables_shape[1];
+    WARP_STATE
     for (int t0 = lo + warp * TILE; t0 <= hi; t0 += NUM_WARPS * TILE) {
         // Scores: lane j takes key t0 + j (lanes past hi repeat key hi and are masked).
         const int p = min(t0 + lane, hi);
@@ -243,25 +254,7 @@ _BODY_V2 = r"""
             }
         }
         // Online softmax over the tile, per query head (lane 0's key is always valid).
-        #pragma unroll
-        for (int h = 0; h < GQA; ++h) {
-            const float sh = valid ? s[h] : NEG_INF;
-            float tmax = sh;
-            #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, off));
-            const float m_new = fmaxf(m[h], tmax);
-            const float corr = __expf(m[h] - m_new);
-            const float e = valid ? __expf(sh - m_new) : 0.f;
-            float tsum = e;
-            #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) tsum += __shfl_xor_sync(0xffffffff, tsum, off);
-            l[h] = l[h] * corr + tsum;
-            #pragma unroll
-            for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
-            m[h] = m_new;
-            p_s[warp][h][lane] = e;
-        }
-        __syncwarp();
+        TILE_SOFTMAX
         // Values: lanes split the head dims; the tile's keys one after another. Key j's row
         // offset comes from lane j's register (a shuffle), not from the block table again, so
         // the loads of the unrolled keys do not each wait on a table load first.
@@ -304,9 +297,9 @@ _BODY_V2 = r"""
         }
         __syncwarp();
     }
-"""
+""".replace("TILE_SOFTMAX", _tile_softmax(32, "p_s[warp][h][lane] = e;"))
 
-# Version 3, "staged" (STAGED; for many blocks, num_warps() == NUM_WARPS): v2's scoring with
+# Version 3, "staged" (STAGED; for many blocks, STAGED_WARPS a block): v2's scoring with
 # the key rows read from shared memory. Each warp streams its tiles of TILE keys (their K rows,
 # then their V rows) through a ring of STAGES slots with cp.async, so the next tiles' bytes
 # are in flight while the warp computes on this one; v2 waits for each tile's K, then its V.
@@ -321,23 +314,9 @@ _BODY_V3 = r"""
     constexpr int STEP = NUM_WARPS * TILE;
     static_assert(CH % 2 == 0 && (2 * TILE * CH) % 32 == 0, "a row splits into pairs of chunks");
 
-    __shared__ float q_s[GQA][D];
-    __shared__ float p_s[NUM_WARPS][GQA][TILE];
+    WARP_STATE
     extern __shared__ __align__(16) unsigned char smem[];
     T* ring = reinterpret_cast<T*>(smem) + warp * (STAGES * SLOT);
-    Q_LOAD
-    __syncthreads();
-
-    float acc[GQA][DPL], m[GQA], l[GQA];
-    #pragma unroll
-    for (int h = 0; h < GQA; ++h) {
-        #pragma unroll
-        for (int i = 0; i < DPL; ++i) acc[h][i] = 0.f;
-        m[h] = NEG_INF;
-        l[h] = 0.f;
-    }
-
-    const int* table = block_tables + (long)b * block_tables_shape[1];
     const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
     const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
     const int j = lane & (TILE - 1), half = lane >> 4;
@@ -381,27 +360,11 @@ _BODY_V3 = r"""
                 for (int h = 0; h < GQA; ++h) s[h] += q_s[h][c * VEC + i] * kf;
             }
         }
-        // Online softmax over the tile (lanes j and j + 16 hold key j's score; key 0 is valid).
+        // Online softmax over the tile (lanes j and j + 16 then hold key j's score; key 0 is
+        // valid).
         #pragma unroll
-        for (int h = 0; h < GQA; ++h) {
-            const float both = s[h] + __shfl_xor_sync(0xffffffff, s[h], 16);  // every lane shuffles
-            const float sh = valid ? both : NEG_INF;
-            float tmax = sh;
-            #pragma unroll
-            for (int off = 8; off > 0; off >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, off));
-            const float m_new = fmaxf(m[h], tmax);
-            const float corr = __expf(m[h] - m_new);
-            const float e = valid ? __expf(sh - m_new) : 0.f;
-            float tsum = e;
-            #pragma unroll
-            for (int off = 8; off > 0; off >>= 1) tsum += __shfl_xor_sync(0xffffffff, tsum, off);
-            l[h] = l[h] * corr + tsum;
-            #pragma unroll
-            for (int i = 0; i < DPL; ++i) acc[h][i] *= corr;
-            m[h] = m_new;
-            if (half == 0) p_s[warp][h][j] = e;
-        }
-        __syncwarp();
+        for (int h = 0; h < GQA; ++h) s[h] += __shfl_xor_sync(0xffffffff, s[h], 16);
+        TILE_SOFTMAX
         // Values: lanes split the head dims; keys past hi have weight 0 and zero rows.
         #pragma unroll
         for (int k = 0; k < TILE; ++k) {
@@ -417,9 +380,10 @@ _BODY_V3 = r"""
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is past its loop: the merge below reuses the rings
-"""
+""".replace("TILE_SOFTMAX", _tile_softmax(16, "if (half == 0) p_s[warp][h][j] = e;"))
 # v3's merge keeps its partial softmaxes in the rings rather than in static shared memory, so
-# a block's static part is only q_s and p_s: three blocks of 4 warps with 2 slots fit an SM.
+# a block's static part is only q_s and p_s: four blocks of the default 2 warps x 3 slots fit
+# an SM (52 KB of ring each), enough for batch 64's 512 blocks in one wave on 132 SMs.
 _MERGE_IN_RING = r"""
     static_assert(NUM_WARPS * GQA * (D + 2) * 4 <= NUM_WARPS * STAGES * SLOT * sizeof(T), "merge fits");
     float (&sm_acc)[NUM_WARPS][GQA][D] = *reinterpret_cast<float (*)[NUM_WARPS][GQA][D]>(smem);
@@ -432,6 +396,25 @@ _MERGE_STATIC = r"""    __shared__ float sm_m[NUM_WARPS][GQA];
     __shared__ float sm_acc[NUM_WARPS][GQA][D];
 """
 
+# v2's and v3's start: the block's query rows (scaled) in shared memory, each warp's weights
+# of a tile's keys, and each lane's running softmax state for its head dims.
+_WARP_STATE = r"""
+    __shared__ float q_s[GQA][D];
+    __shared__ float p_s[NUM_WARPS][GQA][TILE];
+    Q_LOAD
+    __syncthreads();
+
+    float acc[GQA][DPL], m[GQA], l[GQA];
+    #pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        #pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[h][i] = 0.f;
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+    }
+
+    const int* table = block_tables + (long)b * block_tables_shape[1];
+"""
 _Q_LOAD = r"""
     for (int idx = threadIdx.x; idx < GQA * D; idx += blockDim.x) {
         q_s[idx / D][idx % D] =
@@ -480,7 +463,7 @@ def kernel_source(epilogue: str, version: str = "v1", rope: bool = False) -> str
         if rope else _Q_LOAD
     body = {"v1": _BODY, "v2": _BODY_V2, "v3": _BODY_V3}[version]
     if version != "v1":
-        body = body.replace("Q_LOAD", q_load) + _BODY[merge_at:]
+        body = body.replace("WARP_STATE", _WARP_STATE).replace("Q_LOAD", q_load) + _BODY[merge_at:]
     if version == "v3":
         assert _MERGE_STATIC in body
         body = body.replace(_MERGE_STATIC, _MERGE_IN_RING)
