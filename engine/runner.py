@@ -244,6 +244,15 @@ class ModelRunner:
 
     def _flat_inputs(self, reqs: Sequence[ScheduledRequest]):
         bs = self.block_size
+        if all(r.num_tokens == 1 for r in reqs):
+            # A decode-only step, rebuilt on the host whenever the carry cannot continue it
+            # (at batch 64 nearly every step): plain Python per request, not two small numpy
+            # arrays each (0.04 vs 0.69 ms a step at batch 128 on a 2-core CPU machine).
+            pos = [r.start_position for r in reqs]
+            slots = [r.block_table[p // bs - r.first_block_index] * bs + p % bs
+                     for r, p in zip(reqs, pos)]
+            return (np.array([r.token_ids[0] for r in reqs], np.int32), np.array(pos, np.int32),
+                    np.array(slots, np.int32))
         ids, pos, slots = [], [], []
         for r in reqs:
             p = np.arange(r.start_position, r.start_position + r.num_tokens, dtype=np.int64)

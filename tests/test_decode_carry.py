@@ -194,3 +194,20 @@ def test_device_tokens_same_with_and_without_carry(window, monkeypatch):
         got = results[True][rid]
         assert len(want) == 20 + 7 * int(rid) and [t for t, _ in got] == [t for t, _ in want]
         assert np.allclose([lp for _, lp in got], [lp for _, lp in want], atol=1e-4)
+
+
+def test_decode_only_inputs_match_the_general_build():
+    # _flat_inputs builds a decode-only step in plain Python: the same ids, positions and
+    # slots as its general path, which a step with one prompt chunk in it takes.
+    rng = np.random.default_rng(1)
+    decodes = [ScheduledRequest(f"r{i}", (int(t),), int(p), tuple(int(b) for b in rng.integers(
+                   1, 999, p // BS + 1 - f)), int(f), True, SamplingParams(), 0)
+               for i, (t, p, f) in enumerate(zip(rng.integers(0, 500, 9), rng.integers(48, 300, 9),
+                                                 rng.integers(0, 3, 9)))]
+    chunk = ScheduledRequest("c", (1, 2, 3), 5, (4,), 0, True, SamplingParams(), 0)
+    runner = type("R", (), {"block_size": BS})()
+    fast = runner_module.ModelRunner._flat_inputs(runner, decodes)
+    general = runner_module.ModelRunner._flat_inputs(runner, decodes + [chunk])
+    for a, b in zip(fast, general):
+        assert a.dtype == b.dtype == np.int32 and a.tolist() == b[:len(decodes)].tolist()
+    assert fast[0].tolist() == [r.token_ids[0] for r in decodes]
