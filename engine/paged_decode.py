@@ -608,7 +608,8 @@ def _launch(g: int, h: int, k_pool: mx.array, block_size: int, window: int | Non
     """Launch arguments of a decode kernel over g sequences of h query heads, with "version"
     (as given, else v3 where staged(), else VERSION) and "smem", v3's shared memory (else 0)."""
     kvh, d = k_pool.shape[1], k_pool.shape[2]
-    warps = warps or num_warps(g * kvh * splits)
+    # v3 asked for by name (op_profile) runs its own warp count: 16 warps' rings would not fit.
+    warps = warps or (STAGED_WARPS if version == "v3" else num_warps(g * kvh * splits))
     version = version or ("v3" if staged(warps) else VERSION)
     smem = staged_smem(warps, d, dtype) if version == "v3" else 0
     # The window is a template argument, not an input: a one-int input array would live in
