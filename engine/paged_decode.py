@@ -221,7 +221,7 @@ def _tile_softmax(keys: int, store_p: str) -> str:
             m[h] = m_new;
             STORE_P
         }
-        __syncwarp();""".replace("KEYS", str(keys)).replace("STORE_P", store_p)
+        __syncwarp();""".replace("KEYS / 2", str(keys // 2)).replace("STORE_P", store_p)
 
 
 # Version 2 (the default; MISTRAL_SERVE_DECODE_KERNEL=v1 selects the first one): a warp
