@@ -57,3 +57,20 @@ def test_emulation_catches_a_broken_staged_kernel(tmp_path, monkeypatch, wrong, 
     monkeypatch.setattr(paged_decode, "_BODY_V3", paged_decode._BODY_V3.replace(wrong, right, 1))
     results = cuda_emulator.run(tmp_path, ("v3",))
     assert results and max(err for *_, err in results) > 1e-2
+
+
+def test_staged_launch_fits_shared_memory():
+    # v3's rings are dynamic shared memory: at the engine's warps and slots they must fit a
+    # block on sm_90 (227 KB) for every head size and dtype the engine serves, with room
+    # for the static q_s / p_s (GQA 4: 2 KB + 0.5 KB a warp at most here).
+    import mlx.core as mx
+
+    from engine import paged_decode
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        for head_dim in (64, 128, 256):
+            ring = paged_decode.staged_smem(paged_decode.STAGED_WARPS, head_dim, dtype)
+            static = 4 * head_dim * 4 + paged_decode.STAGED_WARPS * 4 * 16 * 4
+            assert ring + static <= 227 * 1024, (dtype, head_dim, ring)
+    # bf16, 7B: four blocks an SM (228 KB, 1 KB reserved a block), so 512 blocks in one wave
+    ring = paged_decode.staged_smem(paged_decode.STAGED_WARPS, 128, mx.bfloat16)
+    assert 4 * (ring + 2048 + 512 + 1024) <= 228 * 1024
