@@ -95,6 +95,22 @@ def _gather(blocks: mx.array, block_tables: mx.array) -> mx.array:
     return x.reshape(g, n * block_size, kv_heads, head_dim).transpose(0, 2, 1, 3)  # (G, KVH, L, D)
 
 
+def _scrambled_tables(lengths: list[int], block_size: int, window: Optional[int],
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """The self-checks' paged cache layout for sequences of `lengths`: (block tables over a
+    random permutation of blocks 1.., each sequence's first live block (after window
+    freeing), the pool's block count)."""
+    max_blocks = -(-max(lengths) // block_size) + 1
+    num_blocks = len(lengths) * max_blocks + 1
+    perm = rng.permutation(num_blocks - 1) + 1
+    first = np.array([(max(0, n - window) // block_size) if window else 0 for n in lengths])
+    tables = np.zeros((len(lengths), max_blocks), np.int32)
+    for i, n in enumerate(lengths):
+        nb = -(-n // block_size) - first[i]
+        tables[i, :nb] = perm[i * max_blocks:i * max_blocks + nb]
+    return tables, first, num_blocks
+
+
 def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, block_size: int,
                                    window: Optional[int], dtype: mx.Dtype, seed: int = 0,
                                    splits: tuple[int, ...] = (1, 4)) -> bool:
@@ -106,16 +122,11 @@ def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, b
     """
     rng = np.random.default_rng(seed)
     lengths = [1, 5, block_size, 3 * block_size + 7, 40 * block_size + 3]
-    max_blocks = max(-(-n // block_size) for n in lengths) + 1
-    num_blocks = len(lengths) * max_blocks + 1
-    perm = rng.permutation(num_blocks - 1) + 1
-    tables = np.zeros((len(lengths), max_blocks), np.int32)
-    key_pos = np.full((len(lengths), max_blocks * block_size), -1, np.int64)
+    tables, first, num_blocks = _scrambled_tables(lengths, block_size, window, rng)
+    key_pos = np.full((len(lengths), tables.shape[1] * block_size), -1, np.int64)
     q_pos = np.array([n - 1 for n in lengths])
-    first = np.array([(max(0, n - window) // block_size) if window else 0 for n in lengths])
     for i, n in enumerate(lengths):
         nb = -(-n // block_size) - first[i]
-        tables[i, :nb] = perm[i * max_blocks:i * max_blocks + nb]
         key_pos[i, :nb * block_size] = first[i] * block_size + np.arange(nb * block_size)
     visible = (key_pos >= 0) & (key_pos <= q_pos[:, None])
     if window:
@@ -152,16 +163,9 @@ def rope_store_kernel_matches(n_heads: int, kv_heads: int, head_dim: int, block_
     runs, so each variant compiles here at start-up."""
     from engine.fused_ops import qkv_rope_store
     rng = np.random.default_rng(seed)
-    lengths = np.array([1, 5, 3 * block_size + 7, 40 * block_size + 3])
-    max_blocks = -(-lengths.max() // block_size) + 1
-    num_blocks = len(lengths) * max_blocks + 1
-    perm = rng.permutation(num_blocks - 1) + 1
-    pos = lengths - 1
-    first = (np.maximum(0, lengths - window) // block_size) if window else np.zeros_like(lengths)
-    tables = np.zeros((len(lengths), max_blocks), np.int32)
-    for i, n in enumerate(lengths):
-        nb = -(-n // block_size) - first[i]
-        tables[i, :nb] = perm[i * max_blocks:i * max_blocks + nb]
+    lengths = [1, 5, 3 * block_size + 7, 40 * block_size + 3]
+    tables, first, num_blocks = _scrambled_tables(lengths, block_size, window, rng)
+    pos = np.array(lengths) - 1
     slots = tables[np.arange(len(lengths)), pos // block_size - first] * block_size + pos % block_size
     pools = [rng.standard_normal((num_blocks * block_size, kv_heads, head_dim)).astype(np.float32)
              for _ in range(2)]

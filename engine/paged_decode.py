@@ -507,7 +507,12 @@ def num_warps(blocks: int) -> int:
     STAGED_WARPS where the staged kernel serves the many-block launches."""
     if blocks <= FEW_BLOCKS:
         return FEW_BLOCKS_WARPS
-    return STAGED_WARPS if STAGED and VERSION == "v2" else NUM_WARPS
+    return STAGED_WARPS if _staged_on() else NUM_WARPS
+
+
+def _staged_on() -> bool:
+    """v3 serves the many-block launches: STAGED, and v2 the version asked for."""
+    return STAGED and VERSION == "v2"
 
 
 def launch_warps() -> list[int]:
@@ -519,7 +524,7 @@ def staged(warps: int) -> bool:
     """Whether a launch with this many warps per block runs v3 (the staged kernel): STAGED
     on, the default version v2, and the many-block launch's warps (STAGED_WARPS), where v2
     reads at 2.3 TB/s (H200, batch 64 x 1,024 keys); few-block launches stay on v2."""
-    return STAGED and VERSION == "v2" and warps == STAGED_WARPS != FEW_BLOCKS_WARPS
+    return _staged_on() and warps == STAGED_WARPS != FEW_BLOCKS_WARPS
 
 
 def staged_smem(warps: int, head_dim: int, dtype: mx.Dtype) -> int:
@@ -579,10 +584,11 @@ def rope_store_decode_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.arra
                                 block_tables: mx.array, key_start: mx.array, q_pos: mx.array,
                                 slots: mx.array, n_heads: int, base: float, block_size: int,
                                 window: int | None, warps: int | None = None) -> mx.array:
-    """paged_decode_attention (v2, one split) from the q|k|v projection (G, (H + 2 KVH) * D)
-    before RoPE: each sequence's K (with RoPE at q_pos) and V are written into the pools at
-    its slot, in place, as fused_ops.qkv_rope_store(in_place=True) does, and its query heads
-    attend. One kernel instead of two; the same conditions for writing in place hold."""
+    """paged_decode_attention (v2, or v3 where staged(); one split) from the q|k|v
+    projection (G, (H + 2 KVH) * D) before RoPE: each sequence's K (with RoPE at q_pos) and
+    V are written into the pools at its slot, in place, as fused_ops.qkv_rope_store(in_place
+    =True) does, and its query heads attend. One kernel instead of two; the same conditions
+    for writing in place hold."""
     from engine.fused_ops import float_bits
     g, d = qkv.shape[0], k_pool.shape[2]
     launch = _launch(g, n_heads, k_pool, block_size, window, 1, qkv.dtype, warps,
