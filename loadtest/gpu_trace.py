@@ -1,6 +1,7 @@
 """What the GPU does during decode steps: kernel time, idle time, kernels per step.
 
     python -m loadtest.gpu_trace --shape 7b --dtype bfloat16 [--bits 4] --batch 1 --context 128
+    python -m loadtest.gpu_trace ... --prefill --batch 16 --context 1024   # prompt steps instead
 
 Runs the engine's own step loop (async, as served) under torch.profiler, whose CUPTI tracing
 records every CUDA kernel in the process, MLX's included (the GPU machines ship torch; it is
@@ -70,16 +71,44 @@ def gaps(kernels, top: int = 8, min_us: float = 20.0) -> list[tuple]:
     return sorted(((t, c, b, a) for (b, a), (t, c) in by_pair.items()), reverse=True)[:top]
 
 
-def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-    start_decoding(engine, label, batch, context, 2 * steps + 32)
-    for _ in range(steps // 2 + 8):  # prefill, compile, warm
+def _linear_params(a) -> int:
+    """Weights a token passes through in the decoder layers' projections (not the LM head)."""
+    d = a.head_dim
+    per_layer = a.hidden_size * (a.num_attention_heads + 2 * a.num_key_value_heads) * d \
+        + a.num_attention_heads * d * a.hidden_size + 3 * a.hidden_size * a.intermediate_size
+    return a.num_hidden_layers * per_layer
+
+
+def _prefill_all(engine: LLMEngine, prefix: str, batch: int, context: int) -> int:
+    """Add `batch` one-token requests of `context`-token prompts, step until all are done:
+    every step is prompt chunks only. Returns the number of steps."""
+    start_decoding(engine, prefix, batch, context, 1)
+    steps = 0
+    while engine.has_unfinished_requests():
         engine.step()
+        steps += 1
+    return steps
+
+
+def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str,
+          prefill: bool = False) -> dict:
+    """Decode steps at `batch` x `context`; with `prefill`, instead the steps that compute
+    `batch` prompts of `context` tokens (after one untraced round that compiles them)."""
+    from torch.profiler import ProfilerActivity, profile
+    if prefill:
+        _prefill_all(engine, f"warm-{label}", batch, context)
+    else:
+        start_decoding(engine, label, batch, context, 2 * steps + 32)
+        for _ in range(steps // 2 + 8):  # prefill, compile, warm
+            engine.step()
     mx.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
+        if prefill:
+            steps = _prefill_all(engine, label, batch, context)
+        else:
+            for _ in range(steps):
+                engine.step()
         mx.synchronize()
         wall = time.perf_counter() - t0
     stop_all(engine)
@@ -93,6 +122,9 @@ def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str) -
                   gpu_busy_ms=busy / steps, kernels_per_step=len(kernels) / steps,
                   top=sorted(((n, t / 1e3 / steps, c / steps) for n, (t, c) in per_name.items()),
                              key=lambda x: -x[1])[:14])
+    if prefill:  # FLOPs of the linear layers only (attention adds a few % at these lengths)
+        flops = 2 * batch * context * _linear_params(engine.model_args) / wall
+        label += f" (prefill: {batch * context / steps:.0f} tokens/step, {flops / 1e12:.0f} TFLOP/s in matmuls)"
     print(f"\n-- {label}: batch {batch}, context ~{context}: {result['wall_ms']:.2f} ms/step wall, "
           f"GPU busy {result['gpu_busy_ms']:.2f} ms ({100 * busy / steps / result['wall_ms']:.0f}%), "
           f"{result['kernels_per_step']:.0f} kernels/step")
@@ -192,6 +224,8 @@ def main(argv=None):
     ap.add_argument("--batch", default="1")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--prefill", action="store_true",
+                    help="trace the steps that compute --batch prompts of --context tokens instead")
     ap.add_argument("--variants", default="chosen,nocompile,nofused,neither,nogemv",
                     help="of chosen,nocompile,nofused,neither,nogemv,unstaged,dequant,qgemm,qgemv "
                          "(those that differ run; dequant / qgemm / qgemv: that kernel switched)")
@@ -229,7 +263,7 @@ def main(argv=None):
                 model.plan, engine.runner.compile_decode = plan, comp
                 engine.runner._compiled.clear()  # the compiled step captured the kernel settings
                 try:
-                    trace(engine, b, a.context, a.steps, label)
+                    trace(engine, b, a.context, a.steps, label, a.prefill)
                 finally:
                     engine.runner._compiled.clear()
     model.plan, engine.runner.compile_decode = chosen, compiled

@@ -377,3 +377,22 @@ def test_gpu_trace_gaps_sums_idle_time_by_neighbouring_kernels():
     assert gaps(events) == [(200.0, 2, "sample", "a")]
     assert gaps(events, min_us=5) == [(200.0, 2, "sample", "a"), (10.0, 1, "b", "c")]
 
+
+
+def test_gpu_trace_prefill_rounds_compute_every_prompt_and_free_its_blocks():
+    """gpu_trace --prefill traces the steps that compute a batch of prompts: each round ends
+    with the engine idle and every KV block back, so rounds (warm, traced) repeat alike."""
+    from loadtest.gpu_trace import _linear_params, _prefill_all
+    from loadtest.offline_bench import SHAPES
+    from loadtest.profile_step import decode_engine
+    from engine.config import ModelArgs
+
+    engine = decode_engine("tiny", "float32", None, 8, 600)
+    free = engine.kv_manager.num_free_blocks
+    steps = [_prefill_all(engine, f"r{i}", 8, 512) for i in range(2)]
+    # 8 x 512 prompt tokens in a 4,096-token step budget: one step, plus at most one more
+    # that collects the last samples (the engine runs a step ahead).
+    assert steps[0] == steps[1] and 1 <= steps[0] <= 2
+    assert not engine.has_unfinished_requests() and engine.kv_manager.num_free_blocks == free
+    # 7B: 32 layers x (q|k|v 4096x6144 + o 4096x4096 + gate|up|down 3x4096x14336)
+    assert _linear_params(ModelArgs.from_dict(SHAPES["7b"])) == 32 * 4096 * (6144 + 4096 + 3 * 14336)
