@@ -299,10 +299,6 @@ class ModelRunner:
             query_index[i] = start + idx
             output_index.append(i * q_len + np.arange(r.num_tokens))
             start += r.num_tokens
-        visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])
-        window = self.args.sliding_window
-        if window:
-            visible &= key_pos[:, None, :] > q_pos[:, :, None] - window
         padded = q_len > 1 and g * q_len != num_tokens
         return AttentionGroup(
             token_start=token_start,
@@ -310,10 +306,27 @@ class ModelRunner:
             query_index=mx.array(query_index.reshape(-1)) if padded else None,
             output_index=mx.array(np.concatenate(output_index).astype(np.int32)) if padded else None,
             block_tables=mx.array(tables),
-            mask=mx.array(visible[:, None, :, :]),
+            mask=_additive_mask(key_pos, q_pos, self.args.sliding_window, self.kv_cache.dtype),
             num_seqs=g,
             query_len=q_len,
         )
+
+
+def _additive_mask(key_pos: np.ndarray, q_pos: np.ndarray, window: Optional[int],
+                   dtype: mx.Dtype) -> mx.array:
+    """(G, 1, Lq, L): 0 where query (g, i) at q_pos[g, i] sees the key at key_pos[g, j] (-1: no
+    key), -inf elsewhere, in the model's dtype, built on the device from the positions.
+
+    SDPA takes an additive mask as is (broadcast over heads by stride 0). A bool mask it first
+    broadcasts to every head and turns into an additive one inside each layer's call: two
+    full-size fills and a select, a third of a 4,096-token prompt step on an H200
+    (`gpu_trace --prefill`), besides copying G x Lq x L bytes from the host."""
+    kp = mx.array(key_pos.astype(np.int32))[:, None, None, :]
+    qp = mx.array(q_pos.astype(np.int32))[:, None, :, None]
+    visible = (kp >= 0) & (kp <= qp)
+    if window:
+        visible = visible & (kp > qp - window)
+    return mx.where(visible, mx.array(0, dtype), mx.array(-float("inf"), dtype))
 
 
 STAGE_INPUTS = True  # False: plain mx.array per input (gpu_trace's A/B switch)
