@@ -6,7 +6,9 @@
 Every request gets random prompt ids and generates exactly --output-len tokens (EOS ignored),
 so both engines do the same work. Output tok/s = generated tokens / wall time from the
 first submission to the last token. Both are warmed up first (MLX compiles kernels on
-first use, slowly on CUDA).
+first use, slowly on CUDA): by default on 4 short requests; with --warmup full by the
+measured workload itself, so that every step shape (and its kernel compiles, cuBLAS and cuDNN
+plans, compiled decode traces) has been seen once.
 """
 
 from __future__ import annotations
@@ -189,6 +191,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--step-log", action="store_true", help="print where our run's time went, by step size")
     ap.add_argument("--repeat", type=int, default=1, help="run ours this many times (the spread)")
+    ap.add_argument("--warmup", choices=["short", "full"], default="short",
+                    help="short: 4 prompts of 8 tokens; full: the measured workload once, untimed "
+                         "(both engines: every step shape of the run has been seen once)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE,...",
                     help="then run ours again with these settings, on the same engine and weights "
                          "(repeatable, one run each): MODULE.ATTR of an engine module, or "
@@ -216,14 +221,15 @@ def main(argv=None) -> None:
         max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=False))
     startup = time.perf_counter() - t0  # on CUDA: the kernel self-checks compile every variant
     results = []
-    run_ours(engine, warm, 8)
+    warm, warm_len = (prompts, a.output_len) if a.warmup == "full" else (warm, 8)
+    run_ours(engine, warm, warm_len)
     for _ in range(a.repeat):
         results.append(run_ours(engine, prompts, a.output_len, a.step_log))
     for spec in a.set:
         with settings.applied(engine, spec):
             if a.step_log:
                 print(f"-- {spec}")
-            run_ours(engine, warm, 8)
+            run_ours(engine, warm, warm_len)
             for _ in range(a.repeat):
                 results.append(dataclasses.replace(
                     run_ours(engine, prompts, a.output_len, a.step_log), engine=f"  {spec}"))
@@ -231,14 +237,15 @@ def main(argv=None) -> None:
     if not a.no_peer:
         peer = build_peer(args, weights, bits)
         for bs in [int(x) for x in a.peer_batch_sizes.split(",")]:
-            run_peer(peer, warm, 8, bs)
+            run_peer(peer, warm, warm_len, bs)
             results.append(run_peer(peer, prompts, a.output_len, bs))
 
     device = str(mx.default_device())
     print(f"\nworkload: {a.num_prompts} requests, {a.input_len} in / {a.output_len} out, "
           f"{'checkpoint ' + a.model if a.model else a.shape + ' random weights'}, "
           f"{a.dtype}{f', {bits}-bit' if bits else ''}, device {device}")
-    print(f"engine start-up (model on the device, kernel self-checks): {startup:.1f} s")
+    print(f"engine start-up (model on the device, kernel self-checks): {startup:.1f} s; "
+          f"warm-up: {a.warmup}")
     print(f"kernel plan: {engine.model.plan}")
     print(f"{'engine':<40} {'output tok/s':>14} {'seconds':>9}")
     for r in results:
