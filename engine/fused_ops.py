@@ -232,9 +232,8 @@ def qkv_rope_store(qkv: mx.array, positions: mx.array, slots: mx.array, k_pool: 
     the pools, so a host one step ahead made MLX copy whole pools (an H200 trace: ~1 ms of
     copies per single-stream step). With the kernel and `in_place`, K and V are written into
     the very pool buffers and the same arrays come back. That is safe only when everything
-    that reads the pools this step runs after q's producer: the decode attention kernel takes
-    q; prompt groups read the pools through mx.depends on q (engine/model.py). Steps of
-    earlier and later launches are ordered on the stream.
+    that reads the pools this step takes q as an input (the decode attention kernel does), so
+    it runs after the write; steps of earlier and later launches are ordered on the stream.
     """
     if kernel and in_place and positions.dtype == slots.dtype == mx.int32 and not head_dim % 2 \
             and k_pool.dtype == v_pool.dtype == qkv.dtype:

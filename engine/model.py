@@ -127,16 +127,12 @@ class Attention(nn.Module):
                 g.query_positions, meta.slot_mapping, self.n_heads, self.rope_theta,
                 cache.block_size, meta.sliding_window)
             return project(self.o_proj, out.reshape(out.shape[0], -1), plan)
-        q, keys, values = fused_ops.qkv_rope_store(
+        q, cache.keys[layer], cache.values[layer] = fused_ops.qkv_rope_store(
             qkv, positions, meta.slot_mapping, cache.keys[layer], cache.values[layer],
             self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta, plan.fused,
-            in_place=True)
-        cache.keys[layer], cache.values[layer] = keys, values
-        if not meta.only_decode_kernel:
-            # Prompt groups gather K/V from the pools without taking q: their reads must wait
-            # for q's producer, which may have written this step's K/V into the pools in place.
-            keys, values = mx.depends([keys, values], [q])
-        out = paged_attention(q, keys, values, meta, cache.block_size, self.scale)
+            in_place=meta.only_decode_kernel)
+        out = paged_attention(q, cache.keys[layer], cache.values[layer], meta, cache.block_size,
+                              self.scale)
         return project(self.o_proj, out, plan)
 
 
