@@ -122,9 +122,10 @@ def trace(engine: LLMEngine, batch: int, context: int, steps: int, label: str,
                   gpu_busy_ms=busy / steps, kernels_per_step=len(kernels) / steps,
                   top=sorted(((n, t / 1e3 / steps, c / steps) for n, (t, c) in per_name.items()),
                              key=lambda x: -x[1])[:14])
-    if prefill:  # FLOPs of the linear layers only (attention adds a few % at these lengths)
+    if prefill:  # the linear layers' FLOPs over the wall time (attention adds a few %)
         flops = 2 * batch * context * _linear_params(engine.model_args) / wall
-        label += f" (prefill: {batch * context / steps:.0f} tokens/step, {flops / 1e12:.0f} TFLOP/s in matmuls)"
+        label += (f" (prefill: {batch * context / steps:.0f} tokens/step, linear layers "
+                  f"{flops / 1e12:.0f} TFLOP/s of wall time)")
     print(f"\n-- {label}: batch {batch}, context ~{context}: {result['wall_ms']:.2f} ms/step wall, "
           f"GPU busy {result['gpu_busy_ms']:.2f} ms ({100 * busy / steps / result['wall_ms']:.0f}%), "
           f"{result['kernels_per_step']:.0f} kernels/step")
