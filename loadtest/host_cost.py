@@ -1,7 +1,7 @@
 """What one op costs the host on MLX's CUDA backend, by kind: a compiled chain of N ops is
 replayed and timed on the host (build + mx.async_eval) and end to end (with the device).
 
-    python -m loadtest.host_cost [--ops 128]
+    python -m loadtest.host_cost [--ops 128] [--rows 64]
 
 A decode step at batch 1 is ~300 kernels. When the host's cost per step passes the GPU's, the
 host sets the pace whatever the kernels do; this says which kind of op costs the host most
@@ -17,7 +17,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import fused_ops, qgemv
+from engine import fused_ops, qgemm, qgemv
 from loadtest.kernel_ablate import setting
 from loadtest.quant_kernels import layer_4bit
 
@@ -51,23 +51,31 @@ def time_chain(fn, x, reps: int = 30) -> tuple[float, float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", type=int, default=128)
+    ap.add_argument("--rows", type=int, default=1,
+                    help="activation rows: 1 takes MLX's own gemv; more take cuBLAS, whose "
+                         "host cost per call (descriptors, heuristic query) is what this shows")
     a = ap.parse_args(argv)
     n = a.ops
-    x = mx.random.normal((1, 4096)).astype(mx.bfloat16)
+    x = mx.random.normal((a.rows, 4096)).astype(mx.bfloat16)
     w = (mx.random.normal((4096, 4096)) * 0.01).astype(mx.bfloat16)
     layer = layer_4bit(4096, 4096)
-    gu = mx.random.normal((1, 2 * 4096)).astype(mx.bfloat16)
+    gu = mx.random.normal((a.rows, 2 * 4096)).astype(mx.bfloat16)
     mx.eval(x, w, layer.parameters(), gu)
     cases = {
         "elementwise (x * 1.001)": (lambda v: v * 1.001, x),
-        "reshape pair (no kernel)": (lambda v: v.reshape(4096, 1).reshape(1, 4096), x),
-        "cuBLAS matmul 4096x4096 bf16": (lambda v: v @ w.T, x),
+        "reshape pair (no kernel)": (lambda v: v.reshape(-1, 4096, 1).reshape(-1, 4096), x),
+        f"matmul 4096x4096 bf16 ({'gemv' if a.rows == 1 else 'cuBLAS'})": (lambda v: v @ w.T, x),
         "fused SwiGLU + concatenate (2 ops)": (lambda v: mx.concatenate(
             [fused_ops.swiglu(v, True)] * 2, axis=-1), gu),
-        "qgemv 4-bit 4096x4096 (cuda_kernel)": (lambda v: qgemv.qgemv(layer, v), x),
+        "qgemv 4-bit 4096x4096 (cuda_kernel)": ((lambda v: qgemv.qgemv(layer, v)) if a.rows <= 8
+                                                else (lambda v: qgemm.qgemm(layer, v)), x),
         "qgemv direct (cuda_kernel)": (_direct(layer), x),
     }
-    print(f"{n} ops per compiled call; per op: host us (build + queue), wall us (with device)")
+    if a.rows > 1:  # the few-row kernels take 1-8 rows; qgemm (tensor cores) takes 9-128
+        del cases["qgemv direct (cuda_kernel)"]
+        cases = {k.replace("qgemv 4-bit", "4-bit qgemv/qgemm"): c for k, c in cases.items()}
+    print(f"{n} ops per compiled call, {a.rows} rows; per op: host us (build + queue), "
+          f"wall us (with device)")
     for name, (step, inp) in cases.items():
         try:
             host, wall = time_chain(chain(step, n), inp)
