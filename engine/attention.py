@@ -27,7 +27,9 @@ class AttentionGroup:
     query_index: Optional[mx.array]  # (G * Lq,) step token index of each padded query; None: no padding
     output_index: Optional[mx.array]  # (num_tokens,) row of G * Lq where each real query lands
     block_tables: mx.array  # (G, max_blocks) physical block ids, padding points at block 0
-    mask: Optional[mx.array]  # (G, 1, Lq, max_blocks * block_size) additive (0 / -inf); None with the kernel
+    # (G, 1, Lq, max_blocks * block_size): additive (0 / -inf) as the runner builds it (SDPA
+    # also takes bool); None with the kernel
+    mask: Optional[mx.array]
     num_seqs: int
     query_len: int
     # Decode groups on the CUDA kernel path only (the kernel masks by position itself):
