@@ -193,6 +193,31 @@ def splits_sweep(args: ModelArgs, dtype, batches: list[int], context: int,
             print(f"   batch {batch:>3} {version}  " + "  ".join(cells))
 
 
+def prompt_shapes_sweep(args: ModelArgs, dtype: mx.Dtype, shapes: list[tuple[int, int, int]]) -> None:
+    """A prompt group's attention at each (G, Lq, L): its first call, which on CUDA builds a
+    cuDNN graph for the new shape, against the same call warm. Serving meets a new (G, Lq,
+    L) whenever prompt lengths change; if first calls cost far more, bucketing those sizes
+    in the runner would pay."""
+    h, kvh, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    print(f"\n-- prompt-group attention, first call vs warm (ms), {h} heads / {kvh} KV heads, D {d}")
+    for g, lq, kl in shapes:
+        q = mx.random.normal((g, h, lq, d)).astype(dtype)
+        k, v = (mx.random.normal((g, kvh, kl, d)).astype(dtype) for _ in range(2))
+        qp, kp = mx.arange(kl - lq, kl)[:, None], mx.arange(kl)[None]
+        mask = mx.where(kp <= qp, mx.array(0, dtype), mx.array(-float("inf"), dtype))
+        mask = mx.broadcast_to(mask, (g, 1, lq, kl))
+        mx.eval(q, k, v, mask)
+        mx.synchronize()
+
+        def run():
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5, mask=mask)
+        t0 = time.perf_counter()
+        mx.eval(run())
+        mx.synchronize()
+        first = time.perf_counter() - t0
+        print(f"   G {g:3d} Lq {lq:5d} L {kl:5d}: first {1e3 * first:8.2f}  warm {1e3 * _time(run):7.3f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,8 +230,14 @@ def main(argv=None) -> None:
     ap.add_argument("--qmm-rows", help="only the quantized-matmul sweep over these row counts")
     ap.add_argument("--gemv-rows", help="only the few-row matmul sweep over these row counts")
     ap.add_argument("--splits", action="store_true", help="only the attention split-count sweep")
+    ap.add_argument("--prompt-shapes", help="only prompt-group attention, first call vs warm, at "
+                                            "these G:Lq:L (e.g. 4:1024:1024,5:1000:1024)")
     a = ap.parse_args(argv)
     args = ModelArgs.from_dict(SHAPES[a.shape])
+    if a.prompt_shapes:
+        prompt_shapes_sweep(args, DTYPES[a.dtype], [tuple(int(x) for x in s.split(":"))
+                                                    for s in a.prompt_shapes.split(",")])
+        return
     if a.gemv_rows:
         gemv_sweep(args, DTYPES[a.dtype], a.bits, [int(m) for m in a.gemv_rows.split(",")], a.bandwidth)
         return
