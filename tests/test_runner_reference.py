@@ -109,3 +109,18 @@ def test_bfloat16_prompt_groups_match_reference():
     plan = [{"a": 3, "b": 11, "c": 6, "d": 1}, {"a": 1, "b": 1, "c": 1, "d": 9},
             {"a": 1, "b": 1, "c": 1, "d": 1}]
     assert run_plan(8, plan, {"a": 5, "b": 13, "c": 8, "d": 11}, seed=3, dtype=mx.bfloat16) < 0.15
+
+
+def test_additive_mask_sees_own_past_within_the_window():
+    """runner._additive_mask: 0 where 0 <= key position <= query position and the key is
+    inside the window, -inf elsewhere (a -1 key position is padding), in the asked dtype."""
+    from engine.runner import _additive_mask
+    key_pos = np.array([[0, 1, 2, 3, 4, -1], [8, 9, 10, 11, -1, -1]])
+    q_pos = np.array([[2, 4], [10, 10]])  # the second row's padded query repeats the last
+    for window, dtype in ((None, mx.float32), (2, mx.bfloat16)):
+        mask = _additive_mask(key_pos, q_pos, window, dtype)
+        assert mask.shape == (2, 1, 2, 6) and mask.dtype == dtype
+        kp, qp = key_pos[:, None, :], q_pos[:, :, None]
+        want = (kp >= 0) & (kp <= qp) & ((kp > qp - window) if window else True)
+        got = np.array(mask.astype(mx.float32))[:, 0]
+        assert np.array_equal(got == 0, want) and np.all(np.isneginf(got[~want]))
