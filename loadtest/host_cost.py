@@ -67,13 +67,12 @@ def main(argv=None) -> None:
         f"matmul 4096x4096 bf16 ({'gemv' if a.rows == 1 else 'cuBLAS'})": (lambda v: v @ w.T, x),
         "fused SwiGLU + concatenate (2 ops)": (lambda v: mx.concatenate(
             [fused_ops.swiglu(v, True)] * 2, axis=-1), gu),
-        "qgemv 4-bit 4096x4096 (cuda_kernel)": ((lambda v: qgemv.qgemv(layer, v)) if a.rows <= 8
-                                                else (lambda v: qgemm.qgemm(layer, v)), x),
-        "qgemv direct (cuda_kernel)": (_direct(layer), x),
     }
-    if a.rows > 1:  # the few-row kernels take 1-8 rows; qgemm (tensor cores) takes 9-128
-        del cases["qgemv direct (cuda_kernel)"]
-        cases = {k.replace("qgemv 4-bit", "4-bit qgemv/qgemm"): c for k, c in cases.items()}
+    if a.rows <= qgemv.MAX_ROWS:  # the few-row kernels; qgemm (tensor cores) takes more rows
+        cases["qgemv 4-bit 4096x4096 (cuda_kernel)"] = (lambda v: qgemv.qgemv(layer, v), x)
+        cases["qgemv direct (cuda_kernel)"] = (_direct(layer), x)
+    else:
+        cases["qgemm 4-bit 4096x4096 (cuda_kernel)"] = (lambda v: qgemm.qgemm(layer, v), x)
     print(f"{n} ops per compiled call, {a.rows} rows; per op: host us (build + queue), "
           f"wall us (with device)")
     for name, (step, inp) in cases.items():

@@ -22,6 +22,7 @@ import numpy as np
 from engine.config import ModelArgs
 from engine.engine import DTYPES
 from engine.paged_decode import num_splits, paged_decode_attention, supported
+from engine.runner import _additive_mask
 from loadtest.offline_bench import SHAPES
 
 
@@ -203,9 +204,9 @@ def prompt_shapes_sweep(args: ModelArgs, dtype: mx.Dtype, shapes: list[tuple[int
     for g, lq, kl in shapes:
         q = mx.random.normal((g, h, lq, d)).astype(dtype)
         k, v = (mx.random.normal((g, kvh, kl, d)).astype(dtype) for _ in range(2))
-        qp, kp = mx.arange(kl - lq, kl)[:, None], mx.arange(kl)[None]
-        mask = mx.where(kp <= qp, mx.array(0, dtype), mx.array(-float("inf"), dtype))
-        mask = mx.broadcast_to(mask, (g, 1, lq, kl))
+        # Each sequence's last lq of kl tokens, masked as the runner masks a prompt group.
+        mask = _additive_mask(np.tile(np.arange(kl), (g, 1)), np.tile(np.arange(kl - lq, kl), (g, 1)),
+                              None, dtype)
         mx.eval(q, k, v, mask)
         mx.synchronize()
 

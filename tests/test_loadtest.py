@@ -378,7 +378,6 @@ def test_gpu_trace_gaps_sums_idle_time_by_neighbouring_kernels():
     assert gaps(events, min_us=5) == [(200.0, 2, "sample", "a"), (10.0, 1, "b", "c")]
 
 
-
 def test_gpu_trace_prefill_rounds_compute_every_prompt_and_free_its_blocks():
     """gpu_trace --prefill traces the steps that compute a batch of prompts: each round ends
     with the engine idle and every KV block back, so rounds (warm, traced) repeat alike."""
