@@ -1,8 +1,14 @@
 """Fixtures shared by the end-to-end tests: one tiny demo checkpoint, a real server per module."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# MLX's CUDA backend rounds float32 matmuls like TF32 unless told not to (MLX reads this once,
+# at the first matmul). The tiny float32 models are compared with float64 references at 1e-4,
+# which TF32's ~3e-4 relative error fails on a GPU; the CPU ignores it.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 TINY_DEMO = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, dtype="float32")
 
