@@ -1,9 +1,12 @@
-"""Paged attention, portable path: gather by block table, SDPA (the model writes K/V first).
+"""Paged attention: the portable path (gather by block table, SDPA) and the CUDA kernels'
+entry. The model writes the step's K/V first.
 
 A step's tokens are laid out decodes first (one query each), then prompt chunks. Decodes form
-one attention group with query length 1; prompt chunks form a second group padded to the
-longest chunk. Each group gathers its sequences' live KV blocks and runs one masked
-mx.fast.scaled_dot_product_attention, so there is no per-request loop inside a layer.
+one attention group with query length 1; prompt chunks form a second group. On the portable
+path the chunks are padded to the longest; each group gathers its sequences' live KV blocks
+and runs one masked mx.fast.scaled_dot_product_attention, so there is no per-request loop
+inside a layer. On CUDA, decodes go to engine/paged_decode.py's kernel and (bf16/fp16) prompt
+chunks to engine/paged_prefill.py's, which read the pools through the block tables.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from engine import paged_decode
 from engine.paged_decode import paged_decode_attention
+from engine.paged_prefill import chunk_layout, paged_prefill_attention
 
 
 @dataclass
@@ -36,6 +40,9 @@ class AttentionGroup:
     key_start: Optional[mx.array] = None  # (G,) position of the first live key
     query_positions: Optional[mx.array] = None  # (G,)
     splits: int = 1  # thread blocks per (sequence, KV head) on the kernel (flash-decoding)
+    # Prompt groups on the CUDA prefill kernel only (unpadded; paged_prefill.chunk_layout):
+    seqs: Optional[mx.array] = None  # (G, 4) first row, length, first position, first live key
+    tiles: Optional[mx.array] = None  # (n, 2) chunk and first row of each 64-query tile
 
 
 @dataclass
@@ -72,6 +79,10 @@ def paged_attention(
             q_g = q[g.token_start:g.token_start + g.num_tokens]
         else:
             q_g = q[g.query_index]
+        if g.tiles is not None:  # prompt chunks on the CUDA kernel, as they lie in the step
+            outputs.append(paged_prefill_attention(q_g, k_pool, v_pool, g.block_tables, g.seqs,
+                                                   g.tiles, block_size, meta.sliding_window))
+            continue
         if g.key_start is not None:  # decode group on the CUDA kernel
             out = paged_decode_attention(q_g, k_pool, v_pool, g.block_tables, g.key_start,
                                          g.query_positions, block_size, meta.sliding_window,
@@ -110,7 +121,7 @@ def _scrambled_tables(lengths: list[int], block_size: int, window: Optional[int]
     for i, n in enumerate(lengths):
         nb = -(-n // block_size) - first[i]
         tables[i, :nb] = perm[i * max_blocks:i * max_blocks + nb]
-    return tables, first, num_blocks
+    return tables, num_blocks
 
 
 def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -192,3 +203,62 @@ def rope_store_kernel_matches(n_heads: int, kv_heads: int, head_dim: int, block_
             if not np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))):
                 return False
     return True
+
+
+def prefill_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, block_size: int,
+                                    window: Optional[int], dtype: mx.Dtype, seed: int = 0) -> bool:
+    """Run the CUDA prompt-chunk kernel and the portable path (gather + SDPA with a mask) on
+    the same random paged cache: chunks of 1 to 150 queries, with and without a cached past
+    (one past the window, its live blocks starting mid-table), over scrambled blocks. True
+    when every real query's output agrees. Also compiles the kernel, at start-up."""
+    rng = np.random.default_rng(seed)
+    q_lens = [1, 20, 150, 64]
+    past = [7, 0, 3 * block_size + 5, (window or 40 * block_size) + 2 * block_size + 3]
+    ends = [p + n for p, n in zip(past, q_lens)]
+    # A chunk's live keys start at the block of its first query's window, not of its last.
+    first = np.array([(max(0, p + 1 - window) // block_size) if window else 0 for p in past])
+    tables, num_blocks = _tables_from(ends, first, block_size, rng)
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    t = sum(q_lens)
+    q = mx.array(rng.standard_normal((t, n_heads, head_dim)).astype(np.float32)).astype(dtype)
+    seqs, tiles = chunk_layout(q_lens, past, first * block_size)
+    got = paged_prefill_attention(q, k_pool, v_pool, mx.array(tables), mx.array(seqs.astype(np.int32)),
+                                  mx.array(tiles.astype(np.int32)), block_size, window)
+    # The portable path: chunks padded to the longest, keys gathered, a bool mask.
+    lq, width = max(q_lens), tables.shape[1] * block_size
+    rows = np.concatenate([np.minimum(np.arange(lq), n - 1) + s for n, s in zip(q_lens, seqs[:, 0])])
+    q_pos = np.stack([p + np.minimum(np.arange(lq), n - 1) for p, n in zip(past, q_lens)])
+    key_pos = np.stack([f * block_size + np.arange(width) for f in first])
+    for i, e in enumerate(ends):  # keys past the chunk's blocks do not exist
+        key_pos[i, key_pos[i] >= -(-e // block_size) * block_size] = -1
+    visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])
+    if window:
+        visible &= key_pos[:, None, :] > q_pos[:, :, None] - window
+    q_g = q[mx.array(rows)].reshape(len(q_lens), lq, n_heads, head_dim).transpose(0, 2, 1, 3)
+    bt = mx.array(tables)
+    keys = _gather(k_pool.reshape(num_blocks, block_size, kv_heads, head_dim), bt)
+    values = _gather(v_pool.reshape(num_blocks, block_size, kv_heads, head_dim), bt)
+    ref = mx.fast.scaled_dot_product_attention(q_g, keys, values, scale=head_dim ** -0.5,
+                                               mask=mx.array(visible[:, None]))
+    ref = ref.transpose(0, 2, 1, 3).reshape(len(q_lens) * lq, -1)
+    keep = np.concatenate([i * lq + np.arange(n) for i, n in enumerate(q_lens)])
+    ref = ref[mx.array(keep)]
+    tol = 2e-2
+    return bool(mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol))
+
+
+def _tables_from(ends: list[int], first: np.ndarray, block_size: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Block tables over a random permutation of blocks 1.. for sequences of `ends` tokens
+    whose live blocks start at `first`; (tables, the pool's block count)."""
+    counts = [-(-e // block_size) - f for e, f in zip(ends, first)]
+    num_blocks = sum(counts) + 1
+    perm = rng.permutation(num_blocks - 1) + 1
+    tables = np.zeros((len(ends), max(counts)), np.int32)
+    at = 0
+    for i, n in enumerate(counts):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    return tables, num_blocks

@@ -19,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine import paged_decode, qgemv
+from engine import paged_decode, paged_prefill, qgemv
 from engine.attention import (AttentionGroup, AttentionMetadata, decode_kernel_matches_portable,
-                              rope_store_kernel_matches)
+                              prefill_kernel_matches_portable, rope_store_kernel_matches)
 from engine.config import ModelArgs
 from engine.decode_carry import DecodeCarry
 from engine.fused_ops import fused_ops_match_portable
@@ -67,6 +67,7 @@ class ModelRunner:
         # step, or return {request_id: message} to fail those requests alone.
         self.fault_hook: Optional[Callable[[SchedulerOutput], Optional[dict[str, str]]]] = None
         self.decode_kernel = _choose_decode_kernel(attention_backend, args, kv_cache)
+        self.prefill_kernel = self.decode_kernel and _choose_prefill_kernel(args, kv_cache)
         # (request id -> row, token ids) sampled by the last launched step
         self._last_sampled: tuple[dict[str, int], Optional[mx.array]] = ({}, None)
         self._carry: Optional[DecodeCarry] = None  # the last step's inputs, if it can continue
@@ -182,6 +183,8 @@ class ModelRunner:
             if kernel:
                 host["tables"], host["key_start"] = self._kernel_tables(decodes, compiled)
                 splits = self._splits(decodes)
+            if chunks and self.prefill_kernel:
+                host["chunk_tables"], host["seqs"], host["tiles"] = self._chunk_inputs(chunks)
             dev = dict(zip(host, device_ints(*host.values())))
             ids, moving, last = dev["ids"], dev["moving"], dev.get("last")
             tables, key_start = dev.get("tables"), dev.get("key_start")
@@ -200,7 +203,13 @@ class ModelRunner:
         if compiled:
             return ordered, self._compiled_decode(group, ids, positions, slots), last, carry
         groups = [group] if decodes else []
-        if chunks:
+        if chunks and self.prefill_kernel:  # unpadded, read through the tables by the kernel
+            groups.append(AttentionGroup(
+                token_start=len(decodes), num_tokens=n - len(decodes), query_index=None,
+                output_index=None, block_tables=dev["chunk_tables"], mask=None,
+                num_seqs=len(chunks), query_len=max(r.num_tokens for r in chunks),
+                seqs=dev["seqs"], tiles=dev["tiles"]))
+        elif chunks:
             groups.append(self._group(chunks, len(decodes), len(input_ids) - len(decodes)))
         meta = AttentionMetadata(slot_mapping=slots, groups=groups,
                                  sliding_window=self.args.sliding_window)
@@ -276,6 +285,18 @@ class ModelRunner:
         """How many key splits the decode kernel runs for these decodes."""
         max_keys = max(r.start_position + 1 - r.first_block_index * self.block_size for r in reqs)
         return paged_decode.num_splits(len(reqs), self.args.num_key_value_heads, max_keys)
+
+    def _chunk_inputs(self, reqs: Sequence[ScheduledRequest]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host arrays of the prompt-chunk kernel: block tables, paged_prefill.chunk_layout."""
+        tables = np.zeros((len(reqs), _table_width(max(len(r.block_table) for r in reqs), False)),
+                          np.int64)
+        for i, r in enumerate(reqs):
+            tables[i, :len(r.block_table)] = r.block_table
+        seqs, tiles = paged_prefill.chunk_layout(
+            [r.num_tokens for r in reqs], [r.start_position for r in reqs],
+            [r.first_block_index * self.block_size for r in reqs])
+        return tables, seqs, tiles
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
                num_tokens: int, pad_to_power_of_two: bool = False) -> AttentionGroup:
@@ -395,6 +416,18 @@ def _choose_decode_kernel(backend: str, args: ModelArgs, kv_cache: PagedKVCache)
     if not ok and backend == "cuda":
         raise RuntimeError("the CUDA decode attention kernel is unavailable or failed its self-check")
     log.info("decode attention: %s", "CUDA paged kernel" if ok else "portable gather + SDPA")
+    return ok
+
+
+def _choose_prefill_kernel(args: ModelArgs, kv_cache: PagedKVCache) -> bool:
+    """Prompt chunks go to the CUDA kernel (engine/paged_prefill.py) where it runs, matches the
+    portable path here and MISTRAL_SERVE_PREFILL_KERNEL is not "0"; else gather + SDPA."""
+    ok = os.environ.get("MISTRAL_SERVE_PREFILL_KERNEL", "1") != "0" and \
+        paged_prefill.supported(args.head_dim, kv_cache.dtype) and _runs(
+            "the prompt attention kernel", prefill_kernel_matches_portable,
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+            kv_cache.block_size, args.sliding_window, kv_cache.dtype)
+    log.info("prompt attention: %s", "CUDA paged kernel" if ok else "portable gather + SDPA")
     return ok
 
 

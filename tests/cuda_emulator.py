@@ -633,3 +633,76 @@ def run_fused(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the fused-op emulation; (case, max abs error) per case."""
     out = _compile_and_run(workdir, "fused", fused_source())
     return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
+
+
+def prefill_source() -> str:
+    """The C++ program for engine/paged_prefill.py's kernel (bf16) against a double-precision
+    reference: chunks of 1 to 150 queries (part-filled tiles and warps, several tiles of one
+    chunk) with and without a cached past, over scrambled blocks, causal and windowed (a
+    chunk longer than the window, live keys starting mid-table), GQA 2 and 4."""
+    from engine import paged_prefill as pp
+    src = pp.SOURCE.replace("extern __shared__ __align__(16) unsigned char smem[];",
+                            "alignas(16) static unsigned char smem[1 << 18];")
+    assert src != pp.SOURCE
+    consts = f"constexpr int BQ = {pp.BQ}, BKV = {pp.BKV}, THREADS = {pp.THREADS};\n"
+    return PRELUDE + QGEMM_PRELUDE + consts + r"""
+    using bf = __nv_bfloat16;
+    template <typename T, bool BF16, int D, int KVH, int GQA, int BS, int WINDOW>
+    void pf(const T* q, const T* k_pool, const T* v_pool, const int* tables, const int* tables_shape,
+            const int* seqs, const int* tiles, T* out) { """ + src + r""" }
+    std::mt19937 rng(3);
+    template <int D, int KVH, int GQA, int BS, int WINDOW>
+    void prefill_case(std::vector<int> qlens, std::vector<int> pos0) {
+      constexpr int H = KVH * GQA;
+      const int G = qlens.size();
+      std::normal_distribution<float> nd;
+      std::vector<int> kstart(G), nblocks(G), seqs(4 * G), tiles;
+      int T_ = 0, W = 0, total = 0;
+      for (int s = 0; s < G; ++s) {  // live keys from the block of the first query's window
+        kstart[s] = WINDOW ? std::max(0, pos0[s] + 1 - WINDOW) / BS * BS : 0;
+        nblocks[s] = (pos0[s] + qlens[s] - 1) / BS - kstart[s] / BS + 1;
+        W = std::max(W, nblocks[s]); total += nblocks[s];
+        seqs[4 * s] = T_; seqs[4 * s + 1] = qlens[s]; seqs[4 * s + 2] = pos0[s]; seqs[4 * s + 3] = kstart[s];
+        for (int r = 0; r < qlens[s]; r += BQ) { tiles.push_back(s); tiles.push_back(r); }
+        T_ += qlens[s];
+      }
+      const int nb = total + 3;  // scrambled: block ids 1.. in a random order, 0 unused
+      std::vector<int> perm(nb - 1); for (int i = 0; i < nb - 1; ++i) perm[i] = i + 1;
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::vector<int> tables(G * W, 0); int used = 0;
+      for (int s = 0; s < G; ++s) for (int b = 0; b < nblocks[s]; ++b) tables[s * W + b] = perm[used++];
+      std::vector<bf> kp((long)nb * BS * KVH * D), vp(kp.size()), q((long)T_ * H * D), out(q.size(), bf(NAN));
+      for (auto& x : kp) x = bf(nd(rng)); for (auto& x : vp) x = bf(nd(rng)); for (auto& x : q) x = bf(nd(rng));
+      int tshape[2] = {G, W};
+      const int nt = tiles.size() / 2;
+      for (int hy = 0; hy < H; ++hy)
+        launch(nt, THREADS, [&, hy] { blockIdx.y = hy; pf<bf, true, D, KVH, GQA, BS, WINDOW>(q.data(), kp.data(), vp.data(), tables.data(), tshape, seqs.data(), tiles.data(), out.data()); }, H);
+      double err = 0;
+      for (int s = 0; s < G; ++s) for (int r = 0; r < qlens[s]; ++r) for (int h = 0; h < H; ++h) {
+        const int qp = pos0[s] + r, kv = h / GQA;
+        std::vector<double> w; std::vector<long> rows; double mx = -1e300;
+        for (int p = kstart[s]; p <= qp; ++p) {
+          if (WINDOW && p <= qp - WINDOW) continue;
+          const long row = ((long)tables[s * W + p / BS - kstart[s] / BS] * BS + p % BS) * KVH + kv;
+          double d = 0; for (int e = 0; e < D; ++e) d += (double)(float)q[((long)(seqs[4 * s] + r) * H + h) * D + e] * (float)kp[row * D + e];
+          w.push_back(d / sqrt((double)D)); rows.push_back(row); mx = std::max(mx, w.back()); }
+        double sum = 0; for (auto& x : w) { x = exp(x - mx); sum += x; }
+        for (int e = 0; e < D; ++e) {
+          double o = 0; for (size_t i = 0; i < w.size(); ++i) o += w[i] / sum * (float)vp[rows[i] * D + e];
+          const float got = out[((long)(seqs[4 * s] + r) * H + h) * D + e];
+          err = std::max(err, std::isnan(got) ? 1e9 : fabs(got - o)); } }
+      printf("prefill D %d KVH %d GQA %d BS %d window %d chunks %d: max err %.2e\n", D, KVH, GQA, BS, WINDOW, G, err);
+    }
+    int main() {
+      prefill_case<32, 2, 2, 16, 0>({70, 5, 1, 130}, {0, 37, 200, 16});
+      prefill_case<32, 2, 2, 16, 24>({70, 5, 1, 130}, {0, 37, 200, 90});
+      prefill_case<64, 1, 4, 8, 0>({64, 17}, {0, 100});
+      prefill_case<32, 1, 2, 16, 40>({150, 3}, {10, 300});
+    }
+    """
+
+
+def run_prefill(workdir: Path) -> list[tuple[str, float]]:
+    """Compile and run the prompt-attention emulation; (case, max abs error) per case."""
+    out = _compile_and_run(workdir, "prefill", prefill_source())
+    return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]

@@ -10,6 +10,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 import pytest
 
+from engine import attention, paged_prefill
 from engine.kv_cache import PagedKVCache
 from engine.runner import ModelRunner
 from scheduler.output import ScheduledRequest, SchedulerOutput
@@ -48,9 +49,10 @@ class Pool:
             sampling_params=SamplingParams(temperature=0), num_output_tokens=0)
 
 
-def run_plan(window, plan, lengths, seed=0, dtype=mx.float32):
+def run_plan(window, plan, lengths, seed=0, dtype=mx.float32, prefill_kernel=False):
     """plan: list of steps, each {rid: num_tokens}. Returns max abs diff vs the reference
-    (computed in float64 from the model's own, possibly rounded, weights)."""
+    (computed in float64 from the model's own, possibly rounded, weights). prefill_kernel:
+    the runner builds the CUDA prompt kernel's inputs (set it up with the stand-in below)."""
     model, args, cfg = tiny_model(seed=seed, sliding_window=window)
     model.set_dtype(dtype)
     weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
@@ -58,6 +60,7 @@ def run_plan(window, plan, lengths, seed=0, dtype=mx.float32):
     seqs = {rid: Seq(rid, rng.integers(0, args.vocab_size, n)) for rid, n in lengths.items()}
     cache = PagedKVCache(args, num_blocks=64, block_size=BS, dtype=dtype)
     runner = ModelRunner(model, args, cache)
+    runner.prefill_kernel = prefill_kernel
     pool = Pool(64, seed)
     got = {rid: [] for rid in seqs}
     for step, todo in enumerate(plan):
@@ -124,3 +127,43 @@ def test_additive_mask_sees_own_past_within_the_window():
         want = (kp >= 0) & (kp <= qp) & ((kp > qp - window) if window else True)
         got = np.array(mask.astype(mx.float32))[:, 0]
         assert np.array_equal(got == 0, want) and np.all(np.isneginf(got[~want]))
+
+
+def _prefill_stand_in(q, k_pool, v_pool, tables, seqs, tiles, block_size, window):
+    """paged_prefill_attention's contract in MLX ops, chunk by chunk, from the kernel's own
+    inputs: a chunk's keys are its table's blocks from its first live key, each query sees
+    keys up to its own position (and inside the window)."""
+    _, n_heads, head_dim = q.shape
+    tables, seqs = np.array(tables), np.array(seqs)
+    assert np.array(tiles).tolist() == paged_prefill.chunk_layout(
+        seqs[:, 1], seqs[:, 2], seqs[:, 3])[1].tolist()
+    outs = []
+    for (start, n, pos0, key_start), row in zip(seqs, tables):
+        assert key_start % block_size == 0 and start == sum(len(o) for o in outs)
+        blocks = (pos0 + n - 1) // block_size - key_start // block_size + 1
+        slots = mx.array((row[:blocks, None] * block_size + np.arange(block_size)).reshape(-1))
+        key_pos = key_start + np.arange(blocks * block_size)
+        q_pos = pos0 + np.arange(n)
+        visible = key_pos[None] <= q_pos[:, None]
+        if window:
+            visible &= key_pos[None] > q_pos[:, None] - window
+        keys, values = (p[slots].transpose(1, 0, 2)[None] for p in (k_pool, v_pool))
+        out = mx.fast.scaled_dot_product_attention(
+            q[int(start):int(start + n)].transpose(1, 0, 2)[None], keys, values,
+            scale=head_dim ** -0.5, mask=mx.array(visible)[None, None])
+        outs.append(out[0].transpose(1, 0, 2).reshape(int(n), n_heads * head_dim))
+    return mx.concatenate(outs)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_prefill_kernel_inputs_from_the_runner(window, monkeypatch):
+    """The runner's inputs for the CUDA prompt-chunk kernel (tables, seqs, tiles: no padding,
+    no mask), read by a stand-in with the kernel's contract, give the reference's logits:
+    chunked prompts past the window beside decodes, blocks reused after window freeing."""
+    monkeypatch.setattr(attention, "paged_prefill_attention", _prefill_stand_in)
+    plan = [{"a": 7, "b": 5}, {"a": 13, "b": 1}, {"a": 10, "b": 1, "c": 9},
+            {"a": 1, "b": 1, "c": 3}, {"a": 1, "b": 1, "c": 1}, {"a": 1, "c": 1}]
+    assert run_plan(window, plan, {"a": 33, "b": 9, "c": 14}, prefill_kernel=True) < 1e-4
+    plan = [{"a": 3, "b": 11, "c": 6, "d": 1}, {"a": 1, "b": 1, "c": 1, "d": 9}]
+    assert run_plan(window, plan, {"a": 4, "b": 12, "c": 7, "d": 10}, seed=3,
+                    prefill_kernel=True) < 1e-4

@@ -1,0 +1,42 @@
+"""engine/paged_prefill.py's CUDA kernel run on the CPU by thread emulation
+(tests/cuda_emulator.py, mma.sync emulated per the PTX fragment layout): chunks over scrambled
+blocks, part-filled tiles, a cached past, the sliding window and GQA, against a
+double-precision softmax attention. tests/test_paged_prefill.py runs the real kernel on a GPU."""
+
+import pytest
+
+from tests import cuda_emulator
+
+pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ (C++20)")
+
+# Outputs are bf16 (2^-8 relative) and so is P before it meets V; a key seen that should not
+# be, or one missed, moves an output by ~0.1 or more.
+BF16_OUT = 2e-2
+
+
+def test_prefill_kernel_matches_reference(tmp_path):
+    results = cuda_emulator.run_prefill(tmp_path)
+    assert len(results) == 4
+    assert {c.split("window ")[1].split()[0] for c, _ in results} == {"0", "24", "40"}
+    bad = [r for r in results if not r[1] < BF16_OUT]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("p > qp - WINDOW", "p >= qp - WINDOW"),                   # one key past the window seen
+    ("const bool vis = p <= qp &&", "const bool vis = p <= qp + 1 &&"),  # the next token seen
+    ("a[1] = pack2<BF16>(sc[2 * kk][2]", "a[1] = pack2<BF16>(sc[2 * kk][0]"),  # P rows mixed
+    ("v0[j * 8 + 8 * PITCH]", "v0[j * 8 + 7 * PITCH]"),         # V's second key pair misread
+    ("kb + BKV - 1 >= w_lo", "kb >= w_lo"),                     # a partly visible tile skipped
+    ("o[j][2] *= cb; o[j][3] *= cb;", "o[j][2] *= ca; o[j][3] *= ca;"),  # row g+8 rescaled by g's max
+    ("kvh = h / GQA", "kvh = h % KVH"),                         # query heads on the wrong KV head
+    ("const int k_hi = pos0 + min(row0 + BQ, q_len) - 1;",
+     "const int k_hi = pos0 + min(row0 + BQ / 2, q_len) - 1;"),  # a tile's last keys never loaded
+])
+def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
+    from engine import paged_prefill
+    broken = paged_prefill.SOURCE.replace(wrong, right)
+    assert broken != paged_prefill.SOURCE, wrong
+    monkeypatch.setattr(paged_prefill, "SOURCE", broken)
+    results = cuda_emulator.run_prefill(tmp_path)
+    assert len(results) == 4 and any(not e < BF16_OUT for _, e in results), results
