@@ -121,7 +121,7 @@ def _scrambled_tables(lengths: list[int], block_size: int, window: Optional[int]
     for i, n in enumerate(lengths):
         nb = -(-n // block_size) - first[i]
         tables[i, :nb] = perm[i * max_blocks:i * max_blocks + nb]
-    return tables, num_blocks
+    return tables, first, num_blocks
 
 
 def decode_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -253,7 +253,7 @@ def _tables_from(ends: list[int], first: np.ndarray, block_size: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Block tables over a random permutation of blocks 1.. for sequences of `ends` tokens
     whose live blocks start at `first`; (tables, the pool's block count)."""
-    counts = [-(-e // block_size) - f for e, f in zip(ends, first)]
+    counts = [int(-(-e // block_size) - f) for e, f in zip(ends, first)]
     num_blocks = sum(counts) + 1
     perm = rng.permutation(num_blocks - 1) + 1
     tables = np.zeros((len(ends), max(counts)), np.int32)

@@ -247,7 +247,8 @@ def main(argv=None):
     if a.fused_ops:
         fused_ops_trace(engine.model_args, DTYPES[a.dtype], ints(a.fused_ops))
     chosen, compiled = model.plan, engine.runner.compile_decode
-    print(f"plan: {chosen}, compiled decode: {compiled}")
+    print(f"plan: {chosen}, compiled decode: {compiled}, "
+          f"prompt kernel: {engine.runner.prefill_kernel}")
     names = [n for n in a.variants.split(",") if n]
     names = [n for n in names if n == "chosen" or (n == "nocompile" and compiled)
              or (n == "nofused" and chosen.fused) or (n == "neither" and chosen.fused and compiled)

@@ -167,3 +167,11 @@ def test_prefill_kernel_inputs_from_the_runner(window, monkeypatch):
     plan = [{"a": 3, "b": 11, "c": 6, "d": 1}, {"a": 1, "b": 1, "c": 1, "d": 9}]
     assert run_plan(window, plan, {"a": 4, "b": 12, "c": 7, "d": 10}, seed=3,
                     prefill_kernel=True) < 1e-4
+
+
+def test_prefill_self_check_reference_agrees_with_the_contract(monkeypatch):
+    """The start-up self-check's portable side (padded chunks, gathered keys, a bool mask)
+    agrees with the kernel's contract (the stand-in), on the CPU too."""
+    monkeypatch.setattr(attention, "paged_prefill_attention", _prefill_stand_in)
+    for window in (None, 40):
+        assert attention.prefill_kernel_matches_portable(4, 2, 16, 16, window, mx.float32)
