@@ -1,8 +1,11 @@
-"""The mx.compile'd decode step (engine/runner.py: _compiled_decode) must give exactly what
-the op-by-op forward gives: same tokens, same logprobs, with batches shrinking as requests
-finish, contexts growing across block-table widths and past a sliding window."""
+"""The mx.compile'd decode step (engine/runner.py: _compiled_decode) must give what the
+op-by-op forward gives: the same tokens and top-logprob ids, and the same logprobs (exactly
+on the CPU; on a GPU within float32 rounding, since mx.compile fuses the log-softmax into
+other kernels: the H200 differed by 7e-7), with batches shrinking as requests finish,
+contexts growing across block-table widths and past a sliding window."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from engine import runner
@@ -33,10 +36,24 @@ def test_compiled_decode_matches_op_by_op(min_blocks, monkeypatch):
     got, engine = _generate(True)
     assert engine.runner._compiled, "the compiled path did not run"
     assert {k: len(v[0]) for k, v in got.items()} == {"r0": 50, "r1": 60, "r2": 70}
-    assert got == want
+    if mx.default_device() == mx.cpu:
+        assert got == want
+    else:
+        assert _split(got)[0] == _split(want)[0]
+        assert np.allclose(_split(got)[1], _split(want)[1], rtol=0, atol=1e-5)
     assert engine.kv_manager.num_used_blocks == 0
     # The compiled step wrote the KV pools in place of the engine's arrays, still plain arrays.
     assert all(isinstance(a, mx.array) for a in engine.kv_cache.state())
+
+
+def _split(out: dict) -> tuple[list, list]:
+    """(the integers: tokens and top ids, the floats: logprobs) of run_to_completion's output."""
+    ints, floats = [], []
+    for rid in sorted(out):
+        tokens, lps = out[rid]
+        ints.append((rid, tokens, [[i for i, _ in top] for _, top in lps]))
+        floats.extend(x for lp, top in lps for x in (lp, *(v for _, v in top)))
+    return ints, floats
 
 
 def test_compiled_table_widths_are_few():
