@@ -54,10 +54,12 @@ class AttentionMetadata:
     sliding_window: Optional[int] = None
 
     @property
-    def only_decode_kernel(self) -> bool:
-        """Every group is read by the CUDA decode kernel (which takes q, so it runs after
-        q's producer): the condition for writing K/V into the pools in place."""
-        return all(g.key_start is not None for g in self.groups)
+    def only_kernels(self) -> bool:
+        """Every group is read by a CUDA attention kernel (decode or prompt), each of which
+        takes q and so runs after q's producer: the condition for writing K/V into the pools
+        in place (MLX orders a CUDA graph's kernels by the buffers they write, and the K/V
+        write reaches the pools through an input; the portable path's gathers do not read q)."""
+        return all(g.key_start is not None or g.tiles is not None for g in self.groups)
 
 
 def paged_attention(

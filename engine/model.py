@@ -130,7 +130,7 @@ class Attention(nn.Module):
         q, cache.keys[layer], cache.values[layer] = fused_ops.qkv_rope_store(
             qkv, positions, meta.slot_mapping, cache.keys[layer], cache.values[layer],
             self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta, plan.fused,
-            in_place=meta.only_decode_kernel)
+            in_place=meta.only_kernels)
         out = paged_attention(q, cache.keys[layer], cache.values[layer], meta, cache.block_size,
                               self.scale)
         return project(self.o_proj, out, plan)

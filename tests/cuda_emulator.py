@@ -635,6 +635,27 @@ def run_fused(workdir: Path) -> list[tuple[str, float]]:
     return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
 
 
+# ldmatrix by one warp: each lane posts its row address, then takes its fragment of the four
+# 8x8 matrices (rows addressed by lanes 8i..8i+7): row l / 4, columns 2 (l % 4) and +1, or
+# with .trans column l / 4, rows 2 (l % 4) and +1.
+LDMATRIX_PRELUDE = r"""
+    const unsigned short* ldsm_rows[32][32];
+    template <bool TRANS> void ldsm(unsigned* r, const void* p) {
+      int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+      if ((uintptr_t)p % 16) { printf("misaligned ldmatrix row\n"); abort(); }
+      ldsm_rows[w][l] = (const unsigned short*)p; warp_bar[w]->arrive_and_wait();
+      int g = l >> 2, t = l & 3;
+      for (int i = 0; i < 4; ++i) {
+        const unsigned short lo = TRANS ? ldsm_rows[w][8 * i + 2 * t][g] : ldsm_rows[w][8 * i + g][2 * t];
+        const unsigned short hi = TRANS ? ldsm_rows[w][8 * i + 2 * t + 1][g] : ldsm_rows[w][8 * i + g][2 * t + 1];
+        r[i] = lo | ((unsigned)hi << 16); }
+      warp_bar[w]->arrive_and_wait();
+    }
+    inline void ldsm_x4(unsigned* r, const void* p) { ldsm<false>(r, p); }
+    inline void ldsm_x4_t(unsigned* r, const void* p) { ldsm<true>(r, p); }
+    """
+
+
 def prefill_source() -> str:
     """The C++ program for engine/paged_prefill.py's kernel (bf16) against a double-precision
     reference: chunks of 1 to 150 queries (part-filled tiles and warps, several tiles of one
@@ -645,7 +666,7 @@ def prefill_source() -> str:
                             "alignas(16) static unsigned char smem[1 << 18];")
     assert src != pp.SOURCE
     consts = f"constexpr int BQ = {pp.BQ}, BKV = {pp.BKV}, THREADS = {pp.THREADS};\n"
-    return PRELUDE + QGEMM_PRELUDE + consts + r"""
+    return PRELUDE + QGEMM_PRELUDE + LDMATRIX_PRELUDE + consts + r"""
     using bf = __nv_bfloat16;
     template <typename T, bool BF16, int D, int KVH, int GQA, int BS, int WINDOW>
     void pf(const T* q, const T* k_pool, const T* v_pool, const int* tables, const int* tables_shape,

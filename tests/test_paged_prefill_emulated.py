@@ -26,7 +26,10 @@ def test_prefill_kernel_matches_reference(tmp_path):
     ("p > qp - WINDOW", "p >= qp - WINDOW"),                   # one key past the window seen
     ("const bool vis = p <= qp &&", "const bool vis = p <= qp + 1 &&"),  # the next token seen
     ("a[1] = pack2<BF16>(sc[2 * kk][2]", "a[1] = pack2<BF16>(sc[2 * kk][0]"),  # P rows mixed
-    ("v0[j * 8 + 8 * PITCH]", "v0[j * 8 + 7 * PITCH]"),         # V's second key pair misread
+    ("(lane & 7) * PITCH + (lane >> 3) * 8;", "(lane & 7) * PITCH + (lane >> 4) * 8;"),  # K dims
+    ("((lane >> 3) & 1) * 8) * PITCH", "((lane >> 4) & 1) * 8) * PITCH"),  # V's keys 8-15 misread
+    ("mma16816<BF16>(sc[j], qf[kk + 1], b + 2);", "mma16816<BF16>(sc[j], qf[kk + 1], b);"),
+    ("load(stage ^ 1, kb + BKV)", "load(stage, kb + BKV)"),     # the next tile over the live one
     ("kb + BKV - 1 >= w_lo", "kb >= w_lo"),                     # a partly visible tile skipped
     ("o[j][2] *= cb; o[j][3] *= cb;", "o[j][2] *= ca; o[j][3] *= ca;"),  # row g+8 rescaled by g's max
     ("kvh = h / GQA", "kvh = h % KVH"),                         # query heads on the wrong KV head

@@ -49,18 +49,23 @@ class Pool:
             sampling_params=SamplingParams(temperature=0), num_output_tokens=0)
 
 
-def run_plan(window, plan, lengths, seed=0, dtype=mx.float32, prefill_kernel=False):
+def run_plan(window, plan, lengths, seed=0, dtype=mx.float32, prefill_kernel=None, runners=None,
+             **model_overrides):
     """plan: list of steps, each {rid: num_tokens}. Returns max abs diff vs the reference
     (computed in float64 from the model's own, possibly rounded, weights). prefill_kernel:
-    the runner builds the CUDA prompt kernel's inputs (set it up with the stand-in below)."""
-    model, args, cfg = tiny_model(seed=seed, sliding_window=window)
+    the runner builds the CUDA prompt kernel's inputs (set it up with the stand-in below); None:
+    as the runner chose. runners: a list the runner is appended to."""
+    model, args, cfg = tiny_model(seed=seed, sliding_window=window, **model_overrides)
     model.set_dtype(dtype)
     weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
     rng = np.random.default_rng(seed)
     seqs = {rid: Seq(rid, rng.integers(0, args.vocab_size, n)) for rid, n in lengths.items()}
     cache = PagedKVCache(args, num_blocks=64, block_size=BS, dtype=dtype)
     runner = ModelRunner(model, args, cache)
-    runner.prefill_kernel = prefill_kernel
+    if prefill_kernel is not None:
+        runner.prefill_kernel = prefill_kernel
+    if runners is not None:
+        runners.append(runner)
     pool = Pool(64, seed)
     got = {rid: [] for rid in seqs}
     for step, todo in enumerate(plan):
@@ -112,6 +117,18 @@ def test_bfloat16_prompt_groups_match_reference():
     plan = [{"a": 3, "b": 11, "c": 6, "d": 1}, {"a": 1, "b": 1, "c": 1, "d": 9},
             {"a": 1, "b": 1, "c": 1, "d": 1}]
     assert run_plan(8, plan, {"a": 5, "b": 13, "c": 8, "d": 11}, seed=3, dtype=mx.bfloat16) < 0.15
+
+
+def test_bfloat16_prompt_kernel_matches_reference():
+    """Head size 32: on a GPU the CUDA prompt kernel reads the chunks (the tiny model's 16 is
+    below its minimum) and, with every group on a kernel, K/V are written in place; chunks
+    past the window, chunks beside decodes, a chunk of more than one 64-query tile."""
+    plan = [{"a": 3, "b": 70, "c": 6, "d": 1}, {"a": 1, "b": 1, "c": 1, "d": 9},
+            {"a": 1, "b": 1, "c": 1, "d": 1}]
+    runners = []
+    assert run_plan(8, plan, {"a": 5, "b": 72, "c": 8, "d": 11}, seed=3, dtype=mx.bfloat16,
+                    runners=runners, hidden_size=128) < 0.15
+    assert runners[0].prefill_kernel == paged_prefill.supported(32, mx.bfloat16)
 
 
 def test_additive_mask_sees_own_past_within_the_window():
