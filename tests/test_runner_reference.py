@@ -172,6 +172,14 @@ def _prefill_stand_in(q, k_pool, v_pool, tables, seqs, tiles, block_size, window
     return mx.concatenate(outs)
 
 
+# On a GPU the engine writes K/V in place when every group is on a kernel, and only the real
+# kernels (which take q) are ordered after that write; the stand-in's MLX gathers are not
+# (an H200 run of these tests failed so). The real kernel is tested there instead.
+cpu_only = pytest.mark.skipif(mx.default_device() != mx.cpu,
+                              reason="the stand-in is not ordered after in-place K/V writes")
+
+
+@cpu_only
 @pytest.mark.parametrize("window", [None, 8])
 def test_prefill_kernel_inputs_from_the_runner(window, monkeypatch):
     """The runner's inputs for the CUDA prompt-chunk kernel (tables, seqs, tiles: no padding,
