@@ -225,7 +225,7 @@ def prefill_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, 
     v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
     t = sum(q_lens)
     q = mx.array(rng.standard_normal((t, n_heads, head_dim)).astype(np.float32)).astype(dtype)
-    seqs, tiles = chunk_layout(q_lens, past, first * block_size)
+    seqs, tiles = chunk_layout(q_lens, past, first * block_size, window)
     got = paged_prefill_attention(q, k_pool, v_pool, mx.array(tables), mx.array(seqs.astype(np.int32)),
                                   mx.array(tiles.astype(np.int32)), block_size, window)
     # The portable path: chunks padded to the longest, keys gathered, a bool mask.

@@ -14,7 +14,8 @@ launch grid.
 One thread block per (64-query tile of one chunk, query head): four warps of 16 query rows.
 The block walks its keys 64 at a time through two shared-memory stages: each tile's K and V
 are copied (cp.async, 16-byte pieces through the block table) while the tile before is in
-use. Each warp holds its Q rows as mma.sync A fragments, reads K and V as B fragments with
+use. (BQ, STAGES and HEAVY_FIRST are there to be measured: `gpu_trace --prefill --set
+paged_prefill.STAGES=1`.) Each warp holds its Q rows as mma.sync A fragments, reads K and V as B fragments with
 ldmatrix (V transposed on the way), computes its 16 x 64 scores on tensor cores
 (qgemm.DEVICE's m16n8k16), applies the mask and an online softmax in registers (base 2), and
 multiplies P, re-packed from the score fragments into A fragments, by V into its 16 x D
@@ -23,7 +24,8 @@ float accumulators. The output rows keep the queries' order: (T, H, D), as q. Th
 
 Its first version (one stage, 16-bit shared-memory reads for V) took 378 us a layer of a
 4,096-token step of 16 x 1,024-token prompts on an H200, against cuDNN's 246 plus 111 of
-gathers: the same step time, without cuDNN's per-shape graph builds (fourteenth session).
+gathers: the same step time, without cuDNN's per-shape graph builds; this one 372 us
+(fourteenth session). What bounds it is not yet known.
 
 tests/test_paged_prefill_emulated.py runs this source on the CPU (tests/cuda_emulator.py);
 prefill_kernel_matches_portable() checks the real kernel against the portable path on a GPU,
@@ -42,9 +44,12 @@ from engine.kernel_source import cuda_kernel
 from engine.paged_decode import CP_ASYNC
 from engine.qgemm import DEVICE as MMA
 
-BQ = 64   # queries per thread block: four warps of 16 rows
+BQ = 64   # queries per thread block: a warp per 16 rows (64: four warps; 128: eight)
 BKV = 64  # keys per tile
-THREADS = 128
+STAGES = 2  # shared-memory stages of K and V tiles: 2 streams the next tile in, 1 does not
+# Tiles with the most keys to read first (their blocks start first, so fewer long ones are
+# left alone at the end of the grid) instead of in chunk order. Off until measured.
+HEAVY_FIRST = False
 
 # Four 8x8 16-bit matrices from shared memory, one per 8 lanes' row addresses; lane l gets
 # row l / 4, columns 2 (l % 4) and +1 of each (x4), or with .trans column l / 4, rows
@@ -72,6 +77,7 @@ HEADER = CP_ASYNC + MMA + LDMATRIX
 SOURCE = r"""
     constexpr int H = KVH * GQA, PITCH = D + 8;  // padded rows: conflict-free ldmatrix
     constexpr int KSTEPS = D / 16, NS = BKV / 8, NO = D / 8, CH = D / 8, STAGE = 2 * BKV * PITCH;
+    constexpr int THREADS = BQ * 2;  // a warp per 16 queries
     const float NEG_INF = -__int_as_float(0x7f800000);
     extern __shared__ __align__(16) unsigned char smem[];
     T* const sbase = reinterpret_cast<T*>(smem);
@@ -132,11 +138,15 @@ SOURCE = r"""
     };
     load(0, k_lo);
     int stage = 0;
-    for (int kb = k_lo; kb <= k_hi; kb += BKV, stage ^= 1) {
-        // The next tile streams into the other stage while this one is used.
-        if (kb + BKV <= k_hi) load(stage ^ 1, kb + BKV);
-        else cp_async_commit();
-        cp_async_wait<1>();
+    for (int kb = k_lo; kb <= k_hi; kb += BKV, stage = (stage + 1) % STAGES) {
+        if (STAGES > 1) {  // the next tile streams into the other stage while this one is used
+            if (kb + BKV <= k_hi) load(stage ^ 1, kb + BKV);
+            else cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            if (kb > k_lo) load(0, kb);
+            cp_async_wait<0>();
+        }
         __syncthreads();
         const T* st = sbase + stage * STAGE;
         if (kb <= w_hi && kb + BKV - 1 >= w_lo) {  // the same for the whole warp
@@ -223,7 +233,6 @@ SOURCE = r"""
     }
 """
 
-SHARED_BYTES_PER_D = 2 * 2 * BKV * 2  # two stages of K and V tiles, 2-byte values, per (padded) dim
 
 
 def supported(head_dim: int, dtype: mx.Dtype) -> bool:
@@ -234,7 +243,8 @@ def supported(head_dim: int, dtype: mx.Dtype) -> bool:
 
 
 def shared_bytes(head_dim: int) -> int:
-    return SHARED_BYTES_PER_D * (head_dim + 8)
+    """STAGES stages of a K and a V tile, rows padded by 8 values of 2 bytes."""
+    return STAGES * 2 * BKV * (head_dim + 8) * 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,18 +254,25 @@ def _kernel(smem: int):
                        output_names=["out"], source=SOURCE, header=HEADER, shared_memory=smem)
 
 
-def chunk_layout(q_lens: Sequence[int], positions: Sequence[int],
-                 key_starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def chunk_layout(q_lens: Sequence[int], positions: Sequence[int], key_starts: Sequence[int],
+                 window: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """(seqs (G, 4), tiles (n, 2)) for chunks of q_lens queries laid out back to back, whose
-    first queries sit at `positions` and first live keys at `key_starts` (block-aligned)."""
+    first queries sit at `positions` and first live keys at `key_starts` (block-aligned);
+    tiles in chunk order, or with HEAVY_FIRST by the keys they read, most first."""
     q_lens = np.asarray(q_lens, np.int64)
+    positions, key_starts = np.asarray(positions, np.int64), np.asarray(key_starts, np.int64)
     starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
-    seqs = np.stack([starts, q_lens, np.asarray(positions, np.int64),
-                     np.asarray(key_starts, np.int64)], axis=1)
+    seqs = np.stack([starts, q_lens, positions, key_starts], axis=1)
     per = -(-q_lens // BQ)
     chunk = np.repeat(np.arange(len(q_lens)), per)
-    first = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
-    tiles = np.stack([chunk, first * BQ], axis=1)
+    first = (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)) * BQ
+    tiles = np.stack([chunk, first], axis=1)
+    if HEAVY_FIRST:
+        last = positions[chunk] + np.minimum(first + BQ, q_lens[chunk]) - 1
+        lo = key_starts[chunk]
+        if window:
+            lo = np.maximum(lo, positions[chunk] + first - window + 1)
+        tiles = tiles[np.argsort(lo - last, kind="stable")]
     return seqs, tiles
 
 
@@ -270,7 +287,7 @@ def paged_prefill_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
         inputs=[q, k_pool, v_pool, block_tables, seqs, tiles],
         template=[("T", q.dtype), ("BF16", q.dtype == mx.bfloat16), ("D", head_dim),
                   ("KVH", kv_heads), ("GQA", n_heads // kv_heads), ("BS", block_size),
-                  ("WINDOW", window or 0), ("BKV", BKV), ("BQ", BQ), ("THREADS", THREADS)],
-        grid=(tiles.shape[0] * THREADS, n_heads, 1), threadgroup=(THREADS, 1, 1),
+                  ("WINDOW", window or 0), ("BKV", BKV), ("BQ", BQ), ("STAGES", STAGES)],
+        grid=(tiles.shape[0] * 2 * BQ, n_heads, 1), threadgroup=(2 * BQ, 1, 1),
         output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
     return out.reshape(t, n_heads * head_dim)

@@ -295,7 +295,7 @@ class ModelRunner:
             tables[i, :len(r.block_table)] = r.block_table
         seqs, tiles = paged_prefill.chunk_layout(
             [r.num_tokens for r in reqs], [r.start_position for r in reqs],
-            [r.first_block_index * self.block_size for r in reqs])
+            [r.first_block_index * self.block_size for r in reqs], self.args.sliding_window)
         return tables, seqs, tiles
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,

@@ -665,14 +665,14 @@ def prefill_source() -> str:
     src = pp.SOURCE.replace("extern __shared__ __align__(16) unsigned char smem[];",
                             "alignas(16) static unsigned char smem[1 << 18];")
     assert src != pp.SOURCE
-    consts = f"constexpr int BQ = {pp.BQ}, BKV = {pp.BKV}, THREADS = {pp.THREADS};\n"
+    consts = f"constexpr int BKV = {pp.BKV};\n"
     return PRELUDE + QGEMM_PRELUDE + LDMATRIX_PRELUDE + consts + r"""
     using bf = __nv_bfloat16;
-    template <typename T, bool BF16, int D, int KVH, int GQA, int BS, int WINDOW>
+    template <typename T, bool BF16, int D, int KVH, int GQA, int BS, int WINDOW, int BQ, int STAGES>
     void pf(const T* q, const T* k_pool, const T* v_pool, const int* tables, const int* tables_shape,
             const int* seqs, const int* tiles, T* out) { """ + src + r""" }
     std::mt19937 rng(3);
-    template <int D, int KVH, int GQA, int BS, int WINDOW>
+    template <int D, int KVH, int GQA, int BS, int WINDOW, int BQ = 64, int STAGES = 2>
     void prefill_case(std::vector<int> qlens, std::vector<int> pos0) {
       constexpr int H = KVH * GQA;
       const int G = qlens.size();
@@ -697,7 +697,7 @@ def prefill_source() -> str:
       int tshape[2] = {G, W};
       const int nt = tiles.size() / 2;
       for (int hy = 0; hy < H; ++hy)
-        launch(nt, THREADS, [&, hy] { blockIdx.y = hy; pf<bf, true, D, KVH, GQA, BS, WINDOW>(q.data(), kp.data(), vp.data(), tables.data(), tshape, seqs.data(), tiles.data(), out.data()); }, H);
+        launch(nt, 2 * BQ, [&, hy] { blockIdx.y = hy; pf<bf, true, D, KVH, GQA, BS, WINDOW, BQ, STAGES>(q.data(), kp.data(), vp.data(), tables.data(), tshape, seqs.data(), tiles.data(), out.data()); }, H);
       double err = 0;
       for (int s = 0; s < G; ++s) for (int r = 0; r < qlens[s]; ++r) for (int h = 0; h < H; ++h) {
         const int qp = pos0[s] + r, kv = h / GQA;
@@ -712,13 +712,15 @@ def prefill_source() -> str:
           double o = 0; for (size_t i = 0; i < w.size(); ++i) o += w[i] / sum * (float)vp[rows[i] * D + e];
           const float got = out[((long)(seqs[4 * s] + r) * H + h) * D + e];
           err = std::max(err, std::isnan(got) ? 1e9 : fabs(got - o)); } }
-      printf("prefill D %d KVH %d GQA %d BS %d window %d chunks %d: max err %.2e\n", D, KVH, GQA, BS, WINDOW, G, err);
+      printf("prefill D %d KVH %d GQA %d BS %d window %d BQ %d stages %d chunks %d: max err %.2e\n", D, KVH, GQA, BS, WINDOW, BQ, STAGES, G, err);
     }
     int main() {
       prefill_case<32, 2, 2, 16, 0>({70, 5, 1, 130}, {0, 37, 200, 16});
       prefill_case<32, 2, 2, 16, 24>({70, 5, 1, 130}, {0, 37, 200, 90});
       prefill_case<64, 1, 4, 8, 0>({64, 17}, {0, 100});
       prefill_case<32, 1, 2, 16, 40>({150, 3}, {10, 300});
+      prefill_case<32, 2, 2, 16, 24, 128, 2>({70, 5, 1, 130}, {0, 37, 200, 90});
+      prefill_case<32, 1, 2, 16, 40, 64, 1>({150, 3}, {10, 300});
     }
     """
 

@@ -18,6 +18,17 @@ def test_chunk_layout():
     assert tiles.tolist() == [[0, 0], [1, 0], [2, 0], [2, 64], [2, 128]]
 
 
+def test_chunk_layout_heavy_first(monkeypatch):
+    # Keys a tile reads: chunk 0: 0..2 (3); chunk 1: 16..80 (65); chunk 2's tiles 0..68 (69),
+    # 0..132 (133), 0..134 (135); with window 50 (from its first query's window): 0..68,
+    # 20..132 (113), 84..134 (51).
+    monkeypatch.setattr(paged_prefill, "HEAVY_FIRST", True)
+    _, tiles = paged_prefill.chunk_layout([3, 64, 130], [0, 17, 5], [0, 16, 0])
+    assert tiles.tolist() == [[2, 128], [2, 64], [2, 0], [1, 0], [0, 0]]
+    _, tiles = paged_prefill.chunk_layout([3, 64, 130], [0, 17, 5], [0, 16, 0], window=50)
+    assert tiles.tolist() == [[2, 64], [2, 0], [1, 0], [2, 128], [0, 0]]
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("window", [None, 40, 4096])
