@@ -228,13 +228,13 @@ def source(versions: tuple[str, ...], v_batch: int = 0) -> str:
     return src
 
 
-def _compile_and_run(workdir: Path, name: str, program: str) -> str:
-    """Build a C++ emulation program with g++ and return what it prints."""
+def _compile_and_run(workdir: Path, name: str, program: str, *args: str) -> str:
+    """Build a C++ emulation program with g++, run it with `args` and return what it prints."""
     cpp, exe = workdir / f"{name}.cpp", workdir / name
     cpp.write_text(program)
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(exe), str(cpp)],
                    check=True, capture_output=True, text=True)
-    return subprocess.run([str(exe)], capture_output=True, text=True, timeout=300).stdout
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300).stdout
 
 
 def _rel_errs(out: str) -> list[tuple[str, float]]:
@@ -714,18 +714,21 @@ def prefill_source() -> str:
           err = std::max(err, std::isnan(got) ? 1e9 : fabs(got - o)); } }
       printf("prefill D %d KVH %d GQA %d BS %d window %d BQ %d stages %d chunks %d: max err %.2e\n", D, KVH, GQA, BS, WINDOW, BQ, STAGES, G, err);
     }
-    int main() {
-      prefill_case<32, 2, 2, 16, 0>({70, 5, 1, 130}, {0, 37, 200, 16});
-      prefill_case<32, 2, 2, 16, 24>({70, 5, 1, 130}, {0, 37, 200, 90});
-      prefill_case<64, 1, 4, 8, 0>({64, 17}, {0, 100});
-      prefill_case<32, 1, 2, 16, 40>({150, 3}, {10, 300});
-      prefill_case<32, 2, 2, 16, 24, 128, 2>({70, 5, 1, 130}, {0, 37, 200, 90});
-      prefill_case<32, 1, 2, 16, 40, 64, 1>({150, 3}, {10, 300});
+    int main(int argc, char** argv) {  // argv[1]: the digits of the cases to run (all if none)
+      auto on = [&](char c) { return argc < 2 || strchr(argv[1], c) != nullptr; };
+      if (on('0')) prefill_case<32, 2, 2, 16, 0>({70, 5, 1, 130}, {0, 37, 200, 16});
+      if (on('1')) prefill_case<32, 2, 2, 16, 24>({70, 5, 1, 130}, {0, 37, 200, 90});
+      if (on('2')) prefill_case<64, 1, 4, 8, 0>({64, 17}, {0, 100});
+      if (on('3')) prefill_case<32, 1, 2, 16, 40>({150, 3}, {10, 300});
+      if (on('4')) prefill_case<32, 2, 2, 16, 24, 128, 2>({70, 5, 1, 130}, {0, 37, 200, 90});
+      if (on('5')) prefill_case<32, 1, 2, 16, 40, 64, 1>({150, 3}, {10, 300});
     }
     """
 
 
-def run_prefill(workdir: Path) -> list[tuple[str, float]]:
-    """Compile and run the prompt-attention emulation; (case, max abs error) per case."""
-    out = _compile_and_run(workdir, "prefill", prefill_source())
+def run_prefill(workdir: Path, cases: str = "") -> list[tuple[str, float]]:
+    """Compile and run the prompt-attention emulation; (case, max abs error) per case run
+    (`cases`: the digits of those to run, as prefill_source's main numbers them; all if
+    empty)."""
+    out = _compile_and_run(workdir, "prefill", prefill_source(), *([cases] if cases else []))
     return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]

@@ -44,5 +44,7 @@ def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, righ
     broken = paged_prefill.SOURCE.replace(wrong, right)
     assert broken != paged_prefill.SOURCE, wrong
     monkeypatch.setattr(paged_prefill, "SOURCE", broken)
-    results = cuda_emulator.run_prefill(tmp_path)
-    assert len(results) == 6 and any(not e < BF16_OUT for _, e in results), results
+    # Two cases catch every one (windowed chunks of 1-130 queries over several key tiles; one
+    # stage): a fraction of the full run's time.
+    results = cuda_emulator.run_prefill(tmp_path, cases="15")
+    assert len(results) == 2 and any(not e < BF16_OUT for _, e in results), results
