@@ -21,6 +21,7 @@ import numpy as np
 
 from engine.config import ModelArgs
 from engine.engine import DTYPES
+from engine import paged_prefill
 from engine.paged_decode import num_splits, paged_decode_attention, supported
 from engine.runner import _additive_mask
 from loadtest.offline_bench import SHAPES
@@ -196,11 +197,14 @@ def splits_sweep(args: ModelArgs, dtype, batches: list[int], context: int,
 
 def prompt_shapes_sweep(args: ModelArgs, dtype: mx.Dtype, shapes: list[tuple[int, int, int]]) -> None:
     """A prompt group's attention at each (G, Lq, L): its first call, which on CUDA builds a
-    cuDNN graph for the new shape, against the same call warm. Serving meets a new (G, Lq,
-    L) whenever prompt lengths change; if first calls cost far more, bucketing those sizes
-    in the runner would pay."""
+    cuDNN graph for the new shape, against the same call warm; where it runs, the same
+    attention through the paged prompt kernel (engine/paged_prefill.py), first call and warm
+    (it compiles once, for the first shape). Serving meets a new (G, Lq, L) whenever prompt
+    lengths change."""
     h, kvh, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-    print(f"\n-- prompt-group attention, first call vs warm (ms), {h} heads / {kvh} KV heads, D {d}")
+    kernel = paged_prefill.supported(d, dtype)
+    print(f"\n-- prompt-group attention, first call vs warm (ms), {h} heads / {kvh} KV heads, D {d}"
+          f"{'; then the prompt kernel' if kernel else ''}")
     for g, lq, kl in shapes:
         q = mx.random.normal((g, h, lq, d)).astype(dtype)
         k, v = (mx.random.normal((g, kvh, kl, d)).astype(dtype) for _ in range(2))
@@ -216,7 +220,31 @@ def prompt_shapes_sweep(args: ModelArgs, dtype: mx.Dtype, shapes: list[tuple[int
         mx.eval(run())
         mx.synchronize()
         first = time.perf_counter() - t0
-        print(f"   G {g:3d} Lq {lq:5d} L {kl:5d}: first {1e3 * first:8.2f}  warm {1e3 * _time(run):7.3f}")
+        line = f"   G {g:3d} Lq {lq:5d} L {kl:5d}: first {1e3 * first:8.2f}  warm {1e3 * _time(run):7.3f}"
+        if kernel:
+            line += "   kernel: first %8.2f  warm %7.3f" % _prompt_kernel_times(g, lq, kl, h, kvh, d, dtype)
+        print(line)
+
+
+def _prompt_kernel_times(g: int, lq: int, kl: int, h: int, kvh: int, d: int, dtype: mx.Dtype,
+                         block_size: int = 16) -> tuple[float, float]:
+    """(first call, warm) ms of the prompt kernel for g chunks of the last lq of kl tokens,
+    each sequence's blocks in a row of the pools."""
+    blocks = -(-kl // block_size)
+    pools = [mx.random.normal((g * blocks * block_size, kvh, d)).astype(dtype) for _ in range(2)]
+    tables = mx.array(np.arange(g * blocks, dtype=np.int32).reshape(g, blocks))
+    seqs, tiles = (mx.array(a.astype(np.int32)) for a in paged_prefill.chunk_layout(
+        [lq] * g, [kl - lq] * g, [0] * g))
+    q = mx.random.normal((g * lq, h, d)).astype(dtype)
+    mx.eval(q, pools, tables, seqs, tiles)
+    mx.synchronize()
+
+    def run():
+        return paged_prefill.paged_prefill_attention(q, *pools, tables, seqs, tiles, block_size, None)
+    t0 = time.perf_counter()
+    mx.eval(run())
+    mx.synchronize()
+    return 1e3 * (time.perf_counter() - t0), 1e3 * _time(run)
 
 
 def main(argv=None) -> None:

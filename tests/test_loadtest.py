@@ -395,3 +395,16 @@ def test_gpu_trace_prefill_rounds_compute_every_prompt_and_free_its_blocks():
     assert not engine.has_unfinished_requests() and engine.kv_manager.num_free_blocks == free
     # 7B: 32 layers x (q|k|v 4096x6144 + o 4096x4096 + gate|up|down 3x4096x14336)
     assert _linear_params(ModelArgs.from_dict(SHAPES["7b"])) == 32 * 4096 * (6144 + 4096 + 3 * 14336)
+
+
+def test_op_profile_prompt_kernel_inputs(monkeypatch):
+    """op_profile --prompt-shapes times the prompt kernel on inputs of the kernel's contract
+    (here read by the CPU stand-in: each chunk's rows, positions and blocks)."""
+    import mlx.core as mx
+
+    from engine import paged_prefill
+    from loadtest.op_profile import _prompt_kernel_times
+    from tests.test_runner_reference import _prefill_stand_in
+    monkeypatch.setattr(paged_prefill, "paged_prefill_attention", _prefill_stand_in)
+    first, warm = _prompt_kernel_times(3, 20, 70, 4, 2, 16, mx.float32)
+    assert first > 0 and warm > 0
