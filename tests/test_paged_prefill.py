@@ -53,3 +53,27 @@ def test_self_check_fails_a_broken_kernel(monkeypatch):
         assert not prefill_kernel_matches_portable(32, 8, 128, 16, 40, mx.bfloat16)
     finally:
         paged_prefill._kernel.cache_clear()
+
+
+def test_a_kernel_that_fails_to_build_leaves_the_portable_path(monkeypatch, caplog):
+    """If the kernel does not compile or misses its self-check on some machine, the engine
+    starts anyway, with prompt chunks on gather + SDPA, and says so."""
+    from engine import runner
+    from tests.tiny import tiny_model
+
+    def broken(*args):
+        raise RuntimeError("nvrtc: error")
+    monkeypatch.setattr(paged_prefill, "supported", lambda head_dim, dtype: True)
+    monkeypatch.setattr(runner, "prefill_kernel_matches_portable", broken)
+    _, args, _ = tiny_model()
+    cache = type("Cache", (), {"block_size": 16, "dtype": mx.bfloat16})()
+    with caplog.at_level("INFO", logger="engine.runner"):
+        assert runner._choose_prefill_kernel(args, cache) is False
+    assert "nvrtc: error" in caplog.text and "portable gather + SDPA" in caplog.text
+    monkeypatch.setattr(runner, "prefill_kernel_matches_portable", lambda *a: False)
+    assert runner._choose_prefill_kernel(args, cache) is False
+    monkeypatch.setenv("MISTRAL_SERVE_PREFILL_KERNEL", "0")
+    monkeypatch.setattr(runner, "prefill_kernel_matches_portable", lambda *a: True)
+    assert runner._choose_prefill_kernel(args, cache) is False
+    monkeypatch.delenv("MISTRAL_SERVE_PREFILL_KERNEL")
+    assert runner._choose_prefill_kernel(args, cache) is True
