@@ -162,15 +162,28 @@ SOURCE = r"""
                     mma16816<BF16>(sc[j], qf[kk + 1], b + 2);
                 }
             }
+            // A tile every row of the warp sees whole (it ends at or before the warp's first
+            // query and, with a window, starts inside its last query's) needs no mask: the
+            // per-score test is a large share of a tile's non-mma work.
+            if (kb + BKV - 1 <= pos0 + min(wr0, q_len - 1) && (WINDOW == 0 || kb > w_hi - WINDOW)) {
+                #pragma unroll
+                for (int j = 0; j < NS; ++j) {
+                    sc[j][0] *= sl2; sc[j][1] *= sl2; sc[j][2] *= sl2; sc[j][3] *= sl2;
+                }
+            } else {
+                #pragma unroll
+                for (int j = 0; j < NS; ++j) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int p = kb + j * 8 + 2 * t + (e & 1), qp = e < 2 ? pa : pb;
+                        const bool vis = p <= qp && (WINDOW == 0 || p > qp - WINDOW);
+                        sc[j][e] = vis ? sc[j][e] * sl2 : NEG_INF;
+                    }
+                }
+            }
             float mxa = NEG_INF, mxb = NEG_INF;
             #pragma unroll
             for (int j = 0; j < NS; ++j) {
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int p = kb + j * 8 + 2 * t + (e & 1), qp = e < 2 ? pa : pb;
-                    const bool vis = p <= qp && (WINDOW == 0 || p > qp - WINDOW);
-                    sc[j][e] = vis ? sc[j][e] * sl2 : NEG_INF;
-                }
                 mxa = fmaxf(mxa, fmaxf(sc[j][0], sc[j][1]));
                 mxb = fmaxf(mxb, fmaxf(sc[j][2], sc[j][3]));
             }

@@ -722,6 +722,8 @@ def prefill_source() -> str:
       if (on('3')) prefill_case<32, 1, 2, 16, 40>({150, 3}, {10, 300});
       if (on('4')) prefill_case<32, 2, 2, 16, 24, 128, 2>({70, 5, 1, 130}, {0, 37, 200, 90});
       if (on('5')) prefill_case<32, 1, 2, 16, 40, 64, 1>({150, 3}, {10, 300});
+      // a window wider than a tile: whole tiles inside every row's window skip the mask
+      if (on('6')) prefill_case<32, 1, 2, 16, 200>({40, 150}, {300, 10});
     }
     """
 

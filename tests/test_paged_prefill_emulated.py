@@ -16,8 +16,8 @@ BF16_OUT = 2e-2
 
 def test_prefill_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_prefill(tmp_path)
-    assert len(results) == 6
-    assert {c.split("window ")[1].split()[0] for c, _ in results} == {"0", "24", "40"}
+    assert len(results) == 7
+    assert {c.split("window ")[1].split()[0] for c, _ in results} == {"0", "24", "40", "200"}
     assert {c.split("BQ ")[1].split(" chunks")[0] for c, _ in results} == {
         "64 stages 2", "128 stages 2", "64 stages 1"}
     bad = [r for r in results if not r[1] < BF16_OUT]
@@ -33,6 +33,8 @@ def test_prefill_kernel_matches_reference(tmp_path):
     ("mma16816<BF16>(sc[j], qf[kk + 1], b + 2);", "mma16816<BF16>(sc[j], qf[kk + 1], b);"),
     ("load(stage ^ 1, kb + BKV)", "load(stage, kb + BKV)"),     # the next tile over the live one
     ("if (kb > k_lo) load(0, kb);", ";"),                       # one stage: never refilled
+    ("if (kb + BKV - 1 <= pos0 + min(wr0", "if (kb <= pos0 + min(wr0"),  # a diagonal tile unmasked
+    ("(WINDOW == 0 || kb > w_hi - WINDOW)) {", "(WINDOW == 0 || kb > w_lo - WINDOW)) {"),  # window too
     ("kb + BKV - 1 >= w_lo", "kb >= w_lo"),                     # a partly visible tile skipped
     ("o[j][2] *= cb; o[j][3] *= cb;", "o[j][2] *= ca; o[j][3] *= ca;"),  # row g+8 rescaled by g's max
     ("kvh = h / GQA", "kvh = h % KVH"),                         # query heads on the wrong KV head
