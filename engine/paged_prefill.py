@@ -17,7 +17,8 @@ are copied (cp.async, 16-byte pieces through the block table) while the tile bef
 use. (BQ, STAGES and HEAVY_FIRST are there to be measured: `gpu_trace --prefill --set
 paged_prefill.STAGES=1`.) Each warp holds its Q rows as mma.sync A fragments, reads K and V as B fragments with
 ldmatrix (V transposed on the way), computes its 16 x 64 scores on tensor cores
-(qgemm.DEVICE's m16n8k16), applies the mask and an online softmax in registers (base 2), and
+(qgemm.DEVICE's m16n8k16), applies the mask (on tiles some of its rows see only in part) and
+an online softmax in registers (base 2), and
 multiplies P, re-packed from the score fragments into A fragments, by V into its 16 x D
 float accumulators. The output rows keep the queries' order: (T, H, D), as q. The scale is
 1 / sqrt(D), Mistral's.
