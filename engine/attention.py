@@ -111,14 +111,16 @@ def _gather(blocks: mx.array, block_tables: mx.array) -> mx.array:
 
 
 def _scrambled_tables(lengths: list[int], block_size: int, window: Optional[int],
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+                      rng: np.random.Generator, first: Optional[np.ndarray] = None
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
     """The self-checks' paged cache layout for sequences of `lengths`: (block tables over a
-    random permutation of blocks 1.., each sequence's first live block (after window
-    freeing), the pool's block count)."""
+    random permutation of blocks 1.., each sequence's first live block (`first`, else after
+    window freeing for a query at its last position), the pool's block count)."""
     max_blocks = -(-max(lengths) // block_size) + 1
     num_blocks = len(lengths) * max_blocks + 1
     perm = rng.permutation(num_blocks - 1) + 1
-    first = np.array([(max(0, n - window) // block_size) if window else 0 for n in lengths])
+    if first is None:
+        first = np.array([(max(0, n - window) // block_size) if window else 0 for n in lengths])
     tables = np.zeros((len(lengths), max_blocks), np.int32)
     for i, n in enumerate(lengths):
         nb = -(-n // block_size) - first[i]
@@ -219,7 +221,7 @@ def prefill_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, 
     ends = [p + n for p, n in zip(past, q_lens)]
     # A chunk's live keys start at the block of its first query's window, not of its last.
     first = np.array([(max(0, p + 1 - window) // block_size) if window else 0 for p in past])
-    tables, num_blocks = _tables_from(ends, first, block_size, rng)
+    tables, _, num_blocks = _scrambled_tables(ends, block_size, window, rng, first)
     shape = (num_blocks * block_size, kv_heads, head_dim)
     k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
     v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
@@ -250,17 +252,3 @@ def prefill_kernel_matches_portable(n_heads: int, kv_heads: int, head_dim: int, 
     tol = 2e-2
     return bool(mx.allclose(got.astype(mx.float32), ref.astype(mx.float32), atol=tol, rtol=tol))
 
-
-def _tables_from(ends: list[int], first: np.ndarray, block_size: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Block tables over a random permutation of blocks 1.. for sequences of `ends` tokens
-    whose live blocks start at `first`; (tables, the pool's block count)."""
-    counts = [int(-(-e // block_size) - f) for e, f in zip(ends, first)]
-    num_blocks = sum(counts) + 1
-    perm = rng.permutation(num_blocks - 1) + 1
-    tables = np.zeros((len(ends), max(counts)), np.int32)
-    at = 0
-    for i, n in enumerate(counts):
-        tables[i, :n] = perm[at:at + n]
-        at += n
-    return tables, num_blocks

@@ -288,14 +288,12 @@ class ModelRunner:
 
     def _chunk_inputs(self, reqs: Sequence[ScheduledRequest]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Host arrays of the prompt-chunk kernel: block tables, paged_prefill.chunk_layout."""
-        tables = np.zeros((len(reqs), _table_width(max(len(r.block_table) for r in reqs), False)),
-                          np.int64)
-        for i, r in enumerate(reqs):
-            tables[i, :len(r.block_table)] = r.block_table
+        """Host arrays of the prompt-chunk kernel: block tables (as the decode kernel's),
+        paged_prefill.chunk_layout."""
+        tables, key_start = self._kernel_tables(reqs, False)
         seqs, tiles = paged_prefill.chunk_layout(
-            [r.num_tokens for r in reqs], [r.start_position for r in reqs],
-            [r.first_block_index * self.block_size for r in reqs], self.args.sliding_window)
+            [r.num_tokens for r in reqs], [r.start_position for r in reqs], key_start,
+            self.args.sliding_window)
         return tables, seqs, tiles
 
     def _group(self, reqs: Sequence[ScheduledRequest], token_start: int,
