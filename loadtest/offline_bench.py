@@ -97,11 +97,17 @@ def run_ours(engine: LLMEngine, prompts, output_len: int, step_log: bool = False
                           encodes=(mx, "async_eval")) if step_log else {}) as times:
         while engine.has_unfinished_requests():
             t0 = time.perf_counter()
+            seen = {key: len(secs) for key, secs in times.items()}
             tokens += sum(len(o.new_token_ids) for o in engine.step())
-            if step_log:  # (seconds, batched tokens of the step this call launched)
+            if step_log:  # (seconds, batched tokens of the step this call launched, detail)
                 inflight = engine._inflight
-                calls.append((time.perf_counter() - t0,
-                              inflight[0].num_batched_tokens if inflight else 0))
+                sched = inflight[0] if inflight else None
+                spent = {key: sum(secs[seen[key]:]) for key, secs in times.items()}
+                decodes = sum(r.num_tokens == 1 for r in sched.scheduled) if sched else 0
+                calls.append((time.perf_counter() - t0, sched.num_batched_tokens if sched else 0,
+                              f"{decodes} decodes; launch {1e3 * spent['launches']:.1f} ms "
+                              f"(encoding {1e3 * spent['encodes']:.1f}), "
+                              f"wait {1e3 * spent['waits']:.1f}"))
     if step_log:
         print_step_log(calls, times["waits"], times["launches"], times["encodes"])
     return Result("mistral-serve", len(prompts), tokens, time.perf_counter() - start)
@@ -135,7 +141,7 @@ def timed_calls(targets: dict[str, tuple[object, str]]):
                 setattr(obj, name, own)
 
 
-def print_step_log(calls: list[tuple[float, int]], waits: list[float] = (),
+def print_step_log(calls: list[tuple], waits: list[float] = (),
                    launches: list[float] = (), encodes: list[float] = ()) -> None:
     """Where a run's time went: step() calls grouped by the size of the step they launched
     (each call waits for the step before it, so its time is roughly that step's); how much
@@ -148,7 +154,7 @@ def print_step_log(calls: list[tuple[float, int]], waits: list[float] = (),
             print(f"  {what + ':':<24}{sum(secs):6.2f} s in all, median "
                   f"{1e3 * sorted(secs)[len(secs) // 2]:.2f} ms a step")
     groups: dict[str, list[float]] = {}
-    for sec, n in calls:
+    for sec, n, *_ in calls:
         key = "0" if n == 0 else f"<= {1 << (n - 1).bit_length()}"
         groups.setdefault(key, []).append(sec)
     for key, secs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
@@ -156,6 +162,11 @@ def print_step_log(calls: list[tuple[float, int]], waits: list[float] = (),
               f"median {1e3 * sorted(secs)[len(secs) // 2]:7.2f} ms, max {1e3 * max(secs):7.2f} ms")
     slow = sorted(range(len(calls)), key=lambda i: -calls[i][0])[:8]
     print("  slowest: " + ", ".join(f"#{i} {1e3 * calls[i][0]:.0f} ms ({calls[i][1]} tok)" for i in sorted(slow)))
+    # The first 40 calls (the batch filling up) and the slowest 24, each with its detail: the
+    # call's launch, MLX's encoding inside it, and its wait for the step before.
+    for i in sorted(set(range(min(40, len(calls)))) | set(slow) |
+                    set(sorted(range(len(calls)), key=lambda i: -calls[i][0])[:24])):
+        print(f"    #{i:<4d} {1e3 * calls[i][0]:7.1f} ms  {calls[i][1]:5d} tok  " + " ".join(map(str, calls[i][2:])))
 
 
 def run_peer(peer, prompts, output_len: int, batch_size: int) -> Result:
