@@ -81,12 +81,13 @@ def _linear_params(a) -> int:
 
 def _prefill_all(engine: LLMEngine, prefix: str, batch: int, context: int) -> int:
     """Add `batch` one-token requests of `context`-token prompts, step until all are done:
-    every step is prompt chunks only. Returns the number of steps."""
+    every step is prompt chunks only. Returns the number of steps launched (the last
+    step() call only collects the last step, so it does not count)."""
     start_decoding(engine, prefix, batch, context, 1)
     steps = 0
     while engine.has_unfinished_requests():
         engine.step()
-        steps += 1
+        steps += engine._inflight is not None
     return steps
 
 

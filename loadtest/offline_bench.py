@@ -201,6 +201,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--step-log", action="store_true", help="print where our run's time went, by step size")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="run ours once more under cProfile; print its N costliest functions")
     ap.add_argument("--repeat", type=int, default=1, help="run ours this many times (the spread)")
     ap.add_argument("--warmup", choices=["short", "full"], default="short",
                     help="short: 4 prompts of 8 tokens; full: the measured workload once, untimed "
@@ -236,6 +238,13 @@ def main(argv=None) -> None:
     run_ours(engine, warm, warm_len)
     for _ in range(a.repeat):
         results.append(run_ours(engine, prompts, a.output_len, a.step_log))
+    if a.profile:  # where the host's Python time goes (MLX's encoding shows as async_eval)
+        import cProfile
+        import pstats
+        with cProfile.Profile() as prof:
+            run_ours(engine, prompts, a.output_len)
+        for order in ("tottime", "cumulative"):
+            pstats.Stats(prof).sort_stats(order).print_stats(a.profile)
     for spec in a.set:
         with settings.applied(engine, spec):
             if a.step_log:
