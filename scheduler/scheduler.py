@@ -202,17 +202,20 @@ class Scheduler:
         start, end = request.num_computed_tokens, request.num_computed_tokens + n
         prompt, output = request.prompt_token_ids, request.output_token_ids
         p, known = len(prompt), request.num_tokens
-        if end <= p:
-            token_ids = prompt[start:end]
-        elif start >= p:
-            token_ids = output[start - p:min(end, known) - p]
+        if n == 1 and start >= p:  # a decode (most of a busy step): one token, no lists
+            token_ids = (output[start - p],) if start < known else (INFLIGHT_TOKEN,)
         else:
-            token_ids = prompt[start:] + output[:min(end, known) - p]
-        token_ids = token_ids + [INFLIGHT_TOKEN] * (end - max(start, known))
+            if end <= p:
+                ids = prompt[start:end]
+            elif start >= p:
+                ids = output[start - p:min(end, known) - p]
+            else:
+                ids = prompt[start:] + output[:min(end, known) - p]
+            token_ids = tuple(ids + [INFLIGHT_TOKEN] * (end - max(start, known)))
         sp = request.sampling_params
         needs_output = sp.repetition_penalty != 1 or sp.presence_penalty or sp.frequency_penalty
         return ScheduledRequest(
-            request_id=request.request_id, token_ids=tuple(token_ids), start_position=start,
+            request_id=request.request_id, token_ids=token_ids, start_position=start,
             block_table=self.kv.block_table(request.request_id),
             first_block_index=self.kv.first_block_index(request.request_id),
             sample=end == _length(request), sampling_params=sp,
@@ -325,6 +328,8 @@ def _length(request: Request) -> int:
 
 def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest tail of text that could still grow into a stop string."""
+    if not stops:
+        return 0
     for k in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
         tail = text[-k:]
         if any(s.startswith(tail) for s in stops):
