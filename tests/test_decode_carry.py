@@ -2,6 +2,8 @@
 (engine/decode_carry.py). Those inputs must be exactly what the host would have built, and
 any step that is not a continuation must build them on the host."""
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -56,11 +58,31 @@ def test_advance_only_continues_the_same_steady_decodes():
     assert carry.advance(same, 1, rows) is None  # block size 1: every token a new block
 
 
-def _engine(monkeypatch, max_num_seqs=4, kv_gib=0.01, prefix_caching=False):
+def test_advance_enters_new_blocks_from_the_tables():
+    # "a" enters its third block (9, appended by the scheduler), "b" its second, which it
+    # holds already; "c" stays inside its block. Slots and the new table cell come from the
+    # host's few numbers, the rest is the last step's arrays one further.
+    reqs = [_req("a", 31, table=(7, 3)), _req("b", 15, table=(1, 2)), _req("c", 40, table=(4, 6, 8))]
+    carry = _carry(reqs)
+    moving = [31, 15, 40, 3 * BS + 15, 1 * BS + 15, 8 * BS + 8, 0, 0]
+    carry = dataclasses.replace(carry, moving=mx.array(moving, mx.int32))
+    nxt = carry.advance([_req("a", 32, table=(7, 3, 9)), _req("b", 16, table=(1, 2)),
+                         _req("c", 41, table=(4, 6, 8))], BS, {"a": 0, "b": 1, "c": 2})
+    assert nxt is not None
+    assert nxt.moving.tolist() == [32, 16, 41, 9 * BS, 2 * BS, 8 * BS + 9, 1, 1]
+    assert nxt.tables_dev.tolist()[0] == [0, 0, 9, 0] and sum(map(sum, nxt.tables_dev.tolist())) == 9
+    assert nxt.tables[0] == (7, 3, 9) and nxt.positions.tolist() == [32, 16, 41]
+    assert carry.tables_dev.tolist() == [[0] * 4] * 3  # the step before keeps its arrays
+    wide = [_req("a", 32, table=(7, 3, 9, 10, 11)), _req("b", 16, table=(1, 2)),
+            _req("c", 41, table=(4, 6, 8))]
+    assert carry.advance(wide, BS, {"a": 0, "b": 1, "c": 2}) is None  # wider than the device's
+
+
+def _engine(monkeypatch, max_num_seqs=4, kv_gib=0.01, prefix_caching=False, window=40):
     """A tiny engine whose decode steps take the CUDA kernel's inputs (the kernel itself is
     replaced by an embedding lookup, so tokens still depend on the inputs); the list its
     compiled decode steps' inputs go to, and the list of its host builds."""
-    model, args, _ = tiny_model(sliding_window=40)
+    model, args, _ = tiny_model(sliding_window=window)
     engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
         kv_cache_memory_gib=kv_gib, max_num_seqs=max_num_seqs,
         enable_prefix_caching=prefix_caching, max_num_batched_tokens=256))
@@ -83,10 +105,10 @@ def _engine(monkeypatch, max_num_seqs=4, kv_gib=0.01, prefix_caching=False):
     return engine, seen, host_builds
 
 
-def _run(enabled: bool, monkeypatch):
+def _run(enabled: bool, monkeypatch, window=40):
     """Every compiled decode step's inputs, the tokens, and how many steps built on the host."""
     monkeypatch.setattr(decode_carry, "ENABLED", enabled)
-    engine, seen, host_builds = _engine(monkeypatch)
+    engine, seen, host_builds = _engine(monkeypatch, window=window)
     # Prompts arrive together (one prefill step, no mixed steps: the kernel is not here);
     # then the batch shrinks as requests finish, and contexts cross blocks and the window.
     for i in range(3):
@@ -95,14 +117,19 @@ def _run(enabled: bool, monkeypatch):
     return run_to_completion(engine), seen, len(host_builds)
 
 
-def test_carried_inputs_are_the_ones_the_host_builds(monkeypatch):
-    want, want_inputs, host_steps = _run(False, monkeypatch)
-    got, got_inputs, carried_host_steps = _run(True, monkeypatch)
+@pytest.mark.parametrize("window", [40, None])
+def test_carried_inputs_are_the_ones_the_host_builds(window, monkeypatch):
+    want, want_inputs, host_steps = _run(False, monkeypatch, window)
+    got, got_inputs, carried_host_steps = _run(True, monkeypatch, window)
     assert got_inputs == want_inputs and got == want
     decode_steps = len(want_inputs)
     assert host_steps == decode_steps + 1  # with the carry off: every step (and the prefill)
-    # On: a step builds on the host only at a new batch, a new block or a slid window.
-    assert carried_host_steps < decode_steps // 3, (carried_host_steps, decode_steps)
+    # On: a step builds on the host only at a new batch or a slid window (and the prefill);
+    # new blocks continue. Without a window: the first decode step and 2 smaller batches.
+    if window is None:
+        assert carried_host_steps == 4, (carried_host_steps, decode_steps)
+    else:
+        assert carried_host_steps < decode_steps // 3, (carried_host_steps, decode_steps)
 
 
 @pytest.mark.parametrize("prefix_caching", [False, True])
