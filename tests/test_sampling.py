@@ -34,7 +34,8 @@ def test_greedy_is_argmax():
     assert out.token_ids.tolist() == lg.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("chunk", [0, 8, 16, 64])  # one mx.argmax / two stages / one chunk
+@pytest.mark.parametrize("chunk", [0, 8, 16, 64, 11])  # one mx.argmax / two stages / one
+# chunk / chunks of 8, the largest divisor of V = 64 from 11 down to 6
 def test_argmax_is_the_first_maximum(chunk, monkeypatch):
     from engine import sampling
     monkeypatch.setattr(sampling, "ARGMAX_CHUNK", chunk)
@@ -43,6 +44,7 @@ def test_argmax_is_the_first_maximum(chunk, monkeypatch):
     x[3] = 0  # all tied: index 0
     x[4, [7, 40]] = 9  # the same maximum in two chunks: the first
     assert sampling.argmax(mx.array(x)).tolist() == x.argmax(-1).tolist()
+    assert sampling._argmax_chunk(V) == {0: 0, 8: 8, 16: 16, 64: 64, 11: 8}[chunk]
 
 
 def test_seeded_rows_reproduce_whatever_shares_the_batch():
