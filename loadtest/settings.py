@@ -66,8 +66,7 @@ def applied(engine, spec: str):
         runner._compiled.clear()
         try:
             if runner.compile_decode:
-                from engine.runner import WARM_DECODE_BATCHES
-                runner.warm_decode(WARM_DECODE_BATCHES)
+                runner.warm_decode()
             yield
         finally:
             model.plan = plan
