@@ -139,8 +139,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         ), self.kv_manager)
         self.runner = ModelRunner(model, args, self.kv_cache,
-                                  attention_backend=config.attention_backend,
-                                  max_num_seqs=config.max_num_seqs)
+                                  attention_backend=config.attention_backend)
         self.num_steps = 0
         self.info = EngineInfo(
             model_args=args, config=config, model_path=str(model_path) if model_path else None,

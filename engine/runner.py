@@ -45,14 +45,8 @@ BLOCK_PAD = 4  # pad block-table widths to a multiple of this to limit distinct 
 # the padding costs 4 bytes a block in the step's one host copy, and a sequence keeps one
 # trace up to 1,024 tokens instead of retracing at 64, 128, 256 and 512.
 COMPILED_MIN_BLOCKS = 64
-# Batch sizes whose compiled decode step is traced at start-up (ModelRunner.warm_decode), and
-# the block-table widths. On CUDA every batch size up to max_num_seqs, at the two smallest
-# widths (contexts to 2,048 tokens at block size 16): the first step of a new (batch, width)
-# took 20-40 ms against 8 on an H200 at batch 18-128 (fifteenth session, w1's last steps,
-# one new batch size each as requests finish); MISTRAL_SERVE_WARM_DECODE=few keeps CUDA to
-# these too.
+# Batch sizes whose compiled decode step is traced at start-up (ModelRunner.warm_decode).
 WARM_DECODE_BATCHES = (1, 2, 4, 8)
-WARM_DECODE_WIDTHS = 1  # how many widths, from COMPILED_MIN_BLOCKS up
 # MLX's CUDA 4-bit matmul loses to dequantize + bf16 GEMM for many rows (H200, MLX 0.32.4,
 # `python -m loadtest.op_profile --qmm-rows ...`: from 256 rows on once warm). Between 16 and
 # 128 rows it wins when warm, but a batched 4-bit run with it stalled for minutes (new row
@@ -62,7 +56,7 @@ DEQUANT_MIN_ROWS_CUDA = 8
 
 class ModelRunner:
     def __init__(self, model: Mistral, args: ModelArgs, kv_cache: PagedKVCache, seed: int = 0,
-                 attention_backend: str = "auto", max_num_seqs: int = 8):
+                 attention_backend: str = "auto"):
         self.model = model
         model.fuse_projections()
         self.args = args
@@ -87,30 +81,22 @@ class ModelRunner:
         compile_env = os.environ.get("MISTRAL_SERVE_COMPILE", "auto")
         self.compile_decode = compile_env == "1" or (compile_env == "auto" and on_cuda)
         self._compiled: dict = {}  # KernelPlan -> compiled decode forward
-        every = on_cuda and os.environ.get("MISTRAL_SERVE_WARM_DECODE", "all") != "few"
-        self._warm = (range(1, max_num_seqs + 1), 2) if every else None  # None: the constants
         if self.compile_decode:
-            t0 = time.perf_counter()
-            self.warm_decode()
-            log.info("compiled decode steps traced in %.1f s", time.perf_counter() - t0)
+            self.warm_decode(WARM_DECODE_BATCHES)
 
-    def warm_decode(self) -> None:
-        """Trace and run the compiled decode step once for each batch size and block-table
-        width to warm, so that the first steps of those shapes do not stall on a trace (on an
-        H200 the first decode step of one 4-bit sequence took 9-10 ms against 2.9).
+    def warm_decode(self, batch_sizes: Sequence[int]) -> None:
+        """Trace and run the compiled decode step once for each batch size (at the smallest
+        table width), so that the first requests of those sizes do not stall on a trace (on
+        an H200 the first decode step of one 4-bit sequence took 9-10 ms against 2.9).
 
         Only before any request runs: the dummy decodes write K/V into slot 0 of block 0,
         which a request given that block overwrites before reading."""
-        batch_sizes, num_widths = self._warm or (WARM_DECODE_BATCHES, WARM_DECODE_WIDTHS)
         state = self.rng.getstate()  # dummy samples must not move the seed stream
         params = SamplingParams(temperature=0, max_tokens=1)
-        for i in range(num_widths):
-            # A table that pads to the width (its first key is the only one read).
-            table = (0,) * ((COMPILED_MIN_BLOCKS << i) // 2 + 1)
-            for b in batch_sizes:
-                reqs = tuple(ScheduledRequest(f"warm-{i}", (0,), 0, table, 0, True, params, 0)
-                             for i in range(b))
-                self.collect(self.launch(SchedulerOutput(0, reqs, b)))
+        for b in batch_sizes:
+            reqs = tuple(ScheduledRequest(f"warm-{i}", (0,), 0, (0,), 0, True, params, 0)
+                         for i in range(b))
+            self.collect(self.launch(SchedulerOutput(0, reqs, b)))
         self.rng.setstate(state)
         self._last_sampled, self._carry = ({}, None), None
 

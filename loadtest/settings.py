@@ -66,7 +66,8 @@ def applied(engine, spec: str):
         runner._compiled.clear()
         try:
             if runner.compile_decode:
-                runner.warm_decode()
+                from engine.runner import WARM_DECODE_BATCHES
+                runner.warm_decode(WARM_DECODE_BATCHES)
             yield
         finally:
             model.plan = plan
