@@ -238,3 +238,15 @@ def test_decode_only_inputs_match_the_general_build():
     for a, b in zip(fast, general):
         assert a.dtype == b.dtype == np.int32 and a.tolist() == b[:len(decodes)].tolist()
     assert fast[0].tolist() == [r.token_ids[0] for r in decodes]
+
+
+def test_warm_up_runs_a_step_carried_into_a_new_block(monkeypatch):
+    # warm_decode ends with a step that the carry continues into a new block, so that its
+    # scatters are compiled at start-up: that step must build nothing on the host.
+    engine, seen, host_builds = _engine(monkeypatch)
+    builds, steps = len(host_builds), len(seen)
+    engine.runner.warm_decode((1,))
+    assert len(seen) - steps == 3 and len(host_builds) - builds == 2
+    ids, positions, slots, tables = seen[-1][:4]
+    assert positions == [BS] and slots == [0] and tables[0][:2] == [0, 0]
+    assert engine.runner._carry is None  # nothing of the warm-up is left to continue
