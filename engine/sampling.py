@@ -7,6 +7,7 @@ whatever else shares the batch, and there is no per-request RNG state to keep.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -113,7 +114,14 @@ ARGMAX_CHUNK = 1024
 
 
 def _argmax_chunk(vocab: int) -> int:
-    return next((c for c in range(ARGMAX_CHUNK, ARGMAX_CHUNK // 2, -1) if vocab % c == 0), 0)
+    return _largest_divisor(vocab, ARGMAX_CHUNK)
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_divisor(vocab: int, most: int) -> int:
+    """The largest divisor of vocab from most down to most // 2 + 1; 0 if none (every step
+    asks, so it is worked out once)."""
+    return next((c for c in range(most, most // 2, -1) if vocab % c == 0), 0)
 
 
 def argmax(x: mx.array) -> mx.array:
