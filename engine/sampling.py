@@ -108,8 +108,8 @@ def _one_copy(floats: dict[str, list], ints: dict[str, list], n: int) -> dict[st
 # argmax over the vocabulary in two stages: the best of each chunk of about ARGMAX_CHUNK ids
 # (the largest divisor of the vocabulary from ARGMAX_CHUNK down to half of it), then the best
 # chunk (0: one mx.argmax). On an H200 MLX's one-stage argmax over 128 x 32,768 logits took
-# 144 us a step, the two stages of 1,024 37 us (`gpu_trace --batch 128 --context 320 --set
-# sampling.ARGMAX_CHUNK=1024`, fifteenth session): MLX reduces a long row in one block.
+# 144 us a step, the two stages of 1,024 37 us each (`gpu_trace --batch 128 --context 320
+# --set sampling.ARGMAX_CHUNK=1024`, fifteenth session).
 ARGMAX_CHUNK = 1024
 
 
