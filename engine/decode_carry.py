@@ -74,14 +74,14 @@ class DecodeCarry:
                     or not r.sample or r.first_block_index != self.first_blocks[i]):
                 return None
             if table is not old and table != old:  # blocks appended, and nothing else
-                if len(table) > width or len(table) < len(old) or table[:len(old)] != old:
+                if len(table) > width or table[:len(old)] != old:
                     return None
                 cell_row += [i] * (len(table) - len(old))
                 cell_col += range(len(old), len(table))
                 cell_block += table[len(old):]
             if pos % block_size == 0:  # the first slot of a new block, not the last one + 1
-                k, k_old = pos // block_size - r.first_block_index, (pos - 1) // block_size \
-                    - r.first_block_index
+                k = pos // block_size - r.first_block_index  # its new block, in the table
+                k_old = k - 1  # the block its last slot was in
                 if not (0 <= k < len(table) and 0 <= k_old < len(old)):
                     return None
                 slot_at.append(n + i)  # slots follow the positions in `moving`

@@ -113,12 +113,8 @@ def _one_copy(floats: dict[str, list], ints: dict[str, list], n: int) -> dict[st
 ARGMAX_CHUNK = 1024
 
 
-def _argmax_chunk(vocab: int) -> int:
-    return _largest_divisor(vocab, ARGMAX_CHUNK)
-
-
 @functools.lru_cache(maxsize=None)
-def _largest_divisor(vocab: int, most: int) -> int:
+def _argmax_chunk(vocab: int, most: int) -> int:
     """The largest divisor of vocab from most down to most // 2 + 1; 0 if none (every step
     asks, so it is worked out once)."""
     return next((c for c in range(most, most // 2, -1) if vocab % c == 0), 0)
@@ -128,7 +124,7 @@ def argmax(x: mx.array) -> mx.array:
     """The first index of each row's maximum (R, V) -> (R,) int32, as mx.argmax gives it:
     the first chunk holding the row's maximum, and in it the first index of it."""
     rows, vocab = x.shape
-    c = _argmax_chunk(vocab) if ARGMAX_CHUNK else 0
+    c = _argmax_chunk(vocab, ARGMAX_CHUNK)
     if not c or vocab <= c:
         return mx.argmax(x, axis=-1).astype(mx.int32)
     chunks = x.reshape(rows, vocab // c, c)

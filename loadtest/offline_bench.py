@@ -160,12 +160,12 @@ def print_step_log(calls: list[tuple], waits: list[float] = (),
     for key, secs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
         print(f"  launched {key:>7} tokens: {len(secs):4d} calls, {sum(secs):6.2f} s, "
               f"median {1e3 * sorted(secs)[len(secs) // 2]:7.2f} ms, max {1e3 * max(secs):7.2f} ms")
-    slow = sorted(range(len(calls)), key=lambda i: -calls[i][0])[:8]
-    print("  slowest: " + ", ".join(f"#{i} {1e3 * calls[i][0]:.0f} ms ({calls[i][1]} tok)" for i in sorted(slow)))
+    ranked = sorted(range(len(calls)), key=lambda i: -calls[i][0])  # slowest first
+    print("  slowest: " + ", ".join(f"#{i} {1e3 * calls[i][0]:.0f} ms ({calls[i][1]} tok)"
+                                    for i in sorted(ranked[:8])))
     # The first 40 calls (the batch filling up) and the slowest 24, each with its detail: the
     # call's launch, MLX's encoding inside it, and its wait for the step before.
-    for i in sorted(set(range(min(40, len(calls)))) | set(slow) |
-                    set(sorted(range(len(calls)), key=lambda i: -calls[i][0])[:24])):
+    for i in sorted(set(range(min(40, len(calls)))) | set(ranked[:24])):
         print(f"    #{i:<4d} {1e3 * calls[i][0]:7.1f} ms  {calls[i][1]:5d} tok  " + " ".join(map(str, calls[i][2:])))
 
 

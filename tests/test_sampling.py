@@ -44,7 +44,7 @@ def test_argmax_is_the_first_maximum(chunk, monkeypatch):
     x[3] = 0  # all tied: index 0
     x[4, [7, 40]] = 9  # the same maximum in two chunks: the first
     assert sampling.argmax(mx.array(x)).tolist() == x.argmax(-1).tolist()
-    assert sampling._argmax_chunk(V) == {0: 0, 8: 8, 16: 16, 64: 64, 11: 8}[chunk]
+    assert sampling._argmax_chunk(V, chunk) == {0: 0, 8: 8, 16: 16, 64: 64, 11: 8}[chunk]
 
 
 def test_seeded_rows_reproduce_whatever_shares_the_batch():
