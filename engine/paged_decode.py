@@ -42,6 +42,8 @@ MAX_SPLITS = 32
 STAGED = os.environ.get("MISTRAL_SERVE_DECODE_STAGED", "1") == "1"
 STAGED_WARPS = 2
 STAGES = 3  # tiles in a warp's ring: STAGES - 1 in flight while it computes on one
+# v4: v3 on tensor cores (_BODY_V4), for bf16/fp16 caches (MISTRAL_SERVE_DECODE_TC=0: v3).
+TENSOR_CORES = os.environ.get("MISTRAL_SERVE_DECODE_TC", "1") == "1"
 # Splitting costs a partial write per split and a merge kernel, and at 1,024 keys it lost
 # at every batch size (H200, 32 layers, `op_profile --splits`: v2 at batch 1 0.63 ms with
 # 1 split vs 1.13 ms with 16; batch 8 1.03 vs 2.13; batch 64 3.92 vs 5.38 with 8). So a
@@ -396,6 +398,145 @@ _MERGE_STATIC = r"""    __shared__ float sm_m[NUM_WARPS][GQA];
     __shared__ float sm_acc[NUM_WARPS][GQA][D];
 """
 
+# Version 4, "tensor cores" (TENSOR_CORES; bf16/fp16 where v3 would run): v3's ring of
+# 16-key tiles per warp, with the arithmetic on mma.sync (qgemm.DEVICE's m16n8k16) instead
+# of CUDA-core FMAs. v3 spends ~900 instructions a lane on a tile (every FMA, bf16 -> float
+# conversion and q read from shared memory), so at batch 64 x 1,024 keys it was bound by
+# issue, not by bytes (3.36 TB/s; the H200 call C trace of the fifteenth session). Here the
+# block's query heads are the rows of an A fragment (rows GQA..15 zero: GQA <= 8), a tile's
+# K rows the B fragments of the scores (ldmatrix), and its V rows, transposed on the way
+# (ldmatrix.trans), the B fragments of P V, with P re-packed from the score fragments as in
+# engine/paged_prefill.py. Scores are exact products summed in float, as before; P is
+# rounded to T for its mma, as FlashAttention does. Softmax in base 2; the merge below
+# takes natural-log maxima, so the warps store m * ln 2.
+_BODY_V4 = r"""
+    constexpr int TILE = 16;
+    constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte chunk
+    constexpr int CH = D / VEC;           // chunks per row
+    constexpr int RS = D + VEC;           // a row in shared memory, padded by one chunk
+    constexpr int SLOT = 2 * TILE * RS;   // a tile's K rows, then its V rows
+    constexpr int STEP = NUM_WARPS * TILE;
+    constexpr int KSTEPS = D / 16, NO = D / 8;
+    static_assert(GQA <= 8 && D % 32 == 0 && VEC == 8, "query heads fit the mma rows 0..7");
+    __shared__ float q_s[GQA][D];
+    Q_LOAD
+    __syncthreads();
+    const int fr = lane >> 2, fc = lane & 3;  // fragment row (query head if < GQA), column pair
+    unsigned qf[KSTEPS][4];
+    #pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        const int c0 = kk * 16 + 2 * fc;
+        qf[kk][0] = fr < GQA ? pack2<BF16>(q_s[fr][c0], q_s[fr][c0 + 1]) : 0u;
+        qf[kk][2] = fr < GQA ? pack2<BF16>(q_s[fr][c0 + 8], q_s[fr][c0 + 9]) : 0u;
+        qf[kk][1] = qf[kk][3] = 0u;
+    }
+    float o[NO][4];
+    #pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_run = NEG_INF, l_run = 0.f;  // row fr's running max (base 2) and this lane's sum
+    const float sl2 = scale * 1.4426950408889634f;
+    const int* table = block_tables + (long)b * block_tables_shape[1];
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* ring = reinterpret_cast<T*>(smem) + warp * (STAGES * SLOT);
+    const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
+    const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
+    const int j = lane & (TILE - 1);
+    // ldmatrix rows: K x4, dims 16kk..16kk+31 of keys 0..7 (+8 n); V x4.trans, keys 0..15 of
+    // dims 8n..8n+15.
+    const int k_row = (lane & 7) * RS + (lane >> 3) * 8;
+    const int v_row = TILE * RS + ((lane & 7) + ((lane >> 3) & 1) * 8) * RS + (lane >> 4) * 8;
+    auto issue = [&](int it) {  // as v3: tile `it` into its slot, one commit group a call
+        const int t0 = first + it * STEP;
+        if (it < tiles) {
+            const int p = min(t0 + j, hi);
+            const long off = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
+            T* slot = ring + (it % STAGES) * SLOT;
+            #pragma unroll
+            for (int i = 0; i < 2 * TILE * CH / 32; ++i) {
+                const int r = (lane + 32 * i) / CH, c = (lane + 32 * i) % CH;  // row r: key r % TILE
+                const long src = __shfl_sync(0xffffffff, off, r % TILE);
+                cp_async<16>(slot + r * RS + c * VEC, (r < TILE ? k_pool : v_pool) + src + c * VEC,
+                             t0 + r % TILE <= hi);
+            }
+        }
+        cp_async_commit();
+    };
+    #pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+    for (int it = 0; it < tiles; ++it) {
+        issue(it + STAGES - 1);
+        cp_async_wait<STAGES - 1>();
+        __syncwarp();
+        const T* st = ring + (it % STAGES) * SLOT;
+        const int t0 = first + it * STEP;
+        // Scores of row fr: sc[n][e] is key t0 + 8n + 2fc + e (e < 2; e >= 2: zero rows).
+        float sc[2][4];
+        #pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk += 2) {
+                unsigned kb[4];
+                ldsm_x4(kb, st + k_row + n * 8 * RS + kk * 16);
+                mma16816<BF16>(sc[n], qf[kk], kb);
+                mma16816<BF16>(sc[n], qf[kk + 1], kb + 2);
+            }
+        }
+        float tmax = NEG_INF;
+        #pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                sc[n][e] = t0 + 8 * n + 2 * fc + e <= hi ? sc[n][e] * sl2 : NEG_INF;
+                tmax = fmaxf(tmax, sc[n][e]);
+            }
+        }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
+        const float m_new = fmaxf(m_run, tmax);  // finite: key t0 is valid
+        const float corr = exp2f(m_run - m_new);
+        m_run = m_new;
+        l_run *= corr;
+        #pragma unroll
+        for (int n = 0; n < NO; ++n) { o[n][0] *= corr; o[n][1] *= corr; }
+        #pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            sc[n][0] = exp2f(sc[n][0] - m_new);
+            sc[n][1] = exp2f(sc[n][1] - m_new);
+            l_run += sc[n][0] + sc[n][1];
+        }
+        unsigned pa[4];
+        pa[0] = pack2<BF16>(sc[0][0], sc[0][1]);
+        pa[1] = 0u;
+        pa[2] = pack2<BF16>(sc[1][0], sc[1][1]);
+        pa[3] = 0u;
+        #pragma unroll
+        for (int n = 0; n < NO; n += 2) {
+            unsigned vb[4];
+            ldsm_x4_t(vb, st + v_row + n * 8);
+            mma16816<BF16>(o[n], pa, vb);
+            mma16816<BF16>(o[n + 1], pa, vb + 2);
+        }
+        __syncwarp();  // done with the slot before the next iteration refills it
+    }
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 2);
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is past its loop: the merge below reuses the rings
+    MERGE_IN_RING
+    if (fr < GQA) {
+        if (fc == 0) { sm_m[warp][fr] = m_run * 0.6931471805599453f; sm_l[warp][fr] = l_run; }
+        #pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            sm_acc[warp][fr][8 * n + 2 * fc] = o[n][0];
+            sm_acc[warp][fr][8 * n + 2 * fc + 1] = o[n][1];
+        }
+    }
+    __syncthreads();
+"""
+
+
 # v2's and v3's start: the block's query rows (scaled) in shared memory, each warp's weights
 # of a tile's keys, and each lane's running softmax state for its head dims.
 _WARP_STATE = r"""
@@ -461,6 +602,11 @@ def kernel_source(epilogue: str, version: str = "v1", rope: bool = False) -> str
     merge_at = _BODY.index("    // Merge the warps' partial softmaxes.")
     q_load = _Q_ROPE_STORE.replace("ROPE_ROTATE", ROPE_ROTATE.replace("ROPE_POS", "qpos")) \
         if rope else _Q_LOAD
+    if version == "v4":  # q_s unscaled: the mma takes q as stored (T); scores scale after
+        merge_loop = _BODY.index("    for (int idx = threadIdx.x; idx < GQA * D; idx += blockDim.x) {")
+        body = _BODY_V4.replace("Q_LOAD", q_load.replace(" * scale;", ";")).replace(
+            "MERGE_IN_RING", _MERGE_IN_RING) + _BODY[merge_loop:]
+        return (_PROLOGUE + body).replace("EPILOGUE", epilogue)
     body = {"v1": _BODY, "v2": _BODY_V2, "v3": _BODY_V3}[version]
     if version != "v1":
         body = body.replace("WARP_STATE", _WARP_STATE).replace("Q_LOAD", q_load) + _BODY[merge_at:]
@@ -473,10 +619,16 @@ def kernel_source(epilogue: str, version: str = "v1", rope: bool = False) -> str
 @functools.lru_cache(maxsize=None)
 def _kernel(split: bool, version: str = "v1", rope: bool = False, smem: int = 0):
     """The decode kernel; v3 (staged) takes `smem` bytes of dynamic shared memory."""
-    extra = dict(header=VEC_HEADER + CP_ASYNC, shared_memory=smem) if version == "v3" \
-        else dict(header=VEC_HEADER)
+    if version == "v4":  # at call time: qgemm and paged_prefill import this module
+        from engine.paged_prefill import LDMATRIX
+        from engine.qgemm import DEVICE as MMA
+        extra = dict(header=VEC_HEADER + CP_ASYNC + MMA + LDMATRIX, shared_memory=smem)
+    elif version == "v3":
+        extra = dict(header=VEC_HEADER + CP_ASYNC, shared_memory=smem)
+    else:
+        extra = dict(header=VEC_HEADER)
     if rope:
-        return cuda_kernel(name=f"paged_decode_attention_rope{'_v3' if version == 'v3' else ''}",
+        return cuda_kernel(name=f"paged_decode_attention_rope{'' if version == 'v2' else '_' + version}",
                            input_names=_ROPE_INPUTS, output_names=["out"],
                            source=kernel_source(_FINAL, version, True), **extra)
     if split:
@@ -531,6 +683,12 @@ def staged_smem(warps: int, head_dim: int, dtype: mx.Dtype) -> int:
     """Dynamic shared memory of a v3 block: each warp's ring of STAGES slots of 16 keys' K
     and V rows, padded by 16 bytes each."""
     return warps * STAGES * 2 * 16 * (head_dim * dtype.size + 16)
+
+
+def tensor_cores(gqa: int, head_dim: int, dtype: mx.Dtype) -> bool:
+    """Whether a staged launch runs v4 (mma.sync) rather than v3: TENSOR_CORES on, a 16-bit
+    cache, at most 8 query heads a KV head (the mma's rows 0..7) and whole 32-dim steps."""
+    return TENSOR_CORES and dtype in (mx.bfloat16, mx.float16) and gqa <= 8 and head_dim % 32 == 0
 
 
 def v_batch(warps: int) -> int:
@@ -595,7 +753,7 @@ def rope_store_decode_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.arra
                      [qkv, k_pool, v_pool, block_tables, key_start, q_pos, slots])
     launch["template"].append(("LOG2_BASE_BITS", float_bits(math.log2(base))))
     version, smem = launch.pop("version"), launch.pop("smem")
-    return _kernel(False, "v3" if version == "v3" else "v2", True, smem)(
+    return _kernel(False, version if version in ("v3", "v4") else "v2", True, smem)(
         **launch, output_shapes=[(g, n_heads, d)], output_dtypes=[qkv.dtype])[0]
 
 
@@ -615,13 +773,15 @@ def _launch(g: int, h: int, k_pool: mx.array, block_size: int, window: int | Non
     (as given, else v3 where staged(), else VERSION) and "smem", v3's shared memory (else 0)."""
     kvh, d = k_pool.shape[1], k_pool.shape[2]
     # v3 asked for by name (op_profile) runs its own warp count: 16 warps' rings would not fit.
-    warps = warps or (STAGED_WARPS if version == "v3" else num_warps(g * kvh * splits))
-    version = version or ("v3" if staged(warps) else VERSION)
-    smem = staged_smem(warps, d, dtype) if version == "v3" else 0
+    warps = warps or (STAGED_WARPS if version in ("v3", "v4") else num_warps(g * kvh * splits))
+    version = version or (("v4" if tensor_cores(h // kvh, d, dtype) else "v3") if staged(warps)
+                          else VERSION)
+    smem = staged_smem(warps, d, dtype) if version in ("v3", "v4") else 0
     # The window is a template argument, not an input: a one-int input array would live in
     # CUDA managed memory on the host, read across PCIe by every warp (see fused_ops.float_bits).
     template = [("T", dtype), ("D", d), ("BS", block_size), ("KVH", kvh), ("GQA", h // kvh),
                 ("NUM_WARPS", warps), ("UNROLL", UNROLL), ("WINDOW", window or 0),
-                ("V_BATCH", v_batch(warps))] + ([("STAGES", STAGES)] if smem else [])
+                ("V_BATCH", v_batch(warps))] + ([("STAGES", STAGES)] if smem else []) \
+        + ([("BF16", dtype == mx.bfloat16)] if version == "v4" else [])
     return dict(inputs=inputs, template=template, grid=(g * kvh * splits * 32 * warps, 1, 1),
                 threadgroup=(32 * warps, 1, 1), version=version, smem=smem)

@@ -734,3 +734,119 @@ def run_prefill(workdir: Path, cases: str = "") -> list[tuple[str, float]]:
     empty)."""
     out = _compile_and_run(workdir, "prefill", prefill_source(), *([cases] if cases else []))
     return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
+
+
+def decode_tc_source() -> str:
+    """The C++ program for engine/paged_decode.py's v4 (tensor cores, bf16) against a
+    double-precision reference on bf16 data: one split (final), 3 and 8 splits (partials,
+    then the merge kernel) and the ROPE form (its written K/V rows compared too), windows
+    none / shorter than a tile / longer, sequences starting mid-table, GQA 1, 3, 4 and 8."""
+    from engine.fused_ops import float_bits
+    params = ("const T* queries, const T* k_pool, const T* v_pool, const int* block_tables, "
+              "const int* key_start, const int* q_pos, const long* q_pos_shape, "
+              "const long* block_tables_shape")
+    rope_params = params.replace("const T* queries", "const T* qkv").replace(
+        "const int* q_pos,", "const int* q_pos, const int* slots,")
+    tmpl = "template <typename T, bool BF16, int D, int BS, int KVH, int GQA, int NUM_WARPS, int WINDOW>"
+    return PRELUDE + QGEMM_PRELUDE + LDMATRIX_PRELUDE + pd.VEC_HEADER + f"""
+    constexpr int STAGES = {pd.STAGES}, UNROLL = 4, V_BATCH = 0;
+    constexpr int LOG2_BASE_BITS = {float_bits(math.log2(10000.0))};
+    {tmpl}
+    void final_v4({params}, T* out) {{ {_kernel_body("v4", pd._FINAL)} }}
+    {tmpl}
+    void part_v4({params}, float* part_acc, float* part_m, float* part_l) {{ {_kernel_body("v4", pd._PARTIAL)} }}
+    {tmpl}
+    void rope_v4({rope_params}, T* out) {{ {_kernel_body("v4", pd._FINAL, rope=True)} }}
+    template <typename T, int D, int GQA>
+    void merge(const float* part_acc, const float* part_m, const float* part_l, const long* part_m_shape, T* out) {{
+    {pd._MERGE}
+    }}
+    """ + r"""
+    using bf = __nv_bfloat16;
+    std::mt19937 rng(5);
+    template <int D, int BS, int KVH, int GQA, int NW, int WINDOW> void dcase() {
+      std::normal_distribution<float> nd;
+      const int lens[] = {1, 5, 4, 19, 170}; const int G = 5; const int MAXB = 50;
+      const int num_blocks = G * MAXB + 1;
+      std::vector<bf> kp((long)num_blocks * BS * KVH * D), vp(kp.size()), q(G * KVH * GQA * D);
+      for (auto& x : kp) x = bf(nd(rng)); for (auto& x : vp) x = bf(nd(rng)); for (auto& x : q) x = bf(nd(rng));
+      std::vector<int> perm(num_blocks - 1); for (int i = 0; i < num_blocks - 1; ++i) perm[i] = i + 1;
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::vector<int> tables(G * MAXB, 0), kstart(G), qpos(G);
+      for (int i = 0; i < G; ++i) {
+        int n = lens[i]; qpos[i] = n - 1;
+        int first = WINDOW ? max(0, n - WINDOW) / BS : 0; kstart[i] = first * BS;
+        int nb = (n + BS - 1) / BS - first;
+        for (int j = 0; j < nb; ++j) tables[i * MAXB + j] = perm[i * MAXB + j];
+      }
+      auto attend = [&](const std::vector<bf>& q, const std::vector<bf>& kp, const std::vector<bf>& vp) {
+        std::vector<double> ref(G * KVH * GQA * D, 0.0);
+        for (int i = 0; i < G; ++i) for (int g = 0; g < KVH; ++g) for (int h = 0; h < GQA; ++h) {
+          int lo = kstart[i]; if (WINDOW) lo = max(lo, qpos[i] - WINDOW + 1);
+          std::vector<double> s; double mx = -1e30;
+          for (int p = lo; p <= qpos[i]; ++p) {
+            int blk = tables[i * MAXB + p / BS - kstart[i] / BS];
+            const bf* k = &kp[((long)(blk * BS + p % BS) * KVH + g) * D];
+            const bf* qq = &q[((i * KVH + g) * GQA + h) * D];
+            double d = 0; for (int e = 0; e < D; ++e) d += (double)(float)qq[e] * (float)k[e];
+            s.push_back(d / sqrt((double)D)); mx = std::max(mx, s.back()); }
+          double den = 0; for (auto& x : s) { x = exp(x - mx); den += x; }
+          for (int p = lo, j = 0; p <= qpos[i]; ++p, ++j) {
+            int blk = tables[i * MAXB + p / BS - kstart[i] / BS];
+            const bf* v = &vp[((long)(blk * BS + p % BS) * KVH + g) * D];
+            for (int e = 0; e < D; ++e) ref[((i * KVH + g) * GQA + h) * D + e] += s[j] / den * (float)v[e]; }
+        }
+        return ref; };
+      auto max_err = [](const std::vector<double>& want, const std::vector<bf>& got) {
+        double err = 0;
+        for (size_t e = 0; e < want.size(); ++e) { float v = got[e]; err = std::max(err, std::isnan(v) ? 1e9 : fabs(v - want[e])); }
+        return err; };
+      const std::vector<double> ref = attend(q, kp, vp);
+      long qshape[1] = {G}, tshape[2] = {G, MAXB};
+      for (int splits : {1, 3, 8}) {
+        std::vector<bf> out(ref.size(), bf(NAN));
+        if (splits == 1) {
+          launch(G * KVH, 32 * NW, [&] { final_v4<bf, true, D, BS, KVH, GQA, NW, WINDOW>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, out.data()); });
+        } else {
+          long rows = (long)G * KVH * splits * GQA;
+          std::vector<float> pa(rows * D), pm(rows), pl(rows);
+          launch(G * KVH * splits, 32 * NW, [&] { part_v4<bf, true, D, BS, KVH, GQA, NW, WINDOW>(q.data(), kp.data(), vp.data(), tables.data(), kstart.data(), qpos.data(), qshape, tshape, pa.data(), pm.data(), pl.data()); });
+          long pms[1] = {rows};
+          launch(G * KVH * GQA, D, [&] { merge<bf, D, GQA>(pa.data(), pm.data(), pl.data(), pms, out.data()); });
+        }
+        printf("v4 D %d GQA %d window %d splits %d: max err %.2e\n", D, GQA, WINDOW, splits, max_err(ref, out));
+      }
+      {  // ROPE form: q|k|v before RoPE in; the token's K (rotated) and V written into its slot
+        constexpr int HS = KVH * GQA + 2 * KVH;
+        std::vector<bf> qkv(G * HS * D), qr(q.size()), kp2 = kp, vp2 = vp, kpw = kp, vpw = vp;
+        std::vector<int> slots(G);
+        for (auto& x : qkv) x = bf(nd(rng));
+        for (int i = 0; i < G; ++i) {
+          slots[i] = tables[i * MAXB + qpos[i] / BS - kstart[i] / BS] * BS + qpos[i] % BS;
+          for (int hs = 0; hs < HS; ++hs) for (int e = 0; e < D / 2; ++e) {
+            double a = (float)qkv[(i * HS + hs) * D + e], c = (float)qkv[(i * HS + hs) * D + e + D / 2];
+            double th = qpos[i] * pow(10000.0, -(double)e / (D / 2)), r1 = a, r2 = c;
+            if (hs < KVH * GQA + KVH) { r1 = a * cos(th) - c * sin(th); r2 = a * sin(th) + c * cos(th); }
+            bf* dst = hs < KVH * GQA ? &qr[(i * KVH * GQA + hs) * D]
+                    : &(hs < KVH * GQA + KVH ? kpw : vpw)[((long)slots[i] * KVH + (hs - KVH * GQA) % KVH) * D];
+            dst[e] = bf((float)r1); dst[e + D / 2] = bf((float)r2); } }
+        const std::vector<double> want = attend(qr, kpw, vpw);
+        std::vector<bf> out(want.size(), bf(NAN));
+        launch(G * KVH, 32 * NW, [&] { rope_v4<bf, true, D, BS, KVH, GQA, NW, WINDOW>(qkv.data(), kp2.data(), vp2.data(), tables.data(), kstart.data(), qpos.data(), slots.data(), qshape, tshape, out.data()); });
+        double err = max_err(want, out);
+        for (size_t e = 0; e < kp.size(); ++e)  // a rounding apart at most: both round a float rotation
+          err = std::max(err, std::max(fabs((float)kp2[e] - (float)kpw[e]), fabs((float)vp2[e] - (float)vpw[e])) / 64);
+        printf("ropev4 D %d GQA %d window %d splits 1: max err %.2e\n", D, GQA, WINDOW, err);
+      }
+    }
+    int main() {
+      dcase<64, 4, 2, 3, 2, 0>(); dcase<64, 4, 2, 3, 2, 7>(); dcase<64, 4, 2, 3, 2, 50>();
+      dcase<32, 8, 1, 8, 2, 0>(); dcase<128, 16, 2, 4, 2, 40>(); dcase<32, 4, 3, 1, 4, 0>();
+    }
+    """
+
+
+def run_decode_tc(workdir: Path) -> list[tuple[str, float]]:
+    """Compile and run the v4 emulation; (case, max abs error) per case."""
+    out = _compile_and_run(workdir, "decode_tc", decode_tc_source())
+    return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]

@@ -74,3 +74,31 @@ def test_staged_launch_fits_shared_memory():
     # bf16, 7B: four blocks an SM (228 KB, 1 KB reserved a block), so 512 blocks in one wave
     ring = paged_decode.staged_smem(paged_decode.STAGED_WARPS, 128, mx.bfloat16)
     assert 4 * (ring + 2048 + 512 + 1024) <= 228 * 1024
+
+
+# v4 (tensor cores) runs on bf16 data, so it is held to bf16's precision: its outputs are
+# rounded to bf16 (half an ulp is 2e-3 at 0.5) and P to bf16 for its mma. Correct runs
+# stay under 8e-3; each broken form below misses by more than 3e-2.
+TC_TOL = 1.5e-2
+
+
+def test_tensor_core_kernel_matches_reference(tmp_path):
+    results = cuda_emulator.run_decode_tc(tmp_path)
+    assert len(results) == 24  # 6 shapes x (splits 1, 3, 8 and the ROPE form)
+    bad = [r for r in results if not r[1] < TC_TOL]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("for (int n = 0; n < NO; ++n) { o[n][0] *= corr; o[n][1] *= corr; }", ""),  # no rescale
+    ("t0 + 8 * n + 2 * fc + e <= hi ?", "true ?"),  # keys past hi scored
+    ("const T* st = ring + (it % STAGES) * SLOT;", "const T* st = ring;"),  # always slot 0
+    ("m_run * 0.6931471805599453f", "m_run"),  # base-2 maxima merged as natural ones
+    ("ldsm_x4_t(vb, st + v_row + n * 8);", "ldsm_x4(vb, st + v_row + n * 8);"),  # V not transposed
+])
+def test_emulation_catches_a_broken_tensor_core_kernel(tmp_path, monkeypatch, wrong, right):
+    from engine import paged_decode
+    assert wrong in paged_decode._BODY_V4
+    monkeypatch.setattr(paged_decode, "_BODY_V4", paged_decode._BODY_V4.replace(wrong, right, 1))
+    results = cuda_emulator.run_decode_tc(tmp_path)
+    assert results and max(err for _, err in results) > 2 * TC_TOL
