@@ -561,10 +561,10 @@ def fused_source() -> str:
     template <typename T, int H, int NT, int EPS_BITS>
     void add_rms_norm(const T* x, const T* y, const T* w, T* h, T* n) { """ + \
         fo.SOURCES["add_rms_norm"] + r""" }
-    template <typename T, int NH, int KVH, int D, int LOG2_BASE_BITS>
+    template <typename T, int NH, int KVH, int D, int HG, int LOG2_BASE_BITS>
     void qkv_rope(const T* qkv, const int* positions, const long* positions_shape,
                   T* q, T* k, T* v) { """ + fo.SOURCES["qkv_rope"] + r""" }
-    template <typename T, int NH, int KVH, int D, int LOG2_BASE_BITS>
+    template <typename T, int NH, int KVH, int D, int HG, int LOG2_BASE_BITS>
     void qkv_rope_store(const T* qkv, const int* positions, const long* positions_shape,
                         const int* slots, const T* k_pool, const T* v_pool, T* q) { """ + fo.SOURCES["qkv_rope_store"] + r""" }
     template <typename T, int I, int RUN>
@@ -595,8 +595,9 @@ def fused_source() -> str:
         if (hs >= NH + KVH) { rv[(t * KVH + hs - NH - KVH) * D + i] = a; rv[(t * KVH + hs - NH - KVH) * D + i + D / 2] = b; continue; }
         double* o = hs < NH ? &rq[(t * NH + hs) * D] : &rk[(t * KVH + hs - NH) * D];
         o[i] = a * c - b * sn; o[i + D / 2] = a * sn + b * c; }
-      int threads = T_ * HS * D / 2;
-      launch((threads + 255) / 256, 256, [&] { qkv_rope<float, NH, KVH, D, LB_BITS>(qkv.data(), pos.data(), pshape, q.data(), k.data(), v.data()); });
+      constexpr int HG = HS % 8 == 0 ? 8 : HS % 4 == 0 ? 4 : HS % 2 == 0 ? 2 : 1;  // rope_heads_per_thread
+      int threads = T_ * (HS / HG) * (D / 4);
+      launch((threads + 255) / 256, 256, [&] { qkv_rope<float, NH, KVH, D, HG, LB_BITS>(qkv.data(), pos.data(), pshape, q.data(), k.data(), v.data()); });
       printf("qkv_rope NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
              max(max_err(q.data(), rq), max(max_err(k.data(), rk), max_err(v.data(), rv))));
       // In place: tokens' K/V go to scrambled pool rows; every other row keeps its value.
@@ -607,7 +608,7 @@ def fused_source() -> str:
       std::vector<double> rkp(kp.begin(), kp.end()), rvp(vp.begin(), vp.end());
       for (int t = 0; t < T_; ++t) for (int j = 0; j < KVH * D; ++j) {
         rkp[slots[t] * KVH * D + j] = rk[t * KVH * D + j]; rvp[slots[t] * KVH * D + j] = rv[t * KVH * D + j]; }
-      launch((threads + 255) / 256, 256, [&] { qkv_rope_store<float, NH, KVH, D, LB_BITS>(qkv.data(), pos.data(), pshape, slots.data(), kp.data(), vp.data(), q2.data()); });
+      launch((threads + 255) / 256, 256, [&] { qkv_rope_store<float, NH, KVH, D, HG, LB_BITS>(qkv.data(), pos.data(), pshape, slots.data(), kp.data(), vp.data(), q2.data()); });
       printf("qkv_rope_store NH %d KVH %d D %d T %d: max err %.2e\n", NH, KVH, D, T_,
              max(max_err(q2.data(), rq), max(max_err(kp.data(), rkp), max_err(vp.data(), rvp))));
     }
@@ -623,7 +624,8 @@ def fused_source() -> str:
     }
     int main() {
       norm_case<64>(3); norm_case<4096>(2); norm_case<1028>(1);
-      rope_case<4, 2, 16>(5); rope_case<8, 2, 128>(3);
+      rope_case<4, 2, 16>(5); rope_case<8, 2, 128>(3);  // 8 and 12 heads: 8 and 4 a thread
+      rope_case<3, 1, 16>(4); rope_case<6, 2, 32>(3);   // 5 and 10 heads: 1 and 2 a thread
       swiglu_case<36>(3); swiglu_case<1024>(2); swiglu_case<40, 8>(3); swiglu_case<1024, 8>(2);
     }
     """

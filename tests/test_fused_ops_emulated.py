@@ -14,22 +14,22 @@ pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++
 
 def test_fused_kernels_match_reference(tmp_path):
     results = cuda_emulator.run_fused(tmp_path)
-    assert [c.split()[0] for c, _ in results] == ["add_rms_norm"] * 3 + ["qkv_rope", "qkv_rope_store"] * 2 + ["swiglu"] * 4
+    assert [c.split()[0] for c, _ in results] == ["add_rms_norm"] * 3 + ["qkv_rope", "qkv_rope_store"] * 4 + ["swiglu"] * 4
     bad = [r for r in results if not r[1] < 1e-4]
     assert not bad, bad
 
 
 def test_emulation_catches_wrong_rope_pairing(tmp_path, monkeypatch):
-    # Rotating adjacent dims (the "traditional" layout) instead of i and i + D/2 is wrong here.
+    # Pairing dim i with i + 2 instead of i + D/2 (its partner in this layout) is wrong here.
     from engine import fused_ops
     for name in ("qkv_rope", "qkv_rope_store"):
         src = fused_ops.SOURCES[name]
-        broken = src.replace("x2 = static_cast<float>(src[i + P])", "x2 = static_cast<float>(src[i + 1])")
+        broken = src.replace("src + i0 + P)", "src + i0 + 2)")
         assert broken != src
         monkeypatch.setitem(fused_ops.SOURCES, name, broken)
     results = dict(cuda_emulator.run_fused(tmp_path))
     rope = [err for case, err in results.items() if case.startswith("qkv_rope")]
-    assert len(rope) == 4 and all(err > 1e-2 for err in rope)
+    assert len(rope) == 8 and all(err > 1e-2 for err in rope)
 
 
 def test_emulation_catches_a_wrong_pool_row(tmp_path, monkeypatch):
@@ -41,4 +41,4 @@ def test_emulation_catches_a_wrong_pool_row(tmp_path, monkeypatch):
     monkeypatch.setitem(fused_ops.SOURCES, "qkv_rope_store", broken)
     results = dict(cuda_emulator.run_fused(tmp_path))
     store = [err for case, err in results.items() if case.startswith("qkv_rope_store")]
-    assert len(store) == 2 and all(err > 1e-2 for err in store)
+    assert len(store) == 4 and all(err > 1e-2 for err in store)
