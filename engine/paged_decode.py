@@ -6,7 +6,9 @@ on the host. This kernel reads K and V straight from the pools through the block
 once: a thread block per (sequence, KV head) serves that head's whole GQA group of query
 heads, warps split the keys, and an online softmax merges them. When the batch is small or
 the contexts long, each sequence's keys are also split over several blocks (flash-decoding)
-and a second kernel merges the splits, so a few long sequences still fill the GPU. It is
+and a second kernel merges the splits, so a few long sequences still fill the GPU. Versions:
+v2 for few blocks, v3 (a cp.async ring a warp) for many, v4 (v3 on tensor cores) for many
+blocks over a bf16/fp16 cache; v1, the first, stays for comparison. It is
 used only where engine.attention.decode_kernel_matches_portable has shown it to match the
 portable path on this machine; everywhere else the portable path runs.
 """
