@@ -303,6 +303,31 @@ _BODY_V2 = r"""
     }
 """.replace("TILE_SOFTMAX", _tile_softmax(32, "p_s[warp][h][lane] = e;"))
 
+# v3's and v4's copy of a warp's tile `it` (16 keys' K rows, then their V rows, whose pool
+# offsets lanes j and j + 16 share by a shuffle) into its ring slot, and the first
+# STAGES - 1 tiles started.
+_RING_ISSUE = r"""    // Copy the warp's tile `it` into its ring slot (keys past hi: zeros); one commit group
+    // per call, a tile or not, so that waiting for "all but the last STAGES - 1" is exact.
+    auto issue = [&](int it) {
+        const int t0 = first + it * STEP;
+        if (it < tiles) {
+            const int p = min(t0 + j, hi);
+            const long off = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
+            T* slot = ring + (it % STAGES) * SLOT;
+            #pragma unroll
+            for (int i = 0; i < 2 * TILE * CH / 32; ++i) {
+                const int r = (lane + 32 * i) / CH, c = (lane + 32 * i) % CH;  // row r: key r % TILE
+                const long src = __shfl_sync(0xffffffff, off, r % TILE);
+                cp_async<16>(slot + r * RS + c * VEC, (r < TILE ? k_pool : v_pool) + src + c * VEC,
+                             t0 + r % TILE <= hi);
+            }
+        }
+        cp_async_commit();
+    };
+    #pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+"""
+
 # Version 3, "staged" (STAGED; for many blocks, STAGED_WARPS a block): v2's scoring with
 # the key rows read from shared memory. Each warp streams its tiles of TILE keys (their K rows,
 # then their V rows) through a ring of STAGES slots with cp.async, so the next tiles' bytes
@@ -324,27 +349,7 @@ _BODY_V3 = r"""
     const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
     const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
     const int j = lane & (TILE - 1), half = lane >> 4;
-    // Copy the warp's tile `it` into its ring slot (keys past hi: zeros); one commit group
-    // per call, a tile or not, so that waiting for "all but the last STAGES - 1" is exact.
-    auto issue = [&](int it) {
-        const int t0 = first + it * STEP;
-        if (it < tiles) {
-            const int p = min(t0 + j, hi);
-            const long off = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
-            T* slot = ring + (it % STAGES) * SLOT;
-            #pragma unroll
-            for (int i = 0; i < 2 * TILE * CH / 32; ++i) {
-                const int r = (lane + 32 * i) / CH, c = (lane + 32 * i) % CH;  // row r: key r % TILE
-                const long src = __shfl_sync(0xffffffff, off, r % TILE);
-                cp_async<16>(slot + r * RS + c * VEC, (r < TILE ? k_pool : v_pool) + src + c * VEC,
-                             t0 + r % TILE <= hi);
-            }
-        }
-        cp_async_commit();
-    };
-    #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) issue(s);
-    for (int it = 0; it < tiles; ++it) {
+RING_ISSUE    for (int it = 0; it < tiles; ++it) {
         issue(it + STAGES - 1);  // into the slot the warp finished with last iteration
         cp_async_wait<STAGES - 1>();
         __syncwarp();  // every lane's copies of tile `it` have landed
@@ -384,7 +389,8 @@ _BODY_V3 = r"""
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is past its loop: the merge below reuses the rings
-""".replace("TILE_SOFTMAX", _tile_softmax(16, "if (half == 0) p_s[warp][h][j] = e;"))
+""".replace("RING_ISSUE", _RING_ISSUE).replace(
+    "TILE_SOFTMAX", _tile_softmax(16, "if (half == 0) p_s[warp][h][j] = e;"))
 # v3's merge keeps its partial softmaxes in the rings rather than in static shared memory, so
 # a block's static part is only q_s and p_s: four blocks of the default 2 warps x 3 slots fit
 # an SM (52 KB of ring each), enough for batch 64's 512 blocks in one wave on 132 SMs.
@@ -448,25 +454,7 @@ _BODY_V4 = r"""
     // dims 8n..8n+15.
     const int k_row = (lane & 7) * RS + (lane >> 3) * 8;
     const int v_row = TILE * RS + ((lane & 7) + ((lane >> 3) & 1) * 8) * RS + (lane >> 4) * 8;
-    auto issue = [&](int it) {  // as v3: tile `it` into its slot, one commit group a call
-        const int t0 = first + it * STEP;
-        if (it < tiles) {
-            const int p = min(t0 + j, hi);
-            const long off = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
-            T* slot = ring + (it % STAGES) * SLOT;
-            #pragma unroll
-            for (int i = 0; i < 2 * TILE * CH / 32; ++i) {
-                const int r = (lane + 32 * i) / CH, c = (lane + 32 * i) % CH;  // row r: key r % TILE
-                const long src = __shfl_sync(0xffffffff, off, r % TILE);
-                cp_async<16>(slot + r * RS + c * VEC, (r < TILE ? k_pool : v_pool) + src + c * VEC,
-                             t0 + r % TILE <= hi);
-            }
-        }
-        cp_async_commit();
-    };
-    #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) issue(s);
-    for (int it = 0; it < tiles; ++it) {
+RING_ISSUE    for (int it = 0; it < tiles; ++it) {
         issue(it + STAGES - 1);
         cp_async_wait<STAGES - 1>();
         __syncwarp();
@@ -536,7 +524,7 @@ _BODY_V4 = r"""
         }
     }
     __syncthreads();
-"""
+""".replace("RING_ISSUE", _RING_ISSUE)
 
 
 # v2's and v3's start: the block's query rows (scaled) in shared memory, each warp's weights
@@ -598,9 +586,10 @@ VERSION = os.environ.get("MISTRAL_SERVE_DECODE_KERNEL", "v2")
 
 def kernel_source(epilogue: str, version: str = "v1", rope: bool = False) -> str:
     """A decode kernel's body with its epilogue (_FINAL or _PARTIAL); also run on the CPU
-    by tests/cuda_emulator.py. v2 and v3 share v1's warp-merge epilogue; rope: their ROPE form."""
+    by tests/cuda_emulator.py. v2, v3 and v4 share v1's warp-merge epilogue (v4 stores its
+    fragments first); rope: their ROPE form."""
     from engine.fused_ops import ROPE_ROTATE
-    assert version != "v1" or not rope, "only v2 and v3 apply RoPE themselves"
+    assert version != "v1" or not rope, "only v2, v3 and v4 apply RoPE themselves"
     merge_at = _BODY.index("    // Merge the warps' partial softmaxes.")
     q_load = _Q_ROPE_STORE.replace("ROPE_ROTATE", ROPE_ROTATE.replace("ROPE_POS", "qpos")) \
         if rope else _Q_LOAD
@@ -620,7 +609,7 @@ def kernel_source(epilogue: str, version: str = "v1", rope: bool = False) -> str
 
 @functools.lru_cache(maxsize=None)
 def _kernel(split: bool, version: str = "v1", rope: bool = False, smem: int = 0):
-    """The decode kernel; v3 (staged) takes `smem` bytes of dynamic shared memory."""
+    """The decode kernel; v3 and v4 (staged) take `smem` bytes of dynamic shared memory."""
     if version == "v4":  # at call time: qgemm and paged_prefill import this module
         from engine.paged_prefill import LDMATRIX
         from engine.qgemm import DEVICE as MMA
@@ -675,15 +664,16 @@ def launch_warps() -> list[int]:
 
 
 def staged(warps: int) -> bool:
-    """Whether a launch with this many warps per block runs v3 (the staged kernel): STAGED
-    on, the default version v2, and the many-block launch's warps (STAGED_WARPS), where v2
-    reads at 2.3 TB/s (H200, batch 64 x 1,024 keys); few-block launches stay on v2."""
+    """Whether a launch with this many warps per block runs the staged kernel (v3, or v4
+    where tensor_cores()): STAGED on, the default version v2, and the many-block launch's
+    warps (STAGED_WARPS), where v2 reads at 2.3 TB/s (H200, batch 64 x 1,024 keys);
+    few-block launches stay on v2."""
     return _staged_on() and warps == STAGED_WARPS != FEW_BLOCKS_WARPS
 
 
 def staged_smem(warps: int, head_dim: int, dtype: mx.Dtype) -> int:
-    """Dynamic shared memory of a v3 block: each warp's ring of STAGES slots of 16 keys' K
-    and V rows, padded by 16 bytes each."""
+    """Dynamic shared memory of a v3 or v4 block: each warp's ring of STAGES slots of 16
+    keys' K and V rows, padded by 16 bytes each."""
     return warps * STAGES * 2 * 16 * (head_dim * dtype.size + 16)
 
 
