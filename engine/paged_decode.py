@@ -409,8 +409,9 @@ _MERGE_STATIC = r"""    __shared__ float sm_m[NUM_WARPS][GQA];
 # Version 4, "tensor cores" (TENSOR_CORES; bf16/fp16 where v3 would run): v3's ring of
 # 16-key tiles per warp, with the arithmetic on mma.sync (qgemm.DEVICE's m16n8k16) instead
 # of CUDA-core FMAs. v3 spends ~900 instructions a lane on a tile (every FMA, bf16 -> float
-# conversion and q read from shared memory), so at batch 64 x 1,024 keys it was bound by
-# issue, not by bytes (3.36 TB/s; the H200 call C trace of the fifteenth session). Here the
+# conversion and q read from shared memory), which looked like what held it at 3.36 TB/s at
+# batch 64 x 1,024 keys; on an H200 v4 took 75.8 us a layer there against v3's 79.8
+# (sixteenth session): the arithmetic was only a small part of what bounds it. Here the
 # block's query heads are the rows of an A fragment (rows GQA..15 zero: GQA <= 8), a tile's
 # K rows the B fragments of the scores (ldmatrix), and its V rows, transposed on the way
 # (ldmatrix.trans), the B fragments of P V, with P re-packed from the score fragments as in
