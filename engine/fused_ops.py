@@ -81,13 +81,15 @@ _ADD_RMS_NORM = r"""
     }
 """
 
-# Rotates the pair (x1, x2) = dims (i, i + P) of a head at position ROPE_POS; shared with
-# engine/paged_decode.py's form that applies RoPE itself.
-ROPE_ROTATE = r"""
+# cos and sin (c, s) of dim pair i's angle at position ROPE_POS, as MLX's RoPE computes it.
+ROPE_ANGLE = r"""
         const float inv_freq = exp2f(-(static_cast<float>(i) / static_cast<float>(P)) * __int_as_float(LOG2_BASE_BITS));
         const float theta = static_cast<float>(ROPE_POS) * inv_freq;
         const float c = cosf(theta), s = sinf(theta);
-        const float r1 = x1 * c - x2 * s;
+"""
+# Rotates the pair (x1, x2) = dims (i, i + P) of a head at position ROPE_POS; shared with
+# engine/paged_decode.py's form that applies RoPE itself.
+ROPE_ROTATE = ROPE_ANGLE + r"""        const float r1 = x1 * c - x2 * s;
         x2 = x1 * s + x2 * c;
         x1 = r1;
 """
@@ -109,8 +111,7 @@ _ROPE_PAIR = r"""
     float cs[2], sn[2];
     #pragma unroll
     for (int e = 0; e < 2; ++e) {
-        const int i = i0 + e;
-        float x1 = 1.f, x2 = 0.f;""" + ROPE_ROTATE.replace("ROPE_POS", "positions[t]") + r"""
+        const int i = i0 + e;""" + ROPE_ANGLE.replace("ROPE_POS", "positions[t]") + r"""
         cs[e] = c; sn[e] = s;
     }
     #pragma unroll

@@ -303,6 +303,20 @@ _BODY_V2 = r"""
     }
 """.replace("TILE_SOFTMAX", _tile_softmax(32, "p_s[warp][h][lane] = e;"))
 
+# v3's and v4's ring: its shape (tiles of TILE keys' K rows, then their V rows, a padded
+# row apiece) and each warp's slots in dynamic shared memory and share of the tiles.
+_RING_SHAPE = r"""    constexpr int TILE = 16;
+    constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte chunk
+    constexpr int CH = D / VEC;           // chunks per row
+    constexpr int RS = D + VEC;           // a row in shared memory, padded by one chunk
+    constexpr int SLOT = 2 * TILE * RS;   // a tile's K rows, then its V rows
+    constexpr int STEP = NUM_WARPS * TILE;
+"""
+_RING_SLOTS = r"""    extern __shared__ __align__(16) unsigned char smem[];
+    T* ring = reinterpret_cast<T*>(smem) + warp * (STAGES * SLOT);
+    const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
+    const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
+"""
 # v3's and v4's copy of a warp's tile `it` (16 keys' K rows, then their V rows, whose pool
 # offsets lanes j and j + 16 share by a shuffle) into its ring slot, and the first
 # STAGES - 1 tiles started.
@@ -328,6 +342,16 @@ _RING_ISSUE = r"""    // Copy the warp's tile `it` into its ring slot (keys past
     for (int s = 0; s < STAGES - 1; ++s) issue(s);
 """
 
+
+
+def _with_ring(body: str) -> str:
+    """body with its RING_SHAPE, RING_SLOTS and RING_ISSUE lines filled in."""
+    for name, text in (("RING_SHAPE", _RING_SHAPE), ("RING_SLOTS", _RING_SLOTS),
+                       ("RING_ISSUE", _RING_ISSUE)):
+        body = body.replace(f"    {name}\n", text)
+    return body
+
+
 # Version 3, "staged" (STAGED; for many blocks, STAGED_WARPS a block): v2's scoring with
 # the key rows read from shared memory. Each warp streams its tiles of TILE keys (their K rows,
 # then their V rows) through a ring of STAGES slots with cp.async, so the next tiles' bytes
@@ -335,21 +359,14 @@ _RING_ISSUE = r"""    // Copy the warp's tile `it` into its ring slot (keys past
 # A key's score is split over two lanes (lane j and j + 16 take alternate 16-byte chunks of
 # key j's row), and rows are padded by 16 bytes, so shared-memory reads are conflict-free.
 _BODY_V3 = r"""
-    constexpr int TILE = 16;
-    constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte chunk
-    constexpr int CH = D / VEC;           // chunks per row
-    constexpr int RS = D + VEC;           // a row in shared memory, padded by one chunk
-    constexpr int SLOT = 2 * TILE * RS;   // a tile's K rows, then its V rows
-    constexpr int STEP = NUM_WARPS * TILE;
+    RING_SHAPE
     static_assert(CH % 2 == 0 && (2 * TILE * CH) % 32 == 0, "a row splits into pairs of chunks");
 
     WARP_STATE
-    extern __shared__ __align__(16) unsigned char smem[];
-    T* ring = reinterpret_cast<T*>(smem) + warp * (STAGES * SLOT);
-    const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
-    const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
+    RING_SLOTS
     const int j = lane & (TILE - 1), half = lane >> 4;
-RING_ISSUE    for (int it = 0; it < tiles; ++it) {
+    RING_ISSUE
+    for (int it = 0; it < tiles; ++it) {
         issue(it + STAGES - 1);  // into the slot the warp finished with last iteration
         cp_async_wait<STAGES - 1>();
         __syncwarp();  // every lane's copies of tile `it` have landed
@@ -389,7 +406,8 @@ RING_ISSUE    for (int it = 0; it < tiles; ++it) {
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is past its loop: the merge below reuses the rings
-""".replace("RING_ISSUE", _RING_ISSUE).replace(
+"""
+_BODY_V3 = _with_ring(_BODY_V3).replace(
     "TILE_SOFTMAX", _tile_softmax(16, "if (half == 0) p_s[warp][h][j] = e;"))
 # v3's merge keeps its partial softmaxes in the rings rather than in static shared memory, so
 # a block's static part is only q_s and p_s: four blocks of the default 2 warps x 3 slots fit
@@ -419,12 +437,7 @@ _MERGE_STATIC = r"""    __shared__ float sm_m[NUM_WARPS][GQA];
 # rounded to T for its mma, as FlashAttention does. Softmax in base 2; the merge below
 # takes natural-log maxima, so the warps store m * ln 2.
 _BODY_V4 = r"""
-    constexpr int TILE = 16;
-    constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte chunk
-    constexpr int CH = D / VEC;           // chunks per row
-    constexpr int RS = D + VEC;           // a row in shared memory, padded by one chunk
-    constexpr int SLOT = 2 * TILE * RS;   // a tile's K rows, then its V rows
-    constexpr int STEP = NUM_WARPS * TILE;
+    RING_SHAPE
     constexpr int KSTEPS = D / 16, NO = D / 8;
     static_assert(GQA <= 8 && D % 32 == 0 && VEC == 8, "query heads fit the mma rows 0..7");
     __shared__ float q_s[GQA][D];
@@ -446,16 +459,14 @@ _BODY_V4 = r"""
     const float sl2 = scale * 1.4426950408889634f;
     const int* table = block_tables + (long)b * block_tables_shape[1];
 
-    extern __shared__ __align__(16) unsigned char smem[];
-    T* ring = reinterpret_cast<T*>(smem) + warp * (STAGES * SLOT);
-    const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
-    const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
+    RING_SLOTS
     const int j = lane & (TILE - 1);
     // ldmatrix rows: K x4, dims 16kk..16kk+31 of keys 0..7 (+8 n); V x4.trans, keys 0..15 of
     // dims 8n..8n+15.
     const int k_row = (lane & 7) * RS + (lane >> 3) * 8;
     const int v_row = TILE * RS + ((lane & 7) + ((lane >> 3) & 1) * 8) * RS + (lane >> 4) * 8;
-RING_ISSUE    for (int it = 0; it < tiles; ++it) {
+    RING_ISSUE
+    for (int it = 0; it < tiles; ++it) {
         issue(it + STAGES - 1);
         cp_async_wait<STAGES - 1>();
         __syncwarp();
@@ -525,7 +536,8 @@ RING_ISSUE    for (int it = 0; it < tiles; ++it) {
         }
     }
     __syncthreads();
-""".replace("RING_ISSUE", _RING_ISSUE)
+"""
+_BODY_V4 = _with_ring(_BODY_V4)
 
 
 # v2's and v3's start: the block's query rows (scaled) in shared memory, each warp's weights
