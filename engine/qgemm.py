@@ -146,7 +146,7 @@ HEADER = VEC_HEADER + CP_ASYNC + DEVICE + HALF_BITS + UNPACK
 # pieces of a step and the groups' sums meet in shared memory at the end (twice the warps per
 # SM, same tiles).
 SOURCE = r"""
-    constexpr int MT = BM / 16, NT = WN / 8, WARPS_N = BN / WN;
+    constexpr int FT = WN / 16, XT = BM / 8, NT = WN / 8, WARPS_N = BN / WN;
     constexpr int PER_WORD = 32 / BITS;
     constexpr int W_ROW = BK * BITS / 8;                  // weight bytes per row and step
     constexpr int SB = BK / GS < 2 ? 2 : BK / GS;         // scale values per row and step
@@ -161,34 +161,47 @@ SOURCE = r"""
     const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, steps = k_len / BK;
     const int wn = (warp % WARPS_N) * WN, kw = warp / WARPS_N;
     constexpr int PIECES = 4 / KW;  // of a lane's four 8-value pieces per step, this warp's
-    float acc[MT][NT][4];
+    float acc[FT][XT][4];
     #pragma unroll
-    for (int i = 0; i < MT; ++i)
+    for (int i = 0; i < FT; ++i)
         #pragma unroll
-        for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < XT; ++j)
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
+    // Each thread copies the same chunks at every step (THREADS is a multiple of a row's chunk
+    // count, so a thread's column and row parity never change): their addresses are set up
+    // once here, and a step adds only k0. (Working them out per step from a running index,
+    // with its divisions, took about half the loop's instructions.)
+    constexpr int X_CH = BK / 8, X_STEP = THREADS / X_CH, X_PER = BM / X_STEP;
+    constexpr int W_CH = W_ROW / 16, W_STEP = THREADS / W_CH, W_PER = BN / W_STEP;
+    static_assert(THREADS % X_CH == 0 && BM % X_STEP == 0 && X_STEP % 2 == 0, "x copy shape");
+    static_assert(THREADS % W_CH == 0 && BN % W_STEP == 0 && W_STEP % 2 == 0, "w copy shape");
+    const int xr = tid / X_CH, xch = tid % X_CH;
+    const int x_at = xr * (BK * 2) + (xch ^ ((xch >> 3) << 1) ^ (xr & 1)) * 16;
+    const T* x_src = x + (long)(m0 + xr) * K + xch * 8;
+    const int wr = tid / W_CH, wch = tid % W_CH;
+    const int w_at = X_BYTES + wr * W_ROW + (BITS == 8 ? wch ^ (wr & 1) : wch) * 16;
+    const unsigned* w_src = w + (long)(n0 + wr) * (K / PER_WORD) + wch * 4;
+    const long s_row = (long)(n0 + tid) * (K / GS);
     auto load = [&](int stage, int k0) {
         unsigned char* base = smem + stage * STAGE;
-        for (int c = tid; c < BM * (BK / 8); c += THREADS) {
-            const int r = c / (BK / 8), ch = c % (BK / 8);
-            const int sw = ch ^ ((ch >> 3) << 1) ^ (r & 1);
-            const bool ok = m0 + r < M;
-            cp_async<16>(base + r * (BK * 2) + sw * 16, ok ? x + (long)(m0 + r) * K + k0 + ch * 8 : x, ok);
+        #pragma unroll
+        for (int i = 0; i < X_PER; ++i) {
+            const bool ok = m0 + xr + i * X_STEP < M;
+            cp_async<16>(base + x_at + i * X_STEP * (BK * 2), ok ? x_src + (long)i * X_STEP * K + k0 : x, ok);
         }
-        for (int c = tid; c < BN * (W_ROW / 16); c += THREADS) {
-            const int r = c / (W_ROW / 16), ch = c % (W_ROW / 16);
-            const int sw = BITS == 8 ? ch ^ (r & 1) : ch;
-            const bool ok = n0 + r < N;
-            const unsigned* src = w + (long)(n0 + r) * (K / PER_WORD) + k0 / PER_WORD + ch * 4;
-            cp_async<16>(base + X_BYTES + r * W_ROW + sw * 16, ok ? src : w, ok);
+        #pragma unroll
+        for (int i = 0; i < W_PER; ++i) {
+            const bool ok = n0 + wr + i * W_STEP < N;
+            cp_async<16>(base + w_at + i * W_STEP * W_ROW,
+                         ok ? w_src + (long)i * W_STEP * (K / PER_WORD) + k0 / PER_WORD : w, ok);
         }
-        for (int r = tid; r < BN; r += THREADS) {
-            const bool ok = n0 + r < N;
-            const long at = ((long)(n0 + r) * (K / GS) + k0 / GS) & ~(long)(SB - 1);
-            cp_async<SB * 2>(base + X_BYTES + W_BYTES + r * SB * 2, ok ? scales + at : scales, ok);
-            cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + r * SB * 2, ok ? biases + at : biases, ok);
+        if (tid < BN) {
+            const bool ok = n0 + tid < N;
+            const long at = (s_row + k0 / GS) & ~(long)(SB - 1);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + tid * SB * 2, ok ? scales + at : scales, ok);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + tid * SB * 2, ok ? biases + at : biases, ok);
         }
     };
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -226,26 +239,25 @@ SOURCE = r"""
         #pragma unroll
         for (int jj = 0; jj < PIECES; ++jj) {  // piece j: values 32t + 8j .. +7 of the step
             const int j = kw * PIECES + jj;
-            unsigned a[MT][2][4];        // rows g and g + 8 of each m-tile: four pairs each
+            unsigned xb[XT][4];  // x row xt * 8 + g: the lane's 8 values, B of two mma
             #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = mt * 16 + g + 8 * h, ch = 4 * t + j;
-                    const uint4 v = *reinterpret_cast<const uint4*>(
-                        base + r * (BK * 2) + (ch ^ ((ch >> 3) << 1) ^ (r & 1)) * 16);
-                    a[mt][h][0] = v.x; a[mt][h][1] = v.y; a[mt][h][2] = v.z; a[mt][h][3] = v.w;
-                }
+            for (int xt = 0; xt < XT; ++xt) {
+                const int r = xt * 8 + g, ch = 4 * t + j;
+                const uint4 v = *reinterpret_cast<const uint4*>(
+                    base + r * (BK * 2) + (ch ^ ((ch >> 3) << 1) ^ (r & 1)) * 16);
+                xb[xt][0] = v.x; xb[xt][1] = v.y; xb[xt][2] = v.z; xb[xt][3] = v.w;
+            }
             #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                unsigned b[4];
-                unpack8<BITS, BF16, FAST>(&wq[nt][(BITS / 4) * jj], sv[nt], bv[nt], b);
+            for (int ft = 0; ft < FT; ++ft) {
+                unsigned lo[4], hi[4];  // features g and g + 8 of the tile: A's rows
+                unpack8<BITS, BF16, FAST>(&wq[2 * ft][(BITS / 4) * jj], sv[2 * ft], bv[2 * ft], lo);
+                unpack8<BITS, BF16, FAST>(&wq[2 * ft + 1][(BITS / 4) * jj], sv[2 * ft + 1], bv[2 * ft + 1], hi);
+                const unsigned a0[4] = {lo[0], hi[0], lo[1], hi[1]};
+                const unsigned a1[4] = {lo[2], hi[2], lo[3], hi[3]};
                 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const unsigned a0[4] = {a[mt][0][0], a[mt][1][0], a[mt][0][1], a[mt][1][1]};
-                    const unsigned a1[4] = {a[mt][0][2], a[mt][1][2], a[mt][0][3], a[mt][1][3]};
-                    mma16816<BF16>(acc[mt][nt], a0, b);
-                    mma16816<BF16>(acc[mt][nt], a1, b + 2);
+                for (int xt = 0; xt < XT; ++xt) {
+                    mma16816<BF16>(acc[ft][xt], a0, xb[xt]);
+                    mma16816<BF16>(acc[ft][xt], a1, xb[xt] + 2);
                 }
             }
         }
@@ -256,31 +268,31 @@ SOURCE = r"""
         float* red = reinterpret_cast<float*>(smem);
         if (kw == 1) {
             #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
+            for (int ft = 0; ft < FT; ++ft)
                 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
+                for (int xt = 0; xt < XT; ++xt)
                     #pragma unroll
-                    for (int e = 0; e < 4; ++e) red[((mt * NT + nt) * 4 + e) * (32 * WARPS_N) + tid - 32 * WARPS_N] = acc[mt][nt][e];
+                    for (int e = 0; e < 4; ++e) red[((ft * XT + xt) * 4 + e) * (32 * WARPS_N) + tid - 32 * WARPS_N] = acc[ft][xt][e];
         }
         __syncthreads();
         if (kw == 1) return;
         #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+        for (int ft = 0; ft < FT; ++ft)
             #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            for (int xt = 0; xt < XT; ++xt)
                 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[((mt * NT + nt) * 4 + e) * (32 * WARPS_N) + tid];
+                for (int e = 0; e < 4; ++e) acc[ft][xt][e] += red[((ft * XT + xt) * 4 + e) * (32 * WARPS_N) + tid];
     }
     O* dst = y + (long)blockIdx.z * M * N;
     #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int ft = 0; ft < FT; ++ft)
         #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int xt = 0; xt < XT; ++xt)
             #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = m0 + mt * 16 + g + (e >> 1) * 8;
-                const int col = n0 + wn + nt * 8 + 2 * t + (e & 1);
-                if (row < M && col < N) dst[(long)row * N + col] = static_cast<O>(acc[mt][nt][e]);
+            for (int e = 0; e < 4; ++e) {  // D[feature g (+8)][x row 2t (+1)] of the tile pair
+                const int row = m0 + xt * 8 + 2 * t + (e & 1);
+                const int col = n0 + wn + ft * 16 + g + (e >> 1) * 8;
+                if (row < M && col < N) dst[(long)row * N + col] = static_cast<O>(acc[ft][xt][e]);
             }
 """
 

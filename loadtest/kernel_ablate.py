@@ -1,7 +1,8 @@
 """What bounds the 4-bit kernels: each one timed as written and with one part of its work taken
 out, on the device, at the 7B's shapes (a profile by ablation, for a GPU without ncu).
 
-    python -m loadtest.kernel_ablate [--rows 1,64,128]     (gpu_profile.sh step `ablate`)
+    python -m loadtest.kernel_ablate [--rows 1,64,128] [--shapes gate|up,down,qkv,o]
+                                     [--brief] [--against OLD_QGEMM.py]  (gpu_profile.sh: `ablate`)
 
 Each variant is engine/qgemm.py's, engine/qgemv.py's or engine/gemv.py's source with a line
 or two replaced (its results are wrong on purpose; only its time counts): `no-unpack` feeds
@@ -30,16 +31,18 @@ from loadtest.quant_kernels import layer_4bit
 # Calls cycle through this many copies of a layer, so that its weights are read from memory
 # as in a decode step (a 4-bit 4,096 x 6,144 layer fits an H200's 50 MB L2 several times).
 COPIES = 6
-SHAPES = {"gate|up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144)}
+SHAPES = {"gate|up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144), "o": (4096, 4096)}
 
 QGEMM_CUTS = {
-    "no-unpack": ("unpack8<BITS, BF16, FAST>(&wq[nt][(BITS / 4) * jj], sv[nt], bv[nt], b);",
-                  "b[0] = wq[nt][(BITS / 4) * jj]; b[1] = b[0] ^ sv[nt]; b[2] = b[0] ^ bv[nt]; "
-                  "b[3] = b[0] + 1u;"),
-    "no-mma": ("mma16816<BF16>(acc[mt][nt], a0, b);\n"
-               "                    mma16816<BF16>(acc[mt][nt], a1, b + 2);",
-               "acc[mt][nt][0] += __uint_as_float((a0[0] ^ a0[1] ^ a0[2] ^ a0[3]) & b[0]);\n"
-               "                    acc[mt][nt][1] += __uint_as_float((a1[0] ^ a1[1] ^ a1[2] ^ a1[3]) & b[2] & b[1] & b[3]);"),
+    "no-unpack": ("unpack8<BITS, BF16, FAST>(&wq[2 * ft][(BITS / 4) * jj], sv[2 * ft], bv[2 * ft], lo);\n"
+                  "                unpack8<BITS, BF16, FAST>(&wq[2 * ft + 1][(BITS / 4) * jj], sv[2 * ft + 1], bv[2 * ft + 1], hi);",
+                  "lo[0] = wq[2 * ft][(BITS / 4) * jj]; lo[1] = lo[0] ^ sv[2 * ft]; lo[2] = lo[0] ^ bv[2 * ft]; "
+                  "lo[3] = lo[0] + 1u; hi[0] = wq[2 * ft + 1][(BITS / 4) * jj]; hi[1] = hi[0] ^ sv[2 * ft + 1]; "
+                  "hi[2] = hi[0] ^ bv[2 * ft + 1]; hi[3] = hi[0] + 1u;"),
+    "no-mma": ("mma16816<BF16>(acc[ft][xt], a0, xb[xt]);\n"
+               "                    mma16816<BF16>(acc[ft][xt], a1, xb[xt] + 2);",
+               "acc[ft][xt][0] += __uint_as_float((a0[0] ^ a0[1] ^ a0[2] ^ a0[3]) & xb[xt][0]);\n"
+               "                    acc[ft][xt][1] += __uint_as_float((a1[0] ^ a1[1] ^ a1[2] ^ a1[3]) & xb[xt][2] & xb[xt][1] & xb[xt][3]);"),
     "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
     # compute alone, without the per-step barrier either: what the warps' own loop costs
     "no-loads-no-sync": ("if (next < steps) load(", "if (next < STAGES - 1) load(",
@@ -105,6 +108,20 @@ def _call(kind: str, variant: str, layer, x):
                        layer.group_size, kernel=_kernel(kind, variant))
 
 
+@functools.lru_cache(maxsize=None)
+def _previous_qgemm(path: str, smem: int):
+    """The qgemm kernel of another copy of engine/qgemm.py (say, the last commit's), launched
+    as this one is: the same template arguments and grid, so the file's SOURCE must take
+    them. For timing a rewrite against what it replaces in one process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("previous_qgemm", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    return cuda_kernel(name=f"prev_qgemm_{smem}", input_names=["x", "w", "scales", "biases"],
+                       output_names=["y"], source=old.SOURCE, header=old.HEADER,
+                       shared_memory=smem)
+
+
 def kernel_us(fn, reps: int = 21) -> float:
     """Mean GPU time (us) of the kernels fn(i) launches, over `reps` calls in one eval each."""
     from torch.profiler import ProfilerActivity, profile
@@ -146,6 +163,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default="1,64,128")
     ap.add_argument("--shapes", default="gate|up,down,qkv")
     ap.add_argument("--brief", action="store_true", help="no cuts: the kernels as written only")
+    ap.add_argument("--against", help="another engine/qgemm.py whose kernel is timed beside this one's")
     a = ap.parse_args(argv)
     for name in a.shapes.split(","):
         k, n = SHAPES[name]
@@ -178,7 +196,11 @@ def main(argv=None) -> None:
                         us = kernel_us(lambda i: _call("qgemv", v, layers[i % COPIES], x))
                         line.append(f"qgemv direct {v} {us:7.1f}")
             elif qgemm.MIN_ROWS <= rows <= qgemm.MAX_ROWS:
-                for v in ("as written",) + tuple(QGEMM_CUTS):
+                if a.against:
+                    us = kernel_us(lambda i: qgemm.kernel_output(
+                        layers[i % COPIES], x, build=lambda smem: _previous_qgemm(a.against, smem)))
+                    line.append(f"qgemm {a.against} {us:7.1f}")
+                for v in ("as written",) + (() if a.brief else tuple(QGEMM_CUTS)):
                     us = kernel_us(lambda i: _call("qgemm", v, layers[i % COPIES], x))
                     line.append(f"qgemm {v} {us:7.1f}")
             print(f"{name} ({k} -> {n}, {mb:.0f} MB at 4 bits), {rows} rows, us: " + " | ".join(line),

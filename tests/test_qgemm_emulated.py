@@ -24,17 +24,20 @@ def test_qgemm_kernel_matches_reference(tmp_path):
 
 
 @pytest.mark.parametrize("wrong, right", [
-    ("const int r = mt * 16 + g + 8 * h", "const int r = mt * 16 + g"),  # A's rows g+8 from g
-    ("mma16816<BF16>(acc[mt][nt], a1, b + 2)", "mma16816<BF16>(acc[mt][nt], a1, b)"),  # B pairs
-    ("x + (long)(m0 + r) * K", "x + (long)r * K"),          # a second row tile re-reads the first
+    ("const int r = xt * 8 + g, ch", "const int r = g, ch"),   # every row tile reads rows 0-7
+    ("{lo[0], hi[0], lo[1], hi[1]}", "{lo[0], lo[0], lo[1], lo[1]}"),  # features g+8 from g
+    ("mma16816<BF16>(acc[ft][xt], a1, xb[xt] + 2)", "mma16816<BF16>(acc[ft][xt], a1, xb[xt])"),
+    ("g + (e >> 1) * 8;", "g;"),                              # tile's features g+8 stored as g
+    ("x + (long)(m0 + xr) * K", "x + (long)xr * K"),        # a second row tile re-reads the first
+    ("(long)i * W_STEP * (K / PER_WORD)", "(long)i * W_STEP"),  # a thread's later weight rows
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
     ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
-    ("const int sw = ch ^ ((ch >> 3) << 1) ^ (r & 1);", "const int sw = ch;"),  # swizzle mismatch
+    ("(xch ^ ((xch >> 3) << 1) ^ (xr & 1)) * 16", "xch * 16"),  # x's swizzle mismatch
     ("__byte_perm(w, w4, 0x7531)", "__byte_perm(w, w4, 0x5410)"),  # 4-bit pair (q2, q3) misbuilt
     ("+ 32 * t / GS;", ";"),                                   # every lane reads group 0's scale
     ("& (SB - 1)) + 32 * t / GS", "& 0) + 32 * t / GS"),   # 128-wide groups at odd offsets
     ("const int j = kw * PIECES + jj;", "const int j = jj;"),   # both warp groups on one half
-    ("acc[mt][nt][e] += red[", "acc[mt][nt][e] = red["),        # group 0's own sums dropped
+    ("acc[ft][xt][e] += red[", "acc[ft][xt][e] = red["),        # group 0's own sums dropped
 ])
 def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
     from engine import qgemm
