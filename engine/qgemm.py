@@ -43,6 +43,9 @@ BK = 128          # input features per pipeline step: 32 per lane of a quad
 # step: 5.72 vs 6.47 ms busy); one at 64 rows, where they slowed the b64 step (9.92 vs 8.66).
 K_WARPS = 2
 K_WARPS_64_ROWS = 1
+# One 128-row block of eight 16-feature warps, unpacking each weight once, was slower on an
+# H200 with the eighth session's kernel (b128 step 17.79 vs 16.42 ms).
+MAX_BLOCK_ROWS = 64
 STAGES = 3        # K steps in flight, ~25 KB each at 64 rows, 4-bit (H200 b64: beat 2 and 4)
 FAST_DEQUANT = True  # 4-bit: unpack into bf16/fp16 pairs by bit tricks, not through float
 
@@ -304,10 +307,8 @@ MIN_STEPS_PER_SPLIT = 8
 
 
 def block_rows(m: int) -> int:
-    """Rows per block: the fewest m-tiles of 16 that hold m, at most 64. (One 128-row block of
-    eight 16-feature warps, unpacking each weight once, was slower on an H200: b128 step
-    17.79 vs 16.42 ms, eighth session.)"""
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+    """Rows per block: the fewest of 16, 32, 64 (or 128, up to MAX_BLOCK_ROWS) that hold m."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 or MAX_BLOCK_ROWS == 64 else 128
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -116,6 +117,7 @@ def _previous_qgemm(path: str, smem: int):
     import importlib.util
     spec = importlib.util.spec_from_file_location("previous_qgemm", path)
     old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # its dataclasses look their module up
     spec.loader.exec_module(old)
     return cuda_kernel(name=f"prev_qgemm_{smem}", input_names=["x", "w", "scales", "biases"],
                        output_names=["y"], source=old.SOURCE, header=old.HEADER,
@@ -153,6 +155,18 @@ QGEMV_SWEEP = (
 )
 
 
+# engine/qgemm.py settings timed against its defaults (label, module attributes): 16 features
+# a warp (twice the warps, fewer registers each), 128-row blocks, ring depth, two warp groups.
+QGEMM_SWEEP = (
+    ("WN16", {"WN": 16}),
+    ("WN16 BM128", {"WN": 16, "MAX_BLOCK_ROWS": 128}),
+    ("S2", {"STAGES": 2}),
+    ("WN16 S2", {"WN": 16, "STAGES": 2}),
+    ("WN16 BM128 S2", {"WN": 16, "MAX_BLOCK_ROWS": 128, "STAGES": 2}),
+    ("KW2", {"K_WARPS_64_ROWS": 2}),
+)
+
+
 def setting(module, attrs: dict):
     """module's attributes set to attrs inside the block, restored after."""
     return settings.constants({(module, name): value for name, value in attrs.items()})
@@ -163,6 +177,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default="1,64,128")
     ap.add_argument("--shapes", default="gate|up,down,qkv")
     ap.add_argument("--brief", action="store_true", help="no cuts: the kernels as written only")
+    ap.add_argument("--sweep", action="store_true", help="qgemm: also the settings of QGEMM_SWEEP")
     ap.add_argument("--against", help="another engine/qgemm.py whose kernel is timed beside this one's")
     a = ap.parse_args(argv)
     for name in a.shapes.split(","):
@@ -203,6 +218,10 @@ def main(argv=None) -> None:
                 for v in ("as written",) + (() if a.brief else tuple(QGEMM_CUTS)):
                     us = kernel_us(lambda i: _call("qgemm", v, layers[i % COPIES], x))
                     line.append(f"qgemm {v} {us:7.1f}")
+                for label, attrs in QGEMM_SWEEP if a.sweep else ():
+                    with setting(qgemm, attrs):
+                        us = kernel_us(lambda i: qgemm.kernel_output(layers[i % COPIES], x))
+                    line.append(f"qgemm {label} {us:7.1f}")
             print(f"{name} ({k} -> {n}, {mb:.0f} MB at 4 bits), {rows} rows, us: " + " | ".join(line),
                   flush=True)
 

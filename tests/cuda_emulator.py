@@ -453,7 +453,7 @@ QUANT_PROBLEM = r"""
 
 def qgemm_source() -> str:
     """The C++ program for engine/qgemm.py's kernel (bf16) against a double-precision
-    reference: every block height, 4 and 8 bits, group sizes 32-128 (a 128 group at an odd
+    reference: every block height, 32 or 16 features a warp, 4 and 8 bits, group sizes 32-128 (a 128 group at an odd
     offset), features and rows that part-fill tiles, K splits, a pipeline ring that wraps, and
     both 4-bit unpack paths."""
     from engine import qgemm
@@ -466,8 +466,8 @@ def qgemm_source() -> str:
     void qg(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
             const T* biases, O* y) { constexpr int THREADS = 32 * (BN / WN) * KW; """ + src + r""" }
     std::mt19937 rng(7);
-    template <int K, int BITS, int GS, int BM, bool FAST = true, int KW = 1> void qgemm_case(int M, int N, int S = 1) {
-      constexpr int WN = 32, THREADS = 32 * (BN / WN) * KW;  // as qgemm.launch_for
+    template <int K, int BITS, int GS, int BM, bool FAST = true, int KW = 1, int WN = 32> void qgemm_case(int M, int N, int S = 1) {
+      constexpr int THREADS = 32 * (BN / WN) * KW;  // as qgemm.launch_for
       QuantProblem p(rng, M, N, K, BITS, GS);
       std::vector<float> parts((long)S * M * N, NAN);
       int xs[2] = {M, K}, ws[2] = {N, K * BITS / 32};
@@ -481,7 +481,7 @@ def qgemm_source() -> str:
         }
       if (S > 1)  // qgemm() sums the float partials of the splits
         for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; p.y[i] = bf(v); }
-      printf("qgemm%d K %d GS %d BM %d fast %d kw %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, BM, (int)FAST, KW, M, N, S, p.rel_err());
+      printf("qgemm%d K %d GS %d BM %d WN %d fast %d kw %d M %d N %d splits %d: rel err %.2e\n", BITS, K, GS, BM, WN, (int)FAST, KW, M, N, S, p.rel_err());
     }
     int main() {
       qgemm_case<128, 4, 64, 64>(70, 136); qgemm_case<256, 4, 32, 16>(9, 128);
@@ -490,6 +490,7 @@ def qgemm_source() -> str:
       qgemm_case<512, 4, 64, 32>(20, 72, 2); qgemm_case<1024, 8, 64, 16>(16, 8, 4);
       qgemm_case<512, 4, 64, 64, true, 2>(70, 136); qgemm_case<384, 8, 128, 16, true, 2>(9, 40, 1);
       qgemm_case<512, 4, 32, 32, true, 2>(20, 8, 2);
+      qgemm_case<256, 4, 64, 128, true, 1, 16>(130, 136); qgemm_case<256, 8, 64, 64, true, 1, 16>(70, 40, 2);
     }
     """
 

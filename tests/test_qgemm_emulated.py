@@ -15,9 +15,10 @@ BF16_OUT = 5e-3  # outputs are stored as bf16: 2^-8 relative rounding, plus floa
 
 def test_qgemm_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemm(tmp_path)
-    assert len(results) == 11 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
+    assert len(results) == 13 and {c.split()[0] for c, _ in results} == {"qgemm4", "qgemm8"}
     assert {c.split("splits ")[1] for c, _ in results} == {"1", "2", "4"}
-    assert {c.split("BM ")[1].split()[0] for c, _ in results} == {"16", "32", "64"}
+    assert {c.split("BM ")[1].split()[0] for c, _ in results} == {"16", "32", "64", "128"}
+    assert {c.split("WN ")[1].split()[0] for c, _ in results} == {"16", "32"}
     assert {c.split("kw ")[1].split()[0] for c, _ in results} == {"1", "2"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
