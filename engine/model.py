@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import dequant, fused_ops, gemv, paged_decode, qgemm, qgemv
+from engine import dequant, fused_ops, gemv, paged_decode, qgemm, qgemm_wgmma, qgemv
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelArgs
 from engine.kv_cache import PagedKVCache
@@ -30,6 +30,8 @@ class KernelPlan:
     dequant_kernel: that dequantize is engine/dequant.py's kernel, not mx.dequantize.
     qgemm: quantized layers fed engine/qgemm.py's row counts use its tensor-core kernel
     (before dequantize + GEMM is considered).
+    qgemm_wgmma: 4-bit layers fed engine/qgemm_wgmma.py's row counts use its Hopper kernel
+    (before qgemm's).
     qgemv: quantized layers fed 1-8 rows use engine/qgemv.py's tensor-core kernel (before
     engine/gemv.py's).
     qgemv_swiglu: where qgemv serves gate|up, it also applies SwiGLU (one kernel, not two).
@@ -43,6 +45,7 @@ class KernelPlan:
     fused: bool = False
     dequant_kernel: bool = False
     qgemm: bool = False
+    qgemm_wgmma: bool = False
     qgemv: bool = False
     qgemv_swiglu: bool = False
     decode_rope: bool = False
@@ -57,6 +60,8 @@ def project(layer: nn.Module, x: mx.array, plan: KernelPlan) -> mx.array:
         return qgemv.qgemv(layer, x)
     if plan.gemv and gemv.applies(layer, x, plan.gemv_dense):
         return gemv.gemv(layer, x)
+    if plan.qgemm_wgmma and qgemm_wgmma.applies(layer, x):
+        return qgemm_wgmma.qgemm_wgmma(layer, x)
     if plan.qgemm and qgemm.applies(layer, x):
         return qgemm.qgemm(layer, x)
     if plan.dequant_min_rows is not None and isinstance(layer, nn.QuantizedLinear) \

@@ -28,6 +28,7 @@ from engine.fused_ops import fused_ops_match_portable
 from engine.dequant import dequantize_matches_layers
 from engine.gemv import gemv_matches_layers, input_width
 from engine.qgemm import MAX_ROWS as QGEMM_MAX_ROWS, qgemm_matches_layers
+from engine.qgemm_wgmma import MIN_ROWS as WGMMA_MIN_ROWS, qgemm_wgmma_matches_layers
 from engine.qgemv import qgemv_matches_layers
 from engine.kv_cache import PagedKVCache
 from engine.model import KernelPlan, Mistral
@@ -462,7 +463,9 @@ def _choose_plan(model: Mistral, args: ModelArgs, decode_kernel: bool = False,
     with the decode kernel too, decode-only steps in one split apply RoPE and write K/V in
     the attention kernel itself (MISTRAL_SERVE_DECODE_ROPE=0: in their own kernel).
     9-128 rows of a quantized layer run as engine/qgemm.py's tensor-core kernel (4-bit batch-64
-    step 1.85x faster on an H200 with its first version; MISTRAL_SERVE_QGEMM=0 turns it off), and
+    step 1.85x faster on an H200 with its first version; MISTRAL_SERVE_QGEMM=0 turns it off);
+    on a Hopper GPU 33-128 rows of a 4-bit layer run as engine/qgemm_wgmma.py's kernel instead
+    (MISTRAL_SERVE_QGEMM_WGMMA=0 turns it off), and
     more rows dequantize with engine/dequant.py's kernel (5-20% faster than mx.dequantize + GEMM
     there; MISTRAL_SERVE_DEQUANT_KERNEL=0 for MLX's).
     """
@@ -496,13 +499,15 @@ def _choose_plan(model: Mistral, args: ModelArgs, decode_kernel: bool = False,
             kv_cache.block_size, args.sliding_window, args.rope_theta, kv_cache.dtype)
     deq = _switched_on("MISTRAL_SERVE_DEQUANT_KERNEL", dequantize_matches_layers, quantized)
     qg = _switched_on("MISTRAL_SERVE_QGEMM", qgemm_matches_layers, quantized)
+    qw = _switched_on("MISTRAL_SERVE_QGEMM_WGMMA", qgemm_wgmma_matches_layers, quantized)
     if quantized:
-        log.info("many-row quantized matmuls: %s%s + GEMM",
-                 f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, then " if qg else "",
-                 "CUDA dequantize kernel" if deq else "mx.dequantize")
+        log.info("many-row quantized matmuls: %s%s%s + GEMM",
+                 f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, " if qg else "",
+                 f"(4-bit from {WGMMA_MIN_ROWS} rows: the wgmma kernel), " if qw else "",
+                 "then CUDA dequantize kernel" if deq else "then mx.dequantize")
     return KernelPlan(DEQUANT_MIN_ROWS_CUDA, gemv=ok, gemv_dense=ok and mode == "all",
-                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemv=qv, qgemv_swiglu=qsw,
-                      decode_rope=rope)
+                      fused=fused, dequant_kernel=deq, qgemm=qg, qgemm_wgmma=qw, qgemv=qv,
+                      qgemv_swiglu=qsw, decode_rope=rope)
 
 
 def _runs(what: str, self_check: Callable[..., bool], *args) -> bool:

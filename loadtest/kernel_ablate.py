@@ -24,7 +24,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import gemv, qgemm, qgemv
+from engine import gemv, qgemm, qgemm_wgmma, qgemv
 from engine.kernel_source import cuda_kernel
 from loadtest import settings
 from loadtest.quant_kernels import layer_4bit
@@ -167,6 +167,14 @@ QGEMM_SWEEP = (
 )
 
 
+# engine/qgemm_wgmma.py settings: ring depth, and K splits aimed at more blocks.
+WGMMA_SWEEP = (
+    ("S2", {"STAGES": 2}),
+    ("S4", {"STAGES": 4}),
+    ("T528", {"TARGET_BLOCKS": 528}),
+)
+
+
 def setting(module, attrs: dict):
     """module's attributes set to attrs inside the block, restored after."""
     return settings.constants({(module, name): value for name, value in attrs.items()})
@@ -222,6 +230,11 @@ def main(argv=None) -> None:
                     with setting(qgemm, attrs):
                         us = kernel_us(lambda i: qgemm.kernel_output(layers[i % COPIES], x))
                     line.append(f"qgemm {label} {us:7.1f}")
+            if qgemm_wgmma.MIN_ROWS <= rows <= qgemm_wgmma.MAX_ROWS:
+                for label, attrs in (("",  {}),) + (WGMMA_SWEEP if a.sweep else ()):
+                    with setting(qgemm_wgmma, attrs):
+                        us = kernel_us(lambda i: qgemm_wgmma.kernel_output(layers[i % COPIES], x))
+                    line.append(f"wgmma{' ' + label if label else ''} {us:7.1f} ({mb / us:.2f} TB/s)")
             print(f"{name} ({k} -> {n}, {mb:.0f} MB at 4 bits), {rows} rows, us: " + " | ".join(line),
                   flush=True)
 

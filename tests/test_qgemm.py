@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from engine import qgemm
+from engine import qgemm, qgemm_wgmma
 from engine.model import KernelPlan, project
 from tests.tiny import quantized_linear
 
@@ -111,3 +111,60 @@ def test_shared_self_check_passes_only_a_matching_kernel(monkeypatch):
     assert not check(lambda l, x, *args: 1.1 * (x @ w.T))
     assert not check(lambda l, x, *args: 1 / 0)
     assert not check(exact, cases=[(5, 3)])  # no case ran
+
+
+def _wgmma_runs() -> bool:
+    """Whether this GPU builds the wgmma kernel (sm_90a); a build error skips, a wrong
+    result fails."""
+    layer = quantized_linear(256, 64, 4)
+    try:
+        mx.eval(qgemm_wgmma.qgemm_wgmma(layer, mx.zeros((64, 256), mx.bfloat16)))
+    except Exception as exc:  # noqa: BLE001 - any build failure means no wgmma here
+        pytest.skip(f"no wgmma on this GPU: {exc}")
+    return True
+
+
+@cuda
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_wgmma_kernel_matches_dequantize_matmul_on_7b_shapes(group_size, dtype):
+    _wgmma_runs()
+    for k, n in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)):
+        layer = quantized_linear(k, n, 4, group_size, dtype)
+        for rows in (33, 64, 65, 100, 128):
+            x = mx.random.normal((rows, k)).astype(dtype)
+            assert qgemm_wgmma.applies(layer, x)
+            got, want = qgemm_wgmma.qgemm_wgmma(layer, x).astype(mx.float32), _reference(layer, x)
+            err = mx.abs(got - want).max().item()
+            assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, err)
+
+
+@cuda
+def test_wgmma_self_check_and_project():
+    _wgmma_runs()
+    layer = quantized_linear(4096, 4096, 4)
+    assert qgemm_wgmma.qgemm_wgmma_matches_layers([layer])
+    x = mx.random.normal((100, 4096)).astype(mx.bfloat16)
+    plain = project(layer, x, KernelPlan(dequant_min_rows=8)).astype(mx.float32)
+    fast = project(layer, x, KernelPlan(dequant_min_rows=8, qgemm=True, qgemm_wgmma=True))
+    assert mx.abs(fast.astype(mx.float32) - plain).max().item() <= 2e-2 * max(mx.abs(plain).max().item(), 1.0)
+
+
+def test_wgmma_applies_only_where_it_computes_the_layer():
+    layer = quantized_linear(256, 64, 4)
+    x = mx.zeros((qgemm_wgmma.MIN_ROWS, 256), mx.bfloat16)
+    assert qgemm_wgmma.applies(layer, x)
+    assert not qgemm_wgmma.applies(layer, mx.zeros((qgemm_wgmma.MIN_ROWS - 1, 256), mx.bfloat16))
+    assert not qgemm_wgmma.applies(layer, mx.zeros((qgemm_wgmma.MAX_ROWS + 1, 256), mx.bfloat16))
+    assert not qgemm_wgmma.applies(quantized_linear(256, 64, 8), x)  # 4-bit only
+    assert not qgemm_wgmma.applies(layer, x.astype(mx.float16))  # scales are bf16
+
+
+def test_wgmma_self_check_compiles_every_variant_a_run_launches():
+    # (block rows, split or not) of every row count a run sends it, for the 7B's layers
+    for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):
+        variant = lambda m, s=0: (qgemm_wgmma.block_rows(m),  # noqa: E731
+                                  (s or qgemm_wgmma.num_splits(m, n, k)) > 1)
+        checked = {variant(m, s) for m, s in qgemm_wgmma.check_cases()}
+        used = {variant(m) for m in range(qgemm_wgmma.MIN_ROWS, qgemm_wgmma.MAX_ROWS + 1)}
+        assert used <= checked, (k, n, used - checked)

@@ -50,3 +50,41 @@ def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, righ
     monkeypatch.setattr(qgemm, target, broken)
     results = cuda_emulator.run_qgemm(tmp_path)
     assert results and max(err for _, err in results) > 5e-2
+
+
+def test_wgmma_kernel_matches_reference(tmp_path):
+    results = cuda_emulator.run_qgemm_wgmma(tmp_path)
+    assert len(results) == 6 and {c.split("BM ")[1].split()[0] for c, _ in results} == {"64", "128"}
+    assert {c.split("splits ")[1] for c, _ in results} == {"1", "2", "4"}
+    bad = [r for r in results if not r[1] < BF16_OUT]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("const int x_at = (xc * BM + xr) * 16;", "const int x_at = (xr * X_CH + xc) * 16;"),  # x row-major, descriptors K-chunked
+    ("smem_desc(base + kk * 2 * BM * 16, BM * 16, 128)", "smem_desc(base + kk * 2 * BM * 16, 128, BM * 16)"),  # LBO / SBO swapped
+    ("const unsigned sel = t | ((t + 4) << 4);", "const unsigned sel = 0x40;"),  # every lane takes byte 0
+    ("a[2 * q][1] = hi[0];", "a[2 * q][1] = lo[0];"),          # features g + 8 from g
+    ("a[2 * q + 1][0] = lo[2];", "a[2 * q + 1][0] = lo[0];"),  # slab 2q + 1 from slab 2q
+    ("+ 32 * q / GS;", ";"),                                   # one scale for the whole step
+    ("const int col = n0 + r0 + (e >> 1) * 8;", "const int col = n0 + r0;"),  # rows g + 8 stored as g
+    ("x + (long)(x_ok ? m0 + xr : 0) * K", "x + (long)(x_ok ? xr : 0) * K"),  # second row tile re-reads the first
+    ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
+    ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
+])
+def test_wgmma_emulation_catches_broken_kernels(tmp_path, monkeypatch, wrong, right):
+    from engine import qgemm_wgmma
+    assert wrong in qgemm_wgmma.SOURCE
+    monkeypatch.setattr(qgemm_wgmma, "SOURCE", qgemm_wgmma.SOURCE.replace(wrong, right, 1))
+    results = cuda_emulator.run_qgemm_wgmma(tmp_path)
+    assert results and max(err for _, err in results) > 5e-2
+
+
+def test_wgmma_descriptor_encoding_is_checked(tmp_path, monkeypatch):
+    # the descriptor's fields as the PTX ISA lays them out: SBO from bit 32, LBO from bit 16
+    from engine import qgemm_wgmma
+    broken = qgemm_wgmma.DESC.replace("<< 32)", "<< 30)")
+    assert broken != qgemm_wgmma.DESC
+    monkeypatch.setattr(qgemm_wgmma, "DESC", broken)
+    results = cuda_emulator.run_qgemm_wgmma(tmp_path)
+    assert results and max(err for _, err in results) > 5e-2

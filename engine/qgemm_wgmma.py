@@ -1,0 +1,275 @@
+"""4-bit matmul for 33-128 rows on Hopper's warpgroup tensor cores (wgmma), as a CUDA kernel.
+
+engine/qgemm.py's kernel runs on mma.sync, whose rate an H200 caps well below its wgmma rate:
+at 128 rows its gate|up took 132 us against cuBLAS's 65 us for the same product in bf16, and
+taking the mma out of it did not make it faster, nor did taking the unpacking out make it much
+faster (RESULTS.md, seventeenth session). This kernel feeds the dequantized weights to
+`wgmma.mma_async` as its A operand, straight from registers, and x as its B operand from
+shared memory, so the tensor cores read x themselves and the warps only unpack weights.
+
+A block is one warpgroup (four warps, 128 threads) and owns FEAT = 64 output features (the
+wgmma's M) of BM = 64 or 128 rows (its N). A cp.async ring (STAGES deep, as in qgemm.py)
+stages each BK = 128-wide K step: x in wgmma's K-major layout without swizzle (8-row x 8-value
+"core matrices" of 128 contiguous bytes: a K chunk of 8 values of every row, then the next),
+the packed weights row by row, and their scales and biases. Warp w unpacks features 16w + g and
+16w + g + 8 (g = lane / 4) for the lane's A fragment: wgmma's A layout is mma.m16n8k16's, so
+lane t needs values 2t, 2t + 1 (and 2t + 8, 2t + 9) of each 16-value slab, which is byte t of
+each packed word: one 16-byte load gives four words, three byte permutes gather byte t of
+each, and engine/qgemm.py's unpack8 turns them into the A registers of two slabs.
+
+4-bit, group size 32-128, bf16/fp16 only; used only after qgemm_wgmma_matches_layers has
+shown it equal to dequantize + matmul on the model's own layers (engine/runner.py), so on a
+GPU without wgmma (before sm_90a) the engine keeps qgemm.py's kernel. The CPU emulation
+(tests/test_qgemm_emulated.py) runs this source with wgmma, its descriptors and cp.async
+emulated; tests/test_qgemm.py runs the real one on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine import qgemm
+from engine.kernel_source import cuda_kernel
+
+MIN_ROWS = 33     # fewer rows: qgemm.py's mma.sync kernel (as fast as bf16's GEMM there)
+MAX_ROWS = 128
+FEAT = 64         # output features per block: the wgmma's M
+BK = qgemm.BK     # input features per pipeline step: 8 slabs of 16
+STAGES = 3
+TARGET_BLOCKS = 264   # K splits until the grid has about this many blocks (two per H200 SM)
+MIN_STEPS_PER_SPLIT = 8
+
+
+def _wgmma(n: int, bf16: bool) -> str:
+    """D (64 x n, f32, n / 2 registers a thread) += A (64 x 16, registers) B (16 x n, shared
+    memory, by descriptor), issued by the whole warpgroup; it runs asynchronously until
+    wgmma_wait."""
+    ab = "bf16" if bf16 else "f16"
+    d = ",".join(f"%{i}" for i in range(n // 2))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
+    a = n // 2
+    return (f"__device__ __forceinline__ void wgmma_{n}_{ab}(float* d, const unsigned* a, "
+            f"unsigned long long desc) {{\n"
+            f'  asm volatile("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} '
+            f'{{{d}}}, {{%{a},%{a + 1},%{a + 2},%{a + 3}}}, %{a + 4}, 1, 1, 1, 0;"\n'
+            f'    : {outs}\n'
+            f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));\n}}\n')
+
+
+DEVICE = r"""
+template <int N, bool BF16> __device__ __forceinline__ void wgmma(float* d, const unsigned* a,
+                                                               unsigned long long desc) {
+  if (N == 64 && BF16) wgmma_64_bf16(d, a, desc);
+  else if (N == 64) wgmma_64_f16(d, a, desc);
+  else if (BF16) wgmma_128_bf16(d, a, desc);
+  else wgmma_128_f16(d, a, desc);
+}
+// Orders the warpgroup's register writes before the wgmma that reads them.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory");
+}
+// Keeps the compiler from moving an accumulator across the asynchronous wgmma.
+template <int N> __device__ __forceinline__ void acc_fence(float* d) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+// cp.async writes through the generic proxy and wgmma reads through the async one.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+"""
+
+# A K-major operand without swizzle: lbo bytes between its two 8-value K chunks, sbo between
+# 8-row groups (PTX ISA, "Matrix Descriptor Format").
+DESC = r"""
+__device__ __forceinline__ unsigned long long smem_desc(const void* p, unsigned lbo, unsigned sbo) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  return (unsigned long long)((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16)
+         | ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);
+}
+"""
+
+HEADER = qgemm.HEADER + "".join(_wgmma(n, b) for n in (64, 128) for b in (True, False)) + DEVICE + DESC
+
+# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z): features n0..n0+63, rows m0..m0+BM-1,
+# K split z. Stage layout: x (BM rows x BK values; the 16-byte chunk of row r and K chunk c at
+# (c * BM + r) * 16), weights (FEAT rows of BK / 2 bytes), scales and biases (SB a row,
+# aligned down as in qgemm.py). Rows past M read row 0's address with zero-fill; features
+# past N, the weights' first row.
+SOURCE = r"""
+    constexpr int FEAT = 64, THREADS = 128, W_ROW = BK / 2;
+    constexpr int SB = BK / GS < 2 ? 2 : BK / GS;
+    constexpr int X_BYTES = BM * BK * 2, W_BYTES = FEAT * W_ROW, S_BYTES = FEAT * SB * 2;
+    constexpr int STAGE = X_BYTES + W_BYTES + 2 * S_BYTES;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int M = x_shape[0];
+    const int N = w_shape[0];
+    const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * FEAT;
+    const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, steps = k_len / BK;
+    float acc[BM / 2];
+    #pragma unroll
+    for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
+
+    // A thread copies the same rows' chunks at every step: x row xr's chunks xc, xc + X_CSTEP..
+    // (consecutive threads, consecutive rows: conflict-free shared stores), weight row wr's
+    // chunk wch and the rows W_STEP apart, and feature tid's scales.
+    constexpr int X_CH = BK / 8, X_CSTEP = THREADS / BM, X_PER = X_CH / X_CSTEP;
+    constexpr int W_CH = W_ROW / 16, W_STEP = THREADS / W_CH, W_PER = FEAT / W_STEP;
+    const int xr = tid % BM, xc = tid / BM;
+    const bool x_ok = m0 + xr < M;
+    const T* x_src = x + (long)(x_ok ? m0 + xr : 0) * K + xc * 8;
+    const int x_at = (xc * BM + xr) * 16;
+    const int wr = tid / W_CH, wch = tid % W_CH;
+    const unsigned* w_src = w + (long)(n0 + wr) * (K / 8) + wch * 4;
+    const int w_at = X_BYTES + wr * W_ROW + wch * 16;
+    const long s_row = (long)(n0 + tid) * (K / GS);
+    auto load = [&](int stage, int k0) {
+        unsigned char* base = smem + stage * STAGE;
+        #pragma unroll
+        for (int i = 0; i < X_PER; ++i)
+            cp_async<16>(base + x_at + i * X_CSTEP * BM * 16, x_src + k0 + i * X_CSTEP * 8, x_ok);
+        #pragma unroll
+        for (int i = 0; i < W_PER; ++i) {
+            const bool ok = n0 + wr + i * W_STEP < N;
+            cp_async<16>(base + w_at + i * W_STEP * W_ROW,
+                         ok ? w_src + (long)i * W_STEP * (K / 8) + k0 / 8 : w, ok);
+        }
+        if (tid < FEAT) {
+            const bool ok = n0 + tid < N;
+            const long at = (s_row + k0 / GS) & ~(long)(SB - 1);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + tid * SB * 2, ok ? scales + at : scales, ok);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + tid * SB * 2, ok ? biases + at : biases, ok);
+        }
+    };
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < steps) load(s, k_begin + s * BK);
+        cp_async_commit();
+    }
+    const int r0 = 16 * warp + g;               // the lane's features: A's rows g and g + 8
+    const unsigned sel = t | ((t + 4) << 4);    // byte t of two words
+    for (int i = 0; i < steps; ++i) {
+        cp_async_wait<STAGES - 2>();  // this thread's copies for step i have landed
+        fence_async_smem();           // and are visible to the tensor cores' reads
+        __syncthreads();              // everyone's are; step i - 1's stage is free (waited below)
+        const int next = i + STAGES - 1;
+        if (next < steps) load(next % STAGES, k_begin + next * BK);
+        cp_async_commit();
+        const int k0 = k_begin + i * BK;
+        const unsigned char* base = smem + (i % STAGES) * STAGE;
+        unsigned a[BK / 16][4];  // A of each 16-value slab of the step
+        #pragma unroll
+        for (int q = 0; q < BK / 32; ++q) {  // 32 values: one 16-byte chunk of a weight row
+            unsigned lo[4], hi[4];
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + 8 * h;
+                const uint4 v = *reinterpret_cast<const uint4*>(base + X_BYTES + r * W_ROW + q * 16);
+                const unsigned p = __byte_perm(__byte_perm(v.x, v.y, sel), __byte_perm(v.z, v.w, sel), 0x5410);
+                const int at = (int)(((long)(n0 + r) * (K / GS) + k0 / GS) & (SB - 1)) + 32 * q / GS;
+                const unsigned short s = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES)[r * SB + at];
+                const unsigned short b = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES + S_BYTES)[r * SB + at];
+                unpack8<4, BF16, FAST>(&p, s, b, h ? hi : lo);
+            }
+            // byte j of p holds values 8j + 2t, 8j + 2t + 1 of the chunk: slab 2q's (2t, 2t + 8)
+            // pairs are bytes 0 and 1, slab 2q + 1's bytes 2 and 3
+            a[2 * q][0] = lo[0]; a[2 * q][1] = hi[0]; a[2 * q][2] = lo[1]; a[2 * q][3] = hi[1];
+            a[2 * q + 1][0] = lo[2]; a[2 * q + 1][1] = hi[2]; a[2 * q + 1][2] = lo[3]; a[2 * q + 1][3] = hi[3];
+        }
+        wgmma_fence();
+        acc_fence<BM / 2>(acc);
+        #pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk)
+            wgmma<BM, BF16>(acc, a[kk], smem_desc(base + kk * 2 * BM * 16, BM * 16, 128));
+        wgmma_commit();
+        wgmma_wait<0>();  // before the next step's barrier frees this stage for a copy
+        acc_fence<BM / 2>(acc);
+    }
+    O* dst = y + (long)blockIdx.z * M * N;
+    #pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {  // D[feature 16w + g (+8)][x row 8j + 2t (+1)]
+            const int row = m0 + 8 * j + 2 * t + (e & 1);
+            const int col = n0 + r0 + (e >> 1) * 8;
+            if (row < M && col < N) dst[(long)row * N + col] = static_cast<O>(acc[4 * j + e]);
+        }
+"""
+
+
+def block_rows(m: int) -> int:
+    """Rows per block (the wgmma's N): 64 or 128."""
+    return 64 if m <= 64 else 128
+
+
+def num_splits(m: int, n: int, k: int) -> int:
+    """A power of two dividing the K steps evenly, as qgemm.num_splits for this block shape."""
+    tiles, steps, splits = -(-m // block_rows(m)) * -(-n // FEAT), k // BK, 1
+    while (tiles * splits * 2 <= TARGET_BLOCKS and steps % (2 * splits) == 0
+           and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT):
+        splits *= 2
+    return splits
+
+
+def shared_bytes(rows: int, group_size: int) -> int:
+    """Dynamic shared memory: STAGES stages of x, weights, scales and biases."""
+    sb = max(2, BK // group_size)
+    return STAGES * (rows * BK * 2 + FEAT * BK // 2 + 2 * FEAT * sb * 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(smem: int):
+    return cuda_kernel(name=f"qgemm_wgmma_{smem}", input_names=["x", "w", "scales", "biases"],
+                       output_names=["y"], source=SOURCE, header=HEADER, shared_memory=smem)
+
+
+def applies(layer: nn.Module, x: mx.array) -> bool:
+    """Whether qgemm_wgmma() computes layer(x): MIN_ROWS..MAX_ROWS rows of a 4-bit layer in
+    the format qgemm.tensor_core_format accepts."""
+    return (MIN_ROWS <= x.size // x.shape[-1] <= MAX_ROWS and qgemm.tensor_core_format(layer, x)
+            and layer.bits == 4)
+
+
+def qgemm_wgmma(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
+    """layer(x) for x of MIN_ROWS..MAX_ROWS rows (see applies()); K split num_splits() ways
+    unless `splits` (dividing the K steps) is given."""
+    y = kernel_output(layer, x, splits)
+    if y.ndim == 3:  # float partials, one per K split
+        y = y.sum(axis=0).astype(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
+                  build=None) -> mx.array:
+    """The kernel's own output: (m, n) in x's dtype, or (splits, m, n) float partials."""
+    k = x.shape[-1]
+    m = x.size // k
+    n = layer.weight.shape[0]
+    bm = block_rows(m)
+    splits = splits or num_splits(m, n, k)
+    out = x.dtype if splits == 1 else mx.float32
+    return (build or _kernel)(shared_bytes(bm, layer.group_size))(
+        inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
+        template=[("T", x.dtype), ("O", out), ("K", k), ("GS", layer.group_size),
+                  ("BF16", x.dtype == mx.bfloat16), ("BM", bm), ("BK", BK),
+                  ("STAGES", STAGES), ("FAST", qgemm.FAST_DEQUANT)],
+        grid=(-(-n // FEAT) * 128, -(-m // bm), splits), threadgroup=(128, 1, 1),
+        output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
+
+
+def check_cases() -> list[tuple[int, int]]:
+    """(rows, splits) the self-check runs: both block heights, one split (bf16 out) and two
+    (float partials), and rows that part-fill a block."""
+    return [(m, s) for m in (MIN_ROWS, 64, 100, MAX_ROWS) for s in (1, 2)]
+
+
+def qgemm_wgmma_matches_layers(layers: list[nn.Module], atol: float = 2e-2) -> bool:
+    """The kernel against dequantize + matmul on the model's own quantized layers (the
+    runner's start-up self-check; it also compiles every variant a run launches)."""
+    def usable(layer, x, splits):
+        return applies(layer, x) and (qgemm.input_width(layer) // BK) % max(splits, 1) == 0
+    return qgemm.matches_dequantize_matmul(layers, check_cases(), qgemm_wgmma, usable,
+                                           "4-bit wgmma GEMM kernel", seed=2, atol=atol)
