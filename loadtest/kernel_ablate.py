@@ -68,6 +68,15 @@ GEMV_CUTS = {
 }
 
 
+WGMMA_CUTS = {
+    "no-fence": ("fence_async_smem();", ""),
+    "no-fence-wait1": ("fence_async_smem();", "", "wgmma_wait<0>();", "wgmma_wait<1>();"),
+    "no-unpack": ("unpack8<4, BF16, FAST>(&p, s, b, h ? hi : lo);",
+                  "(h ? hi : lo)[0] = p; (h ? hi : lo)[1] = p ^ s; (h ? hi : lo)[2] = p ^ b; (h ? hi : lo)[3] = p + 1u;"),
+    "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
+}
+
+
 def _cut(source: str, *pairs: str) -> str:
     """source with each (old, new) pair of `pairs` replaced."""
     for old, new in zip(pairs[::2], pairs[1::2]):
@@ -81,7 +90,8 @@ def _cut(source: str, *pairs: str) -> str:
 def _sources(kind: str):
     return {"qgemm": (qgemm.SOURCE, qgemm.HEADER, QGEMM_CUTS),
             "qgemv": (qgemv.SOURCE, qgemm.HEADER, QGEMV_CUTS),
-            "gemv": (gemv._QUANT, gemv.VEC_HEADER, GEMV_CUTS)}[kind]
+            "gemv": (gemv._QUANT, gemv.VEC_HEADER, GEMV_CUTS),
+            "wgmma": (qgemm_wgmma.SOURCE, qgemm_wgmma.HEADER, WGMMA_CUTS)}[kind]
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,6 +245,10 @@ def main(argv=None) -> None:
                     with setting(qgemm_wgmma, attrs):
                         us = kernel_us(lambda i: qgemm_wgmma.kernel_output(layers[i % COPIES], x))
                     line.append(f"wgmma{' ' + label if label else ''} {us:7.1f} ({mb / us:.2f} TB/s)")
+                for v in () if a.brief else tuple(WGMMA_CUTS):
+                    us = kernel_us(lambda i: qgemm_wgmma.kernel_output(
+                        layers[i % COPIES], x, build=lambda smem: _kernel("wgmma", v, smem)))
+                    line.append(f"wgmma {v} {us:7.1f}")
             print(f"{name} ({k} -> {n}, {mb:.0f} MB at 4 bits), {rows} rows, us: " + " | ".join(line),
                   flush=True)
 
