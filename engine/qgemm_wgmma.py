@@ -7,15 +7,17 @@ faster (RESULTS.md, seventeenth session). This kernel feeds the dequantized weig
 `wgmma.mma_async` as its A operand, straight from registers, and x as its B operand from
 shared memory, so the tensor cores read x themselves and the warps only unpack weights.
 
-A block is one warpgroup (four warps, 128 threads) and owns FEAT = 64 output features (the
-wgmma's M) of BM = 64 or 128 rows (its N). A cp.async ring (STAGES deep, as in qgemm.py)
-stages each BK = 128-wide K step: x in wgmma's K-major layout without swizzle (8-row x 8-value
-"core matrices" of 128 contiguous bytes: a K chunk of 8 values of every row, then the next),
-the packed weights row by row, and their scales and biases. Warp w unpacks features 16w + g and
-16w + g + 8 (g = lane / 4) for the lane's A fragment: wgmma's A layout is mma.m16n8k16's, so
-lane t needs values 2t, 2t + 1 (and 2t + 8, 2t + 9) of each 16-value slab, which is byte t of
-each packed word: one 16-byte load gives four words, three byte permutes gather byte t of
-each, and engine/qgemm.py's unpack8 turns them into the A registers of two slabs.
+A block is two warpgroups (eight warps, 256 threads) and owns FEAT = 128 output features (64,
+the wgmma's M, a warpgroup) of BM = 64 or 128 rows (its N); both warpgroups read the block's
+one copy of x. A cp.async ring (STAGES deep, as in qgemm.py) stages each BK = 128-wide K step:
+x in wgmma's K-major 128-byte swizzle (rows of 64 values, their 16-byte chunks XOR-ed with the
+row mod 8, so the copies are whole 256-byte row runs and their shared-memory stores hit 8
+distinct bank groups), the packed weights row by row, and their scales and biases. Warp w
+unpacks features 16w + g and 16w + g + 8 (g = lane / 4) for the lane's A fragment: wgmma's A
+layout is mma.m16n8k16's, so lane t needs values 2t, 2t + 1 (and 2t + 8, 2t + 9) of each
+16-value slab, which is byte t of each packed word: one 16-byte load gives four words, three
+byte permutes gather byte t of each, and engine/qgemm.py's unpack8 turns them into the A
+registers of two slabs.
 
 4-bit, group size 32-128, bf16/fp16 only; used only after qgemm_wgmma_matches_layers has
 shown it equal to dequantize + matmul on the model's own layers (engine/runner.py), so on a
@@ -36,7 +38,7 @@ from engine.kernel_source import cuda_kernel
 
 MIN_ROWS = 33     # fewer rows: qgemm.py's mma.sync kernel (as fast as bf16's GEMM there)
 MAX_ROWS = 128
-FEAT = 64         # output features per block: the wgmma's M
+FEAT = 128        # output features per block: two warpgroups of the wgmma's M = 64
 BK = qgemm.BK     # input features per pipeline step: 8 slabs of 16
 STAGES = 3
 TARGET_BLOCKS = 264   # K splits until the grid has about this many blocks (two per H200 SM)
@@ -82,29 +84,32 @@ template <int N> __device__ __forceinline__ void acc_fence(float* d) {
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 """
 
-# A K-major operand without swizzle: lbo bytes between its two 8-value K chunks, sbo between
-# 8-row groups (PTX ISA, "Matrix Descriptor Format").
+# A K-major operand in the 128-byte swizzle: rows of 64 values (128 bytes) whose 16-byte chunks
+# sit XOR-ed with the row's index mod 8, in 8-row atoms of 1,024 bytes (aligned to 1,024);
+# sbo bytes from one 8-row atom to the next. The leading offset is unused there (encoded 1),
+# and a start inside an atom (a later 16-value slab) keeps base offset 0 (PTX ISA, "Matrix
+# Descriptor Format").
 DESC = r"""
-__device__ __forceinline__ unsigned long long smem_desc(const void* p, unsigned lbo, unsigned sbo) {
+__device__ __forceinline__ unsigned long long smem_desc(const void* p, unsigned sbo) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  return (unsigned long long)((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16)
-         | ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);
+  return (unsigned long long)((a & 0x3FFFF) >> 4) | (1ull << 16)
+         | ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 """
 
 HEADER = qgemm.HEADER + "".join(_wgmma(n, b) for n in (64, 128) for b in (True, False)) + DEVICE + DESC
 
-# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z): features n0..n0+63, rows m0..m0+BM-1,
-# K split z. Stage layout: x (BM rows x BK values; the 16-byte chunk of row r and K chunk c at
-# (c * BM + r) * 16), weights (FEAT rows of BK / 2 bytes), scales and biases (SB a row,
-# aligned down as in qgemm.py). Rows past M read row 0's address with zero-fill; features
-# past N, the weights' first row.
+# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z): features n0..n0+127 (warpgroup wg
+# the 64 from n0 + 64 wg), rows m0..m0+BM-1, K split z. A stage (1,024-byte aligned): x in two
+# atoms-columns of BM rows x 64 values (128-byte swizzle, see DESC), the packed weights
+# (FEAT rows of BK / 2 bytes), their scales and biases (SB a row, aligned down as in
+# qgemm.py). Rows past M read row 0 with zero-fill; features past N, the weights' first row.
 SOURCE = r"""
-    constexpr int FEAT = 64, THREADS = 128, W_ROW = BK / 2;
+    constexpr int FEAT = 128, THREADS = 256, W_ROW = BK / 2;
     constexpr int SB = BK / GS < 2 ? 2 : BK / GS;
     constexpr int X_BYTES = BM * BK * 2, W_BYTES = FEAT * W_ROW, S_BYTES = FEAT * SB * 2;
-    constexpr int STAGE = X_BYTES + W_BYTES + 2 * S_BYTES;
-    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr int STAGE = (X_BYTES + W_BYTES + 2 * S_BYTES + 1023) / 1024 * 1024;
+    extern __shared__ __align__(1024) unsigned char smem[];
     const int M = x_shape[0];
     const int N = w_shape[0];
     const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
@@ -114,15 +119,21 @@ SOURCE = r"""
     #pragma unroll
     for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
 
-    // A thread copies the same rows' chunks at every step: x row xr's chunks xc, xc + X_CSTEP..
-    // (consecutive threads, consecutive rows: conflict-free shared stores), weight row wr's
-    // chunk wch and the rows W_STEP apart, and feature tid's scales.
-    constexpr int X_CH = BK / 8, X_CSTEP = THREADS / BM, X_PER = X_CH / X_CSTEP;
+    // A thread copies the same chunks at every step: 16-byte chunk xc of x rows xr, xr + 16..
+    // (16 threads read a row's 256 bytes: whole sectors; 8 of them write 8 distinct bank
+    // groups), chunk wch of weight rows wr, wr + 64, and feature tid's scales.
+    constexpr int X_CH = BK / 8, X_RSTEP = THREADS / X_CH, X_PER = BM / X_RSTEP;
     constexpr int W_CH = W_ROW / 16, W_STEP = THREADS / W_CH, W_PER = FEAT / W_STEP;
-    const int xr = tid % BM, xc = tid / BM;
-    const bool x_ok = m0 + xr < M;
-    const T* x_src = x + (long)(x_ok ? m0 + xr : 0) * K + xc * 8;
-    const int x_at = (xc * BM + xr) * 16;
+    const int xr = tid / X_CH, xc = tid % X_CH;
+    const int x_at = (xc / 8) * (BM * 128) + xr * 128 + (((xc % 8) ^ (xr % 8)) * 16);
+    const T* x_src = x + xc * 8;
+    bool x_ok[X_PER];
+    long x_row[X_PER];
+    #pragma unroll
+    for (int i = 0; i < X_PER; ++i) {
+        x_ok[i] = m0 + xr + i * X_RSTEP < M;
+        x_row[i] = (long)(x_ok[i] ? m0 + xr + i * X_RSTEP : 0) * K;
+    }
     const int wr = tid / W_CH, wch = tid % W_CH;
     const unsigned* w_src = w + (long)(n0 + wr) * (K / 8) + wch * 4;
     const int w_at = X_BYTES + wr * W_ROW + wch * 16;
@@ -131,7 +142,7 @@ SOURCE = r"""
         unsigned char* base = smem + stage * STAGE;
         #pragma unroll
         for (int i = 0; i < X_PER; ++i)
-            cp_async<16>(base + x_at + i * X_CSTEP * BM * 16, x_src + k0 + i * X_CSTEP * 8, x_ok);
+            cp_async<16>(base + x_at + i * X_RSTEP * 128, x_src + x_row[i] + k0, x_ok[i]);
         #pragma unroll
         for (int i = 0; i < W_PER; ++i) {
             const bool ok = n0 + wr + i * W_STEP < N;
@@ -182,8 +193,8 @@ SOURCE = r"""
         wgmma_fence();
         acc_fence<BM / 2>(acc);
         #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)
-            wgmma<BM, BF16>(acc, a[kk], smem_desc(base + kk * 2 * BM * 16, BM * 16, 128));
+        for (int kk = 0; kk < BK / 16; ++kk)  // slab kk: 32 bytes into its atom-column's rows
+            wgmma<BM, BF16>(acc, a[kk], smem_desc(base + (kk / 4) * (BM * 128) + (kk % 4) * 32, 1024));
         wgmma_commit();
         wgmma_wait<0>();  // before the next step's barrier frees this stage for a copy
         acc_fence<BM / 2>(acc);
@@ -215,9 +226,10 @@ def num_splits(m: int, n: int, k: int) -> int:
 
 
 def shared_bytes(rows: int, group_size: int) -> int:
-    """Dynamic shared memory: STAGES stages of x, weights, scales and biases."""
+    """Dynamic shared memory: STAGES stages of x, weights, scales and biases, each rounded up
+    to 1,024 bytes (the swizzle atoms' alignment)."""
     sb = max(2, BK // group_size)
-    return STAGES * (rows * BK * 2 + FEAT * BK // 2 + 2 * FEAT * sb * 2)
+    return STAGES * (-(-(rows * BK * 2 + FEAT * BK // 2 + 2 * FEAT * sb * 2) // 1024) * 1024)
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,7 +268,7 @@ def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
         template=[("T", x.dtype), ("O", out), ("K", k), ("GS", layer.group_size),
                   ("BF16", x.dtype == mx.bfloat16), ("BM", bm), ("BK", BK),
                   ("STAGES", STAGES), ("FAST", qgemm.FAST_DEQUANT)],
-        grid=(-(-n // FEAT) * 128, -(-m // bm), splits), threadgroup=(128, 1, 1),
+        grid=(-(-n // FEAT) * 256, -(-m // bm), splits), threadgroup=(256, 1, 1),
         output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
 
 

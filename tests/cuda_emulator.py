@@ -501,33 +501,38 @@ def run_qgemm(workdir: Path) -> list[tuple[str, float]]:
     return _rel_errs(out)
 
 
-# wgmma (m64nNk16, A in registers, B by descriptor) done by one warpgroup (the block): each
-# thread posts its A fragment and B's descriptor, then computes its own N / 2 outputs from the
-# whole A (mma.m16n8k16's layout per warp, warp w holding rows 16w..16w+15) and B, read from
-# shared memory through the descriptor's K-major no-swizzle layout (start, LBO between the two
-# 8-value K chunks, SBO between 8-row groups; PTX ISA "Matrix Descriptor Format"). The async
-# parts (fences, commit, wait) are no-ops: outputs are ready when the call returns.
+# wgmma (m64nNk16, A in registers, B by descriptor) done by each warpgroup of the block: each
+# thread posts its A fragment and B's descriptor, then computes its own N / 2 outputs from its
+# warpgroup's whole A (mma.m16n8k16's layout per warp, warp w of the group holding rows
+# 16w..16w+15) and B, read from shared memory through the descriptor: K-major, 128-byte
+# swizzle (rows 128 bytes apart from the start address, SBO between 8-row atoms, the 16-byte
+# chunk bits 4-6 of each address XOR-ed with its bits 7-9; PTX ISA "Matrix Descriptor
+# Format" and "Shared Memory Matrix Layout"). The async parts (fences, commit, wait) are
+# no-ops: outputs are ready when the call returns.
 WGMMA_PRELUDE = r"""
-    alignas(128) unsigned char smem[1 << 18];
+    alignas(1024) unsigned char smem[1 << 18];
     inline unsigned long long __cvta_generic_to_shared(const void* p) { return (const unsigned char*)p - smem; }
-    unsigned wg_a[128][4]; unsigned long long wg_desc[128];
+    unsigned wg_a[1024][4]; unsigned long long wg_desc[1024];
     template <int N, bool BF16> void wgmma(float* d, const unsigned* a, unsigned long long desc) {
       static_assert(BF16, "the emulation stores bf16 only");
-      const int tid = threadIdx.x;
+      const int tid = threadIdx.x, wg = tid / 128;
       for (int i = 0; i < 4; ++i) wg_a[tid][i] = a[i];
       wg_desc[tid] = desc;
       block_bar->arrive_and_wait();
-      if (wg_desc[0] != desc) { printf("wgmma: descriptors differ across the warpgroup\n"); abort(); }
-      const unsigned start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
-      if (desc >> 46) { printf("wgmma: swizzle or base offset set\n"); abort(); }
+      if (wg_desc[128 * wg] != desc) { printf("wgmma: descriptors differ across the warpgroup\n"); abort(); }
+      if (desc >> 62 != 1 || ((desc >> 49) & 7) || ((desc >> 16) & 0x3FFF) != 1) {
+        printf("wgmma: not the 128-byte swizzle with base offset 0\n"); abort(); }
+      const unsigned start = (desc & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
       auto A = [&](int row, int k) {  // the A fragment layout of mma.m16n8k16, per warp
         const int w = row / 16, r = row % 16, g = r % 8, t = (k % 8) / 2;
         const int reg = (r >= 8) + 2 * (k >= 8);
-        return bf16_half(wg_a[32 * w + 4 * g + t][reg], k % 2); };
+        return bf16_half(wg_a[128 * wg + 32 * w + 4 * g + t][reg], k % 2); };
       auto B = [&](int k, int n) {
-        __nv_bfloat16 h; memcpy(&h, smem + start + (n / 8) * sbo + (n % 8) * 16 + (k / 8) * lbo + (k % 8) * 2, 2);
+        unsigned addr = start + (n / 8) * sbo + (n % 8) * 128 + k * 2;
+        addr ^= ((addr >> 7) & 7) << 4;
+        __nv_bfloat16 h; memcpy(&h, smem + addr, 2);
         return (float)h; };
-      const int w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+      const int w = (tid >> 5) % 4, g = (tid & 31) >> 2, t = tid & 3;
       for (int j = 0; j < N / 8; ++j)
         for (int e = 0; e < 4; ++e) {
           const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * t + (e & 1);
@@ -550,7 +555,7 @@ def qgemm_wgmma_source() -> str:
     reference: both block heights, group sizes 32-128 (a 128 group at an odd offset), rows
     and features that part-fill a block, K splits and a ring that wraps."""
     from engine import qgemm, qgemm_wgmma
-    src = qgemm_wgmma.SOURCE.replace("extern __shared__ __align__(128) unsigned char smem[];", "")
+    src = qgemm_wgmma.SOURCE.replace("extern __shared__ __align__(1024) unsigned char smem[];", "")
     assert src != qgemm_wgmma.SOURCE
     consts = f"constexpr int BK = {qgemm_wgmma.BK}, STAGES = {qgemm_wgmma.STAGES};\n"
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + WGMMA_PRELUDE + QUANT_PROBLEM + \
@@ -563,20 +568,20 @@ def qgemm_wgmma_source() -> str:
       QuantProblem p(rng, M, N, K, 4, GS);
       std::vector<float> parts((long)S * M * N, NAN);
       int xs[2] = {M, K}, ws[2] = {N, K / 8};
-      const int gx = (N + 63) / 64, gy = (M + BM - 1) / BM;
+      const int gx = (N + 127) / 128, gy = (M + BM - 1) / BM;
       for (int bz = 0; bz < S; ++bz)
         for (int by = 0; by < gy; ++by) {
           if (S == 1)
-            launch(gx, 128, [&, by] { blockIdx.y = by; qw<bf, bf, K, GS, true, BM, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
+            launch(gx, 256, [&, by] { blockIdx.y = by; qw<bf, bf, K, GS, true, BM, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
           else
-            launch(gx, 128, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qw<bf, float, K, GS, true, BM, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
+            launch(gx, 256, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qw<bf, float, K, GS, true, BM, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
         }
       if (S > 1)
         for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; p.y[i] = bf(v); }
       printf("wgmma BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", BM, K, GS, M, N, S, p.rel_err());
     }
     int main() {
-      wgmma_case<512, 64, 64>(40, 72); wgmma_case<256, 32, 128>(100, 64);
+      wgmma_case<512, 64, 64>(40, 72); wgmma_case<256, 32, 128>(100, 200);
       wgmma_case<384, 128, 128>(128, 136); wgmma_case<1024, 64, 64>(64, 64, 2);
       wgmma_case<512, 128, 128>(70, 8, 4); wgmma_case<256, 64, 64>(100, 64);  // two row tiles
     }

@@ -61,14 +61,16 @@ def test_wgmma_kernel_matches_reference(tmp_path):
 
 
 @pytest.mark.parametrize("wrong, right", [
-    ("const int x_at = (xc * BM + xr) * 16;", "const int x_at = (xr * X_CH + xc) * 16;"),  # x row-major, descriptors K-chunked
-    ("smem_desc(base + kk * 2 * BM * 16, BM * 16, 128)", "smem_desc(base + kk * 2 * BM * 16, 128, BM * 16)"),  # LBO / SBO swapped
+    ("(((xc % 8) ^ (xr % 8)) * 16)", "((xc % 8) * 16)"),     # x stored unswizzled
+    ("(kk % 4) * 32, 1024)", "(kk % 4) * 16, 1024)"),           # slabs 16 bytes apart, not 32
+    ("(kk / 4) * (BM * 128)", "(kk % 2) * (BM * 128)"),         # the wrong atom-column
+    ("const int r0 = 16 * warp + g;", "const int r0 = 16 * (warp % 4) + g;"),  # both warpgroups on features 0-63
     ("const unsigned sel = t | ((t + 4) << 4);", "const unsigned sel = 0x40;"),  # every lane takes byte 0
     ("a[2 * q][1] = hi[0];", "a[2 * q][1] = lo[0];"),          # features g + 8 from g
     ("a[2 * q + 1][0] = lo[2];", "a[2 * q + 1][0] = lo[0];"),  # slab 2q + 1 from slab 2q
     ("+ 32 * q / GS;", ";"),                                   # one scale for the whole step
     ("const int col = n0 + r0 + (e >> 1) * 8;", "const int col = n0 + r0;"),  # rows g + 8 stored as g
-    ("x + (long)(x_ok ? m0 + xr : 0) * K", "x + (long)(x_ok ? xr : 0) * K"),  # second row tile re-reads the first
+    ("(x_ok[i] ? m0 + xr + i * X_RSTEP : 0)", "(x_ok[i] ? xr + i * X_RSTEP : 0)"),  # second row tile re-reads the first
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
     ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
 ])
