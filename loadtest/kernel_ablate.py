@@ -195,7 +195,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default="1,64,128")
     ap.add_argument("--shapes", default="gate|up,down,qkv")
     ap.add_argument("--brief", action="store_true", help="no cuts: the kernels as written only")
-    ap.add_argument("--sweep", action="store_true", help="qgemm: also the settings of QGEMM_SWEEP")
+    ap.add_argument("--sweep", choices=("qgemm", "wgmma", "both"),
+                    help="also the settings of QGEMM_SWEEP and/or WGMMA_SWEEP")
     ap.add_argument("--against", help="another engine/qgemm.py whose kernel is timed beside this one's")
     a = ap.parse_args(argv)
     for name in a.shapes.split(","):
@@ -236,12 +237,12 @@ def main(argv=None) -> None:
                 for v in ("as written",) + (() if a.brief else tuple(QGEMM_CUTS)):
                     us = kernel_us(lambda i: _call("qgemm", v, layers[i % COPIES], x))
                     line.append(f"qgemm {v} {us:7.1f}")
-                for label, attrs in QGEMM_SWEEP if a.sweep else ():
+                for label, attrs in QGEMM_SWEEP if a.sweep in ("qgemm", "both") else ():
                     with setting(qgemm, attrs):
                         us = kernel_us(lambda i: qgemm.kernel_output(layers[i % COPIES], x))
                     line.append(f"qgemm {label} {us:7.1f}")
             if qgemm_wgmma.MIN_ROWS <= rows <= qgemm_wgmma.MAX_ROWS:
-                for label, attrs in (("",  {}),) + (WGMMA_SWEEP if a.sweep else ()):
+                for label, attrs in (("", {}),) + (WGMMA_SWEEP if a.sweep in ("wgmma", "both") else ()):
                     with setting(qgemm_wgmma, attrs):
                         us = kernel_us(lambda i: qgemm_wgmma.kernel_output(layers[i % COPIES], x))
                     line.append(f"wgmma{' ' + label if label else ''} {us:7.1f} ({mb / us:.2f} TB/s)")
