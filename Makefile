@@ -2,8 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UNAME := $(shell uname -s)
-# MLX on Linux needs a backend package; macOS wheels carry Metal.
-EXTRAS := $(if $(filter Linux,$(UNAME)),cpu,)
+comma := ,
+# MLX on Linux needs a backend package; macOS wheels carry Metal. On Linux the tests also
+# compile the CUDA kernels with NVIDIA's NVRTC wheels (no GPU needed).
+EXTRAS := $(if $(filter Linux,$(UNAME)),cpu$(comma)kernels,)
 # On a Linux CPU, MLX's bundled BLAS is slow; Debian's OpenBLAS makes float32 matmuls ~30x faster.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 PRELOAD = $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
@@ -17,7 +19,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)$(if $(EXTRAS),$(comma),)dev]"
 	touch $@
 
-comma := ,
 
 install: $(VENV)/.installed openblas
 
