@@ -102,3 +102,17 @@ def test_emulation_catches_a_broken_tensor_core_kernel(tmp_path, monkeypatch, wr
     monkeypatch.setattr(paged_decode, "_BODY_V4", paged_decode._BODY_V4.replace(wrong, right, 1))
     results = cuda_emulator.run_decode_tc(tmp_path)
     assert results and max(err for _, err in results) > 2 * TC_TOL
+
+
+@pytest.mark.parametrize("wrong, right", [
+    ("(TILE + 32 / CH * i) * RS, v_pool", "(32 / CH * i) * RS, v_pool"),  # V rows over K rows
+    ("__shfl_sync(0xffffffff, row, r)", "__shfl_sync(0xffffffff, row, i)"),  # another key's row
+    ("(KVH * D) + copy_from", "(KVH * D)"),                     # every lane copies chunk 0 of head 0
+])
+def test_emulation_catches_a_broken_tile_copy(tmp_path, monkeypatch, wrong, right):
+    # the ring copy v3 and v4 share (_RING_ISSUE, filled into their bodies), through v3's
+    from engine import paged_decode
+    assert wrong in paged_decode._RING_ISSUE and wrong in paged_decode._BODY_V3
+    monkeypatch.setattr(paged_decode, "_BODY_V3", paged_decode._BODY_V3.replace(wrong, right, 1))
+    results = cuda_emulator.run(tmp_path, ("v3",))
+    assert results and max(err for *_, err in results) > 1e-3
