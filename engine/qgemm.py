@@ -380,8 +380,13 @@ def tensor_core_format(layer: nn.Module, x: mx.array) -> bool:
 def qgemm(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
     """layer(x) for x of MIN_ROWS..MAX_ROWS rows (see applies()); K split num_splits() ways
     unless `splits` (dividing the K steps) is given."""
-    y = kernel_output(layer, x, splits)
-    if y.ndim == 3:  # float partials, one per K split
+    return from_partials(kernel_output(layer, x, splits), x)
+
+
+def from_partials(y: mx.array, x: mx.array) -> mx.array:
+    """A GEMM kernel's output (m, n), or (splits, m, n) float partials, as layer(x): the
+    partials added up in x's dtype, x's leading shape."""
+    if y.ndim == 3:
         y = y.sum(axis=0).astype(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

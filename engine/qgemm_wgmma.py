@@ -248,10 +248,7 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
 def qgemm_wgmma(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.array:
     """layer(x) for x of MIN_ROWS..MAX_ROWS rows (see applies()); K split num_splits() ways
     unless `splits` (dividing the K steps) is given."""
-    y = kernel_output(layer, x, splits)
-    if y.ndim == 3:  # float partials, one per K split
-        y = y.sum(axis=0).astype(x.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return qgemm.from_partials(kernel_output(layer, x, splits), x)
 
 
 def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
