@@ -144,10 +144,12 @@ HEADER = VEC_HEADER + CP_ASYNC + DEVICE + HALF_BITS + UNPACK
 # distinct banks), the packed weights (BN rows of BK * BITS / 8 bytes; 8-bit rows swizzled
 # by row parity) and each row's scales and biases for the step (4 or 8 bytes, aligned down,
 # so a 128-wide group's value may sit at offset 1). Rows past M / N are zero-filled.
-# Warp w computes WN features from (w % WARPS_N) * WN (NT = WN / 8 n-tiles of 8) of all BM rows
-# (MT m-tiles of 16); with KW = 2 warp groups, group w / WARPS_N takes half of each lane's
-# pieces of a step and the groups' sums meet in shared memory at the end (twice the warps per
-# SM, same tiles).
+# Warp w computes WN features from (w % WARPS_N) * WN of all BM rows. The features are the
+# mma's M (FT = WN / 16 tiles; the lane unpacks features g and g + 8 of each straight into A)
+# and the rows its N (XT = BM / 8 tiles; B is the lane's two words of one 16-byte x load), so
+# no register is copied to build an operand. With KW = 2 warp groups, group w / WARPS_N takes
+# half of each lane's pieces of a step and the groups' sums meet in shared memory at the end
+# (twice the warps per SM, same tiles).
 SOURCE = r"""
     constexpr int FT = WN / 16, XT = BM / 8, NT = WN / 8, WARPS_N = BN / WN;
     constexpr int PER_WORD = 32 / BITS;
