@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from engine import paged_decode as pd
@@ -237,7 +239,45 @@ def _compile_and_run(workdir: Path, name: str, program: str, *args: str) -> str:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300).stdout
 
 
-def _rel_errs(out: str) -> list[tuple[str, float]]:
+def mutants(module, attr: str, pairs, source_fn) -> list[str]:
+    """source_fn()'s program with module.attr broken by each (wrong, right) replacement in
+    turn (each `wrong` must be there); module.attr is restored after."""
+    original = getattr(module, attr)
+    programs = []
+    try:
+        for wrong, right in pairs:
+            assert wrong in original, wrong
+            setattr(module, attr, original.replace(wrong, right, 1))
+            programs.append(source_fn())
+    finally:
+        setattr(module, attr, original)
+    return programs
+
+
+def run_all(workdir: Path, programs: list[str], parse) -> list[list]:
+    """Compile and run the programs concurrently, one per core (g++ and the emulation run
+    outside the GIL); parse(output) of each, in order."""
+    def one(item):
+        i, program = item
+        d = workdir / f"p{i}"
+        d.mkdir()
+        return parse(_compile_and_run(d, "p", program))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(one, enumerate(programs)))
+
+
+def decode_errs(out: str) -> list[tuple[str, int, int, float]]:
+    """(version, window, splits, max abs error) from run()'s programs."""
+    pattern = r"(\w+) window +(\d+) splits (\d+): max err (\S+)"
+    return [(v, int(w), int(s), float(e)) for v, w, s, e in re.findall(pattern, out)]
+
+
+def max_errs(out: str) -> list[tuple[str, float]]:
+    """(case, max abs error) from a program's "CASE: max err E" lines."""
+    return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
+
+
+def rel_errs(out: str) -> list[tuple[str, float]]:
     """(case, relative error) from a program's "CASE: rel err E" lines."""
     return [(case, float(e)) for case, e in re.findall(r"(.+): rel err (\S+)", out)]
 
@@ -245,9 +285,7 @@ def _rel_errs(out: str) -> list[tuple[str, float]]:
 def run(workdir: Path, versions: tuple[str, ...] = ("v1",), v_batch: int = 0
         ) -> list[tuple[str, int, int, float]]:
     """Compile and run the emulation; (version, window, splits, max abs error) per case."""
-    out = _compile_and_run(workdir, "emu", source(versions, v_batch))
-    pattern = r"(\w+) window +(\d+) splits (\d+): max err (\S+)"
-    return [(v, int(w), int(s), float(e)) for v, w, s, e in re.findall(pattern, out)]
+    return decode_errs(_compile_and_run(workdir, "emu", source(versions, v_batch)))
 
 
 def gemv_source(fast_unpack: bool = False) -> str:
@@ -307,7 +345,7 @@ def gemv_source(fast_unpack: bool = False) -> str:
 def run_gemv(workdir: Path, fast_unpack: bool = False) -> list[tuple[str, float]]:
     """Compile and run the gemv emulation; (case, relative error) per case."""
     out = _compile_and_run(workdir, "gemv", gemv_source(fast_unpack))
-    return _rel_errs(out)
+    return rel_errs(out)
 
 
 def dequant_source() -> str:
@@ -347,7 +385,7 @@ def dequant_source() -> str:
 def run_dequant(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the dequantize emulation; (case, relative error) per case."""
     out = _compile_and_run(workdir, "dequant", dequant_source())
-    return _rel_errs(out)
+    return rel_errs(out)
 
 
 # bf16 as the GPU stores it (round to nearest even), and mma.sync m16n8k16 done by one warp:
@@ -498,7 +536,7 @@ def qgemm_source() -> str:
 def run_qgemm(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the qgemm emulation; (case, relative error) per case."""
     out = _compile_and_run(workdir, "qgemm", qgemm_source())
-    return _rel_errs(out)
+    return rel_errs(out)
 
 
 # wgmma (m64nNk16, A in registers, B by descriptor) done by each warpgroup of the block: each
@@ -591,7 +629,7 @@ def qgemm_wgmma_source() -> str:
 def run_qgemm_wgmma(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the wgmma kernel's emulation; (case, relative error) per case."""
     out = _compile_and_run(workdir, "qgemm_wgmma", qgemm_wgmma_source())
-    return _rel_errs(out)
+    return rel_errs(out)
 
 
 def qgemv_source() -> str:
@@ -642,7 +680,7 @@ def qgemv_source() -> str:
 
 def run_qgemv(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the qgemv emulation; (case, relative error) per case."""
-    return _rel_errs(_compile_and_run(workdir, "qgemv", qgemv_source()))
+    return rel_errs(_compile_and_run(workdir, "qgemv", qgemv_source()))
 
 
 def fused_source() -> str:
@@ -944,5 +982,4 @@ def decode_tc_source() -> str:
 
 def run_decode_tc(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the v4 emulation; (case, max abs error) per case."""
-    out = _compile_and_run(workdir, "decode_tc", decode_tc_source())
-    return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
+    return max_errs(_compile_and_run(workdir, "decode_tc", decode_tc_source()))

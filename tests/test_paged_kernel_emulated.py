@@ -33,30 +33,35 @@ def test_emulation_catches_a_broken_kernel(tmp_path, monkeypatch):
     assert any(err > 1e-2 for _, _, _, err in results)
 
 
-@pytest.mark.parametrize("wrong, right", [
-    ("if (h <= GQA) {", "if (h < GQA) {"),                       # K written without RoPE
-    ("KVH * GQA + (h - GQA) * KVH + g", "KVH * GQA + g"),        # V written from K's head
-    ("((long)slots[b] * KVH + g) * D", "((long)slots[b] * KVH) * D"),  # every head to head 0
-])
-def test_emulation_catches_a_broken_rope_form(tmp_path, monkeypatch, wrong, right):
+def test_emulation_catches_broken_rope_forms(tmp_path):
     from engine import paged_decode
-    assert wrong in paged_decode._Q_ROPE_STORE
-    monkeypatch.setattr(paged_decode, "_Q_ROPE_STORE", paged_decode._Q_ROPE_STORE.replace(wrong, right, 1))
-    results = [r for r in cuda_emulator.run(tmp_path, ("v2",), 8) if r[0] == "rope"]
-    assert results and max(err for *_, err in results) > 1e-2
+    broken = [
+        ("if (h <= GQA) {", "if (h < GQA) {"),                       # K written without RoPE
+        ("KVH * GQA + (h - GQA) * KVH + g", "KVH * GQA + g"),        # V written from K's head
+        ("((long)slots[b] * KVH + g) * D", "((long)slots[b] * KVH) * D"),  # every head to head 0
+    ]
+    programs = cuda_emulator.mutants(paged_decode, "_Q_ROPE_STORE", broken,
+                                     lambda: cuda_emulator.source(("v2",), 8))
+    for pair, results in zip(broken, cuda_emulator.run_all(tmp_path, programs, cuda_emulator.decode_errs)):
+        rope = [r for r in results if r[0] == "rope"]
+        assert rope and max(err for *_, err in rope) > 1e-2, pair
 
 
-@pytest.mark.parametrize("wrong, right", [
-    ("for (int c = half; c < CH; c += 2)", "for (int c = 0; c < CH; c += 2)"),  # odd chunks unscored
-    ("const bool valid = first + it * STEP + j <= hi;", "const bool valid = true;"),  # keys past hi
-    ("const T* ks = ring + (it % STAGES) * SLOT;", "const T* ks = ring;"),  # always slot 0
-])
-def test_emulation_catches_a_broken_staged_kernel(tmp_path, monkeypatch, wrong, right):
+def test_emulation_catches_broken_staged_kernels_and_tile_copies(tmp_path):
     from engine import paged_decode
-    assert wrong in paged_decode._BODY_V3
-    monkeypatch.setattr(paged_decode, "_BODY_V3", paged_decode._BODY_V3.replace(wrong, right, 1))
-    results = cuda_emulator.run(tmp_path, ("v3",))
-    assert results and max(err for *_, err in results) > 1e-2
+    broken = [
+        ("for (int c = half; c < CH; c += 2)", "for (int c = 0; c < CH; c += 2)"),  # odd chunks unscored
+        ("const bool valid = first + it * STEP + j <= hi;", "const bool valid = true;"),  # keys past hi
+        ("const T* ks = ring + (it % STAGES) * SLOT;", "const T* ks = ring;"),  # always slot 0
+        # the ring copy v3 and v4 share (_RING_ISSUE, filled into both bodies)
+        ("(TILE + 32 / CH * i) * RS, v_pool", "(32 / CH * i) * RS, v_pool"),  # V rows over K rows
+        ("__shfl_sync(0xffffffff, row, r)", "__shfl_sync(0xffffffff, row, i)"),  # another key's row
+        ("(KVH * D) + copy_from", "(KVH * D)"),                     # every lane copies chunk 0 of head 0
+    ]
+    programs = cuda_emulator.mutants(paged_decode, "_BODY_V3", broken,
+                                     lambda: cuda_emulator.source(("v3",)))
+    for pair, results in zip(broken, cuda_emulator.run_all(tmp_path, programs, cuda_emulator.decode_errs)):
+        assert results and max(err for *_, err in results) > 1e-3, pair
 
 
 def test_staged_launch_fits_shared_memory():
@@ -89,30 +94,15 @@ def test_tensor_core_kernel_matches_reference(tmp_path):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("wrong, right", [
-    ("for (int n = 0; n < NO; ++n) { o[n][0] *= corr; o[n][1] *= corr; }", ""),  # no rescale
-    ("t0 + 8 * n + 2 * fc + e <= hi ?", "true ?"),  # keys past hi scored
-    ("const T* st = ring + (it % STAGES) * SLOT;", "const T* st = ring;"),  # always slot 0
-    ("m_run * 0.6931471805599453f", "m_run"),  # base-2 maxima merged as natural ones
-    ("ldsm_x4_t(vb, st + v_row + n * 8);", "ldsm_x4(vb, st + v_row + n * 8);"),  # V not transposed
-])
-def test_emulation_catches_a_broken_tensor_core_kernel(tmp_path, monkeypatch, wrong, right):
+def test_emulation_catches_broken_tensor_core_kernels(tmp_path):
     from engine import paged_decode
-    assert wrong in paged_decode._BODY_V4
-    monkeypatch.setattr(paged_decode, "_BODY_V4", paged_decode._BODY_V4.replace(wrong, right, 1))
-    results = cuda_emulator.run_decode_tc(tmp_path)
-    assert results and max(err for _, err in results) > 2 * TC_TOL
-
-
-@pytest.mark.parametrize("wrong, right", [
-    ("(TILE + 32 / CH * i) * RS, v_pool", "(32 / CH * i) * RS, v_pool"),  # V rows over K rows
-    ("__shfl_sync(0xffffffff, row, r)", "__shfl_sync(0xffffffff, row, i)"),  # another key's row
-    ("(KVH * D) + copy_from", "(KVH * D)"),                     # every lane copies chunk 0 of head 0
-])
-def test_emulation_catches_a_broken_tile_copy(tmp_path, monkeypatch, wrong, right):
-    # the ring copy v3 and v4 share (_RING_ISSUE, filled into their bodies), through v3's
-    from engine import paged_decode
-    assert wrong in paged_decode._RING_ISSUE and wrong in paged_decode._BODY_V3
-    monkeypatch.setattr(paged_decode, "_BODY_V3", paged_decode._BODY_V3.replace(wrong, right, 1))
-    results = cuda_emulator.run(tmp_path, ("v3",))
-    assert results and max(err for *_, err in results) > 1e-3
+    broken = [
+        ("for (int n = 0; n < NO; ++n) { o[n][0] *= corr; o[n][1] *= corr; }", ""),  # no rescale
+        ("t0 + 8 * n + 2 * fc + e <= hi ?", "true ?"),  # keys past hi scored
+        ("const T* st = ring + (it % STAGES) * SLOT;", "const T* st = ring;"),  # always slot 0
+        ("m_run * 0.6931471805599453f", "m_run"),  # base-2 maxima merged as natural ones
+        ("ldsm_x4_t(vb, st + v_row + n * 8);", "ldsm_x4(vb, st + v_row + n * 8);"),  # V not transposed
+    ]
+    programs = cuda_emulator.mutants(paged_decode, "_BODY_V4", broken, cuda_emulator.decode_tc_source)
+    for pair, results in zip(broken, cuda_emulator.run_all(tmp_path, programs, cuda_emulator.max_errs)):
+        assert results and max(err for _, err in results) > 2 * TC_TOL, pair

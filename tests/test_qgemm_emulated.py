@@ -24,7 +24,8 @@ def test_qgemm_kernel_matches_reference(tmp_path):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("wrong, right", [
+# Each pair breaks qgemm's SOURCE or, where SOURCE lacks it, its UNPACK.
+QGEMM_BROKEN = [
     ("const int r = xt * 8 + g, ch", "const int r = g, ch"),   # every row tile reads rows 0-7
     ("{lo[0], hi[0], lo[1], hi[1]}", "{lo[0], lo[0], lo[1], lo[1]}"),  # features g+8 from g
     ("mma16816<BF16>(acc[ft][xt], a1, xb[xt] + 2)", "mma16816<BF16>(acc[ft][xt], a1, xb[xt])"),
@@ -39,17 +40,18 @@ def test_qgemm_kernel_matches_reference(tmp_path):
     ("& (SB - 1)) + 32 * t / GS", "& 0) + 32 * t / GS"),   # 128-wide groups at odd offsets
     ("const int j = kw * PIECES + jj;", "const int j = jj;"),   # both warp groups on one half
     ("acc[ft][xt][e] += red[", "acc[ft][xt][e] = red["),        # group 0's own sums dropped
-])
-def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
+]
+
+
+def test_emulation_catches_broken_bookkeeping(tmp_path):
     from engine import qgemm
-    broken = qgemm.SOURCE.replace(wrong, right, 1) if wrong in qgemm.SOURCE else None
-    target = "SOURCE"
-    if broken is None:
-        broken, target = qgemm.UNPACK.replace(wrong, right, 1), "UNPACK"
-    assert broken != getattr(qgemm, target)
-    monkeypatch.setattr(qgemm, target, broken)
-    results = cuda_emulator.run_qgemm(tmp_path)
-    assert results and max(err for _, err in results) > 5e-2
+    in_source = [p for p in QGEMM_BROKEN if p[0] in qgemm.SOURCE]
+    in_unpack = [p for p in QGEMM_BROKEN if p[0] not in qgemm.SOURCE]
+    programs = cuda_emulator.mutants(qgemm, "SOURCE", in_source, cuda_emulator.qgemm_source) \
+        + cuda_emulator.mutants(qgemm, "UNPACK", in_unpack, cuda_emulator.qgemm_source)
+    runs = cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs)
+    for pair, results in zip(in_source + in_unpack, runs):
+        assert results and max(err for _, err in results) > 5e-2, pair
 
 
 def test_wgmma_kernel_matches_reference(tmp_path):
@@ -60,7 +62,7 @@ def test_wgmma_kernel_matches_reference(tmp_path):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("wrong, right", [
+WGMMA_BROKEN = [
     ("(((xc % 8) ^ (xr % 8)) * 16)", "((xc % 8) * 16)"),     # x stored unswizzled
     ("(kk % 4) * 32, 1024)", "(kk % 4) * 16, 1024)"),           # slabs 16 bytes apart, not 32
     ("(kk / 4) * (BM * 128)", "(kk % 2) * (BM * 128)"),         # the wrong atom-column
@@ -73,20 +75,16 @@ def test_wgmma_kernel_matches_reference(tmp_path):
     ("(x_ok[i] ? m0 + xr + i * X_RSTEP : 0)", "(x_ok[i] ? xr + i * X_RSTEP : 0)"),  # second row tile re-reads the first
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
     ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
-])
-def test_wgmma_emulation_catches_broken_kernels(tmp_path, monkeypatch, wrong, right):
-    from engine import qgemm_wgmma
-    assert wrong in qgemm_wgmma.SOURCE
-    monkeypatch.setattr(qgemm_wgmma, "SOURCE", qgemm_wgmma.SOURCE.replace(wrong, right, 1))
-    results = cuda_emulator.run_qgemm_wgmma(tmp_path)
-    assert results and max(err for _, err in results) > 5e-2
+]
 
 
-def test_wgmma_descriptor_encoding_is_checked(tmp_path, monkeypatch):
-    # the descriptor's fields as the PTX ISA lays them out: SBO from bit 32, LBO from bit 16
+def test_wgmma_emulation_catches_broken_kernels(tmp_path):
     from engine import qgemm_wgmma
-    broken = qgemm_wgmma.DESC.replace("<< 32)", "<< 30)")
-    assert broken != qgemm_wgmma.DESC
-    monkeypatch.setattr(qgemm_wgmma, "DESC", broken)
-    results = cuda_emulator.run_qgemm_wgmma(tmp_path)
-    assert results and max(err for _, err in results) > 5e-2
+    programs = cuda_emulator.mutants(qgemm_wgmma, "SOURCE", WGMMA_BROKEN,
+                                     cuda_emulator.qgemm_wgmma_source)
+    # the descriptor's fields as the PTX ISA lays them out: SBO from bit 32
+    programs += cuda_emulator.mutants(qgemm_wgmma, "DESC", [("<< 32)", "<< 30)")],
+                                      cuda_emulator.qgemm_wgmma_source)
+    runs = cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs)
+    for pair, results in zip(WGMMA_BROKEN + [("<< 32)", "<< 30)")], runs):
+        assert results and max(err for _, err in results) > 5e-2, pair
