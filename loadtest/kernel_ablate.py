@@ -1,18 +1,21 @@
 """What bounds the 4-bit kernels: each one timed as written and with one part of its work taken
 out, on the device, at the 7B's shapes (a profile by ablation, for a GPU without ncu).
 
-    python -m loadtest.kernel_ablate [--rows 1,64,128] [--shapes gate|up,down,qkv,o]
-                                     [--brief] [--against OLD_QGEMM.py]  (gpu_profile.sh: `ablate`)
+    python -m loadtest.kernel_ablate [--rows 1,64,128] [--shapes gate|up,down,qkv,o] [--brief]
+                                     [--sweep qgemm|wgmma|both] [--against OLD_QGEMM.py]
+                                     (gpu_profile.sh: `ablate`)
 
-Each variant is engine/qgemm.py's, engine/qgemv.py's or engine/gemv.py's source with a line
-or two replaced (its results are wrong on purpose; only its time counts): `no-unpack` feeds
-the packed words to the arithmetic as they are, `no-mma` / `no-dot` replaces the tensor-core
-op / the float dot product by one integer op, `no-convert` skips gemv's int-to-float
-conversion, `no-loads` stops qgemm's copies from global memory after the first stages
-(`no-loads-no-sync` also drops its per-step barrier), `no-x-loads` gives qgemv constants for
-x. If taking a part out barely changes the time, that part is not what bounds it. qgemv is
-timed at the settings of QGEMV_SWEEP, and its cuts apply to its direct kernel. Kernel times come from CUPTI through torch.profiler
-(the GPU machines ship torch), so host launch costs do not count.
+Each variant is engine/qgemm.py's, engine/qgemm_wgmma.py's, engine/qgemv.py's or
+engine/gemv.py's source with a line or two replaced (its results are wrong on purpose; only
+its time counts): `no-unpack` feeds the packed words to the arithmetic as they are, `no-mma`
+/ `no-dot` replaces the tensor-core op / the float dot product by one integer op,
+`no-convert` skips gemv's int-to-float conversion, `no-loads` stops the GEMMs' copies from
+global memory after the first stages (`no-loads-no-sync` also drops qgemm's per-step
+barrier), `no-fence` drops the wgmma kernel's proxy fence, `no-x-loads` gives qgemv constants
+for x. If taking a part out barely changes the time, that part is not what bounds it. qgemv
+is timed at the settings of QGEMV_SWEEP, and its cuts apply to its direct kernel; `--sweep`
+adds QGEMM_SWEEP's and WGMMA_SWEEP's settings. Kernel times come from CUPTI through
+torch.profiler (the GPU machines ship torch), so host launch costs do not count.
 """
 
 from __future__ import annotations
