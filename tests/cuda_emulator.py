@@ -236,32 +236,37 @@ def _compile_and_run(workdir: Path, name: str, program: str, *args: str) -> str:
     cpp.write_text(program)
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(exe), str(cpp)],
                    check=True, capture_output=True, text=True)
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300).stdout
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, errors="replace",
+                          timeout=300).stdout
 
 
-def mutants(module, attr: str, pairs, source_fn) -> list[str]:
+def mutants(module, attr: str, pairs, source_fn, count: int = 1) -> list[str]:
     """source_fn()'s program with module.attr broken by each (wrong, right) replacement in
-    turn (each `wrong` must be there); module.attr is restored after."""
+    turn (`count` occurrences, -1: all; each `wrong` must be there); module.attr is restored
+    after."""
     original = getattr(module, attr)
     programs = []
     try:
         for wrong, right in pairs:
             assert wrong in original, wrong
-            setattr(module, attr, original.replace(wrong, right, 1))
+            setattr(module, attr, original.replace(wrong, right, count))
             programs.append(source_fn())
     finally:
         setattr(module, attr, original)
     return programs
 
 
-def run_all(workdir: Path, programs: list[str], parse) -> list[list]:
-    """Compile and run the programs concurrently, one per core (g++ and the emulation run
-    outside the GIL); parse(output) of each, in order."""
+def run_all(workdir: Path, programs: list[str], parse, args: tuple[str, ...] = ()) -> list[list]:
+    """Compile and run the programs concurrently (with `args`), one per core (g++ and the
+    emulation run outside the GIL); parse(output) of each, in order."""
     def one(item):
         i, program = item
         d = workdir / f"p{i}"
         d.mkdir()
-        return parse(_compile_and_run(d, "p", program))
+        try:
+            return parse(_compile_and_run(d, "p", program, *args))
+        except subprocess.TimeoutExpired:  # a broken kernel that hangs: no results
+            return parse("")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(one, enumerate(programs)))
 

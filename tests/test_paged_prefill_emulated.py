@@ -24,7 +24,7 @@ def test_prefill_kernel_matches_reference(tmp_path):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("wrong, right", [
+BROKEN = [
     ("p > qp - WINDOW", "p >= qp - WINDOW"),                   # one key past the window seen
     ("const bool vis = p <= qp &&", "const bool vis = p <= qp + 1 &&"),  # the next token seen
     ("a[1] = pack2<BF16>(sc[2 * kk][2]", "a[1] = pack2<BF16>(sc[2 * kk][0]"),  # P rows mixed
@@ -40,13 +40,15 @@ def test_prefill_kernel_matches_reference(tmp_path):
     ("kvh = h / GQA", "kvh = h % KVH"),                         # query heads on the wrong KV head
     ("const int k_hi = pos0 + min(row0 + BQ, q_len) - 1;",
      "const int k_hi = pos0 + min(row0 + BQ / 2, q_len) - 1;"),  # a tile's last keys never loaded
-])
-def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
+]
+
+
+def test_emulation_catches_broken_bookkeeping(tmp_path):
     from engine import paged_prefill
-    broken = paged_prefill.SOURCE.replace(wrong, right)
-    assert broken != paged_prefill.SOURCE, wrong
-    monkeypatch.setattr(paged_prefill, "SOURCE", broken)
+    programs = cuda_emulator.mutants(paged_prefill, "SOURCE", BROKEN, cuda_emulator.prefill_source,
+                                     count=-1)
     # Two cases catch every one (windowed chunks of 1-130 queries over several key tiles; one
     # stage): a fraction of the full run's time.
-    results = cuda_emulator.run_prefill(tmp_path, cases="15")
-    assert len(results) == 2 and any(not e < BF16_OUT for _, e in results), results
+    for pair, results in zip(BROKEN, cuda_emulator.run_all(tmp_path, programs, cuda_emulator.max_errs,
+                                                           args=("15",))):
+        assert len(results) == 2 and any(not e < BF16_OUT for _, e in results), (pair, results)

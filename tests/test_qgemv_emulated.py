@@ -46,7 +46,7 @@ def test_emulation_catches_broken_swiglu_epilogue(tmp_path, monkeypatch, wrong, 
     assert results and max(err for _, err in results) > 5e-2
 
 
-@pytest.mark.parametrize("wrong, right", [
+BROKEN_DIRECT = [
     ("{p0[0], p1[0], p0[1], p1[1]}", "{p1[0], p0[0], p0[1], p1[1]}"),  # A's feature rows swapped
     ("b1[2] = {xv.z, xv.w}", "b1[2] = {xv.x, xv.y}"),          # second mma on the first's x
     ("s0 += NW * U", "s0 += U"),                               # warps redo each other's steps
@@ -55,16 +55,17 @@ def test_emulation_catches_broken_swiglu_epilogue(tmp_path, monkeypatch, wrong, 
     ("const int row = 2 * t + (e & 1);", "const int row = 2 * t;"),  # odd rows overwrite even
     ("sc[f0 * (K / GS) + k / GS]", "sc[f0 * (K / GS)]"),       # every step uses group 0's scale
     ("x + (long)min(g, M - 1) * K", "x + (long)min(t, M - 1) * K"),  # B's column from t
-])
-def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, right):
+]
+
+
+def test_emulation_catches_broken_bookkeeping(tmp_path):
     from engine import qgemv
-    assert wrong in qgemv.SOURCE
-    monkeypatch.setattr(qgemv, "SOURCE", qgemv.SOURCE.replace(wrong, right, 1))
-    results = cuda_emulator.run_qgemv(tmp_path)
-    assert results and max(err for _, err in results) > 5e-2
+    programs = cuda_emulator.mutants(qgemv, "SOURCE", BROKEN_DIRECT, cuda_emulator.qgemv_source)
+    for pair, results in zip(BROKEN_DIRECT, cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs)):
+        assert results and max(err for _, err in results) > 5e-2, pair
 
 
-@pytest.mark.parametrize("wrong, right", [
+BROKEN_STAGED = [
     ("cp_async<16>(slot + r * W_ROW + wswz(ch, r) * 16", "cp_async<16>(slot + r * W_ROW + ch * 16"),  # writer unswizzled
     ("const int c = warp + i * NW;", "const int c = warp + i;"),  # chunks of other warps
     ("unsigned char* slot = ring + (i % S) * SLOT;", "unsigned char* slot = ring + ((i + 1) % S) * SLOT;"),  # copy to the wrong slot
@@ -74,18 +75,13 @@ def test_emulation_catches_broken_bookkeeping(tmp_path, monkeypatch, wrong, righ
     ("const int xrow = min(g, M - 1);", "const int xrow = min(t, M - 1);"),  # B's column from t
     ("ok ? x + r * K + (long)c * (C * 128)", "ok ? x + (long)c * (C * 128)"),  # every row staged from row 0
     ("x + (long)xrow * K + k0 + sc * 128", "x + k0 + sc * 128"),  # global path: every row reads row 0
-])
-def test_emulation_catches_broken_staging(tmp_path, monkeypatch, wrong, right):
+]
+
+
+def test_emulation_catches_broken_staging(tmp_path):
+    # a broken kernel may also crash the emulation (reads out of bounds): fewer results
     from engine import qgemv
-    assert wrong in qgemv.SOURCE_STAGED
-    monkeypatch.setattr(qgemv, "SOURCE_STAGED", qgemv.SOURCE_STAGED.replace(wrong, right, 1))
-    results = [r for r in _run_or_crash(tmp_path) if r[0].startswith("staged")]
-    assert len(results) < 7 or max(err for _, err in results) > 5e-2
-
-
-def _run_or_crash(tmp_path):
-    """The emulation's results, or none if the broken kernel crashed it (reads out of bounds)."""
-    try:
-        return cuda_emulator.run_qgemv(tmp_path)
-    except Exception:
-        return []
+    programs = cuda_emulator.mutants(qgemv, "SOURCE_STAGED", BROKEN_STAGED, cuda_emulator.qgemv_source)
+    for pair, results in zip(BROKEN_STAGED, cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs)):
+        staged = [r for r in results if r[0].startswith("staged")]
+        assert len(staged) < 7 or max(err for _, err in staged) > 5e-2, pair
