@@ -338,9 +338,17 @@ def launch_for(m: int, n: int, k: int, splits: int = 0) -> Launch:
 
 def num_splits(m: int, n: int, k: int) -> int:
     """A power of two dividing the K steps evenly (so every split has k_len = K / splits)."""
-    tiles, steps, splits = -(-m // block_rows(m)) * -(-n // BN), k // BK, 1
-    while (tiles * splits * 2 <= TARGET_BLOCKS and steps % (2 * splits) == 0
-           and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT):
+    return even_splits(-(-m // block_rows(m)) * -(-n // BN), k // BK, TARGET_BLOCKS,
+                       MIN_STEPS_PER_SPLIT)
+
+
+def even_splits(tiles: int, steps: int, target_blocks: int, min_steps: int) -> int:
+    """K splits for a grid of `tiles` output tiles of `steps` K steps each: doubled while the
+    grid stays within target_blocks, the splits divide the steps evenly and each keeps at
+    least min_steps (engine/qgemm_wgmma.py's grid too)."""
+    splits = 1
+    while (tiles * splits * 2 <= target_blocks and steps % (2 * splits) == 0
+           and steps // (2 * splits) >= min_steps):
         splits *= 2
     return splits
 

@@ -218,11 +218,8 @@ def block_rows(m: int) -> int:
 
 def num_splits(m: int, n: int, k: int) -> int:
     """A power of two dividing the K steps evenly, as qgemm.num_splits for this block shape."""
-    tiles, steps, splits = -(-m // block_rows(m)) * -(-n // FEAT), k // BK, 1
-    while (tiles * splits * 2 <= TARGET_BLOCKS and steps % (2 * splits) == 0
-           and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT):
-        splits *= 2
-    return splits
+    return qgemm.even_splits(-(-m // block_rows(m)) * -(-n // FEAT), k // BK, TARGET_BLOCKS,
+                             MIN_STEPS_PER_SPLIT)
 
 
 def shared_bytes(rows: int, group_size: int) -> int:

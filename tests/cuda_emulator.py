@@ -771,7 +771,7 @@ def fused_source() -> str:
 def run_fused(workdir: Path) -> list[tuple[str, float]]:
     """Compile and run the fused-op emulation; (case, max abs error) per case."""
     out = _compile_and_run(workdir, "fused", fused_source())
-    return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
+    return max_errs(out)
 
 
 # ldmatrix by one warp: each lane posts its row address, then takes its fragment of the four
@@ -872,7 +872,7 @@ def run_prefill(workdir: Path, cases: str = "") -> list[tuple[str, float]]:
     (`cases`: the digits of those to run, as prefill_source's main numbers them; all if
     empty)."""
     out = _compile_and_run(workdir, "prefill", prefill_source(), *([cases] if cases else []))
-    return [(case, float(e)) for case, e in re.findall(r"(.+): max err (\S+)", out)]
+    return max_errs(out)
 
 
 def decode_tc_source() -> str:
