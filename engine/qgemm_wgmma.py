@@ -40,7 +40,7 @@ MIN_ROWS = 33     # fewer rows: qgemm.py's mma.sync kernel (as fast as bf16's GE
 MAX_ROWS = 128
 FEAT = 128        # output features per block: two warpgroups of the wgmma's M = 64
 BK = qgemm.BK     # input features per pipeline step: 8 slabs of 16
-STAGES = 3
+STAGES = 4        # the ring: a step being read, one landing, two in flight (see SOURCE)
 TARGET_BLOCKS = 264   # K splits until the grid has about this many blocks (two per H200 SM)
 MIN_STEPS_PER_SPLIT = 8
 
@@ -156,49 +156,76 @@ SOURCE = r"""
             cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + tid * SB * 2, ok ? biases + at : biases, ok);
         }
     };
-    for (int s = 0; s < STAGES - 1; ++s) {
+    const int r0 = 16 * warp + g;               // the lane's features: A's rows g and g + 8
+    const unsigned sel = t | ((t + 4) << 4);    // byte t of two words
+    unsigned a[BK / 16][4];  // A of each 16-value slab of a step
+    // Chunk q (32 values, one 16-byte piece of each weight row) of the step in `base` into the
+    // A registers of slabs 2q and 2q + 1.
+    auto unpack = [&](const unsigned char* base, int q, int k0) {
+        unsigned lo[4], hi[4];
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + 8 * h;
+            const uint4 v = *reinterpret_cast<const uint4*>(base + X_BYTES + r * W_ROW + q * 16);
+            const unsigned p = __byte_perm(__byte_perm(v.x, v.y, sel), __byte_perm(v.z, v.w, sel), 0x5410);
+            const int at = (int)(((long)(n0 + r) * (K / GS) + k0 / GS) & (SB - 1)) + 32 * q / GS;
+            const unsigned short s = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES)[r * SB + at];
+            const unsigned short b = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES + S_BYTES)[r * SB + at];
+            unpack8<4, BF16, FAST>(&p, s, b, h ? hi : lo);
+        }
+        // byte j of p holds values 8j + 2t, 8j + 2t + 1 of the chunk: slab 2q's (2t, 2t + 8)
+        // pairs are bytes 0 and 1, slab 2q + 1's bytes 2 and 3
+        a[2 * q][0] = lo[0]; a[2 * q][1] = hi[0]; a[2 * q][2] = lo[1]; a[2 * q][3] = hi[1];
+        a[2 * q + 1][0] = lo[2]; a[2 * q + 1][1] = hi[2]; a[2 * q + 1][2] = lo[3]; a[2 * q + 1][3] = hi[3];
+    };
+    // Step i's data is waited for (cp.async), made visible to the tensor cores, and shared by
+    // the barrier, which also frees the stage of step i - 2 (every thread has waited for its
+    // wgmmas by then), so the copy of step i + STAGES - 2 goes there.
+    static_assert(STAGES >= 3, "a step read, one landing");
+    auto arrive = [&](int i) {
+        cp_async_wait<STAGES - 3>();
+        fence_async_smem();
+        __syncthreads();
+        const int next = i + STAGES - 2;
+        if (next < steps) load(next % STAGES, k_begin + next * BK);
+        cp_async_commit();
+    };
+    for (int s = 0; s < STAGES - 2; ++s) {
         if (s < steps) load(s, k_begin + s * BK);
         cp_async_commit();
     }
-    const int r0 = 16 * warp + g;               // the lane's features: A's rows g and g + 8
-    const unsigned sel = t | ((t + 4) << 4);    // byte t of two words
+    if (steps > 0) {
+        arrive(0);
+        unpack(smem, 0, k_begin);
+    }
+    acc_fence<BM / 2>(acc);
+    // The unpacking of each chunk overlaps the wgmmas of the one before: chunk q's two slabs are
+    // one wgmma group, and before chunk q + 1's registers are written again, the group that
+    // last read them (the previous step's, three groups back) has finished (wait_group 3), as
+    // CUTLASS's register-A mainloops do. (Unpacking a whole step before its wgmmas and waiting
+    // for them all left the tensor cores idle through the unpacking: seventeenth session.)
     for (int i = 0; i < steps; ++i) {
-        cp_async_wait<STAGES - 2>();  // this thread's copies for step i have landed
-        fence_async_smem();           // and are visible to the tensor cores' reads
-        __syncthreads();              // everyone's are; step i - 1's stage is free (waited below)
-        const int next = i + STAGES - 1;
-        if (next < steps) load(next % STAGES, k_begin + next * BK);
-        cp_async_commit();
         const int k0 = k_begin + i * BK;
         const unsigned char* base = smem + (i % STAGES) * STAGE;
-        unsigned a[BK / 16][4];  // A of each 16-value slab of the step
         #pragma unroll
-        for (int q = 0; q < BK / 32; ++q) {  // 32 values: one 16-byte chunk of a weight row
-            unsigned lo[4], hi[4];
+        for (int q = 0; q < BK / 32; ++q) {
+            wgmma_fence();
             #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = r0 + 8 * h;
-                const uint4 v = *reinterpret_cast<const uint4*>(base + X_BYTES + r * W_ROW + q * 16);
-                const unsigned p = __byte_perm(__byte_perm(v.x, v.y, sel), __byte_perm(v.z, v.w, sel), 0x5410);
-                const int at = (int)(((long)(n0 + r) * (K / GS) + k0 / GS) & (SB - 1)) + 32 * q / GS;
-                const unsigned short s = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES)[r * SB + at];
-                const unsigned short b = reinterpret_cast<const unsigned short*>(base + X_BYTES + W_BYTES + S_BYTES)[r * SB + at];
-                unpack8<4, BF16, FAST>(&p, s, b, h ? hi : lo);
+            for (int kk = 2 * q; kk < 2 * q + 2; ++kk)  // slab kk: 32 bytes into its atom-column's rows
+                wgmma<BM, BF16>(acc, a[kk], smem_desc(base + (kk / 4) * (BM * 128) + (kk % 4) * 32, 1024));
+            wgmma_commit();
+            if (q + 1 < BK / 32) {
+                wgmma_wait<3>();
+                unpack(base, q + 1, k0);
+            } else if (i + 1 < steps) {
+                wgmma_wait<3>();  // this step's chunk 0 and the whole previous step are done
+                arrive(i + 1);
+                unpack(smem + ((i + 1) % STAGES) * STAGE, 0, k0 + BK);
             }
-            // byte j of p holds values 8j + 2t, 8j + 2t + 1 of the chunk: slab 2q's (2t, 2t + 8)
-            // pairs are bytes 0 and 1, slab 2q + 1's bytes 2 and 3
-            a[2 * q][0] = lo[0]; a[2 * q][1] = hi[0]; a[2 * q][2] = lo[1]; a[2 * q][3] = hi[1];
-            a[2 * q + 1][0] = lo[2]; a[2 * q + 1][1] = hi[2]; a[2 * q + 1][2] = lo[3]; a[2 * q + 1][3] = hi[3];
         }
-        wgmma_fence();
-        acc_fence<BM / 2>(acc);
-        #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)  // slab kk: 32 bytes into its atom-column's rows
-            wgmma<BM, BF16>(acc, a[kk], smem_desc(base + (kk / 4) * (BM * 128) + (kk % 4) * 32, 1024));
-        wgmma_commit();
-        wgmma_wait<0>();  // before the next step's barrier frees this stage for a copy
-        acc_fence<BM / 2>(acc);
     }
+    wgmma_wait<0>();
+    acc_fence<BM / 2>(acc);
     O* dst = y + (long)blockIdx.z * M * N;
     #pragma unroll
     for (int j = 0; j < BM / 8; ++j)

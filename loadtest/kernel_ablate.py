@@ -3,6 +3,7 @@ out, on the device, at the 7B's shapes (a profile by ablation, for a GPU without
 
     python -m loadtest.kernel_ablate [--rows 1,64,128] [--shapes gate|up,down,qkv,o] [--brief]
                                      [--sweep qgemm|wgmma|both] [--against OLD_QGEMM.py]
+                                     [--against-wgmma OLD_QGEMM_WGMMA.py]
                                      (gpu_profile.sh: `ablate`)
 
 Each variant is engine/qgemm.py's, engine/qgemm_wgmma.py's, engine/qgemv.py's or
@@ -11,8 +12,8 @@ its time counts): `no-unpack` feeds the packed words to the arithmetic as they a
 / `no-dot` replaces the tensor-core op / the float dot product by one integer op,
 `no-convert` skips gemv's int-to-float conversion, `no-loads` stops the GEMMs' copies from
 global memory after the first stages (`no-loads-no-sync` also drops qgemm's per-step
-barrier), `no-fence` drops the wgmma kernel's proxy fence, `no-x-loads` gives qgemv constants
-for x. If taking a part out barely changes the time, that part is not what bounds it. qgemv
+barrier), `no-fence` drops the wgmma kernel's proxy fence, `serial` makes it wait for each
+chunk's wgmmas before unpacking the next, `no-x-loads` gives qgemv constants for x. If taking a part out barely changes the time, that part is not what bounds it. qgemv
 is timed at the settings of QGEMV_SWEEP, and its cuts apply to its direct kernel; `--sweep`
 adds QGEMM_SWEEP's and WGMMA_SWEEP's settings. Kernel times come from CUPTI through
 torch.profiler (the GPU machines ship torch), so host launch costs do not count.
@@ -73,7 +74,7 @@ GEMV_CUTS = {
 
 WGMMA_CUTS = {
     "no-fence": ("fence_async_smem();", ""),
-    "no-fence-wait1": ("fence_async_smem();", "", "wgmma_wait<0>();", "wgmma_wait<1>();"),
+    "serial": ("wgmma_wait<3>();", "wgmma_wait<0>();"),  # no unpacking under the wgmmas
     "no-unpack": ("unpack8<4, BF16, FAST>(&p, s, b, h ? hi : lo);",
                   "(h ? hi : lo)[0] = p; (h ? hi : lo)[1] = p ^ s; (h ? hi : lo)[2] = p ^ b; (h ? hi : lo)[3] = p + 1u;"),
     "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
@@ -123,18 +124,35 @@ def _call(kind: str, variant: str, layer, x):
 
 
 @functools.lru_cache(maxsize=None)
-def _previous_qgemm(path: str, smem: int):
-    """The qgemm kernel of another copy of engine/qgemm.py (say, the last commit's), launched
-    as this one is: the same template arguments and grid, so the file's SOURCE must take
-    them. For timing a rewrite against what it replaces in one process."""
+@functools.lru_cache(maxsize=None)
+def _module(path: str, name: str):
+    """Another copy of an engine module (say, the last commit's), loaded under its own name."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("previous_qgemm", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     old = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = old  # its dataclasses look their module up
     spec.loader.exec_module(old)
+    return old
+
+
+def _previous_qgemm(path: str, smem: int):
+    """The qgemm kernel of another copy of engine/qgemm.py, launched as this one is: the same
+    template arguments and grid, so the file's SOURCE must take them. For timing a rewrite
+    against what it replaces in one process."""
+    old = _module(path, "previous_qgemm")
     return cuda_kernel(name=f"prev_qgemm_{smem}", input_names=["x", "w", "scales", "biases"],
                        output_names=["y"], source=old.SOURCE, header=old.HEADER,
                        shared_memory=smem)
+
+
+def _previous_wgmma(path: str, layer, x):
+    """Another copy of engine/qgemm_wgmma.py's kernel, launched by that copy (its own
+    STAGES, shared memory and splits) under a kernel name of its own."""
+    old = _module(path, "previous_qgemm_wgmma")
+    build = functools.lru_cache(maxsize=None)(lambda smem: cuda_kernel(
+        name=f"prev_wgmma_{smem}", input_names=["x", "w", "scales", "biases"], output_names=["y"],
+        source=old.SOURCE, header=old.HEADER, shared_memory=smem))
+    return old.kernel_output(layer, x, build=build)
 
 
 def kernel_us(fn, reps: int = 21) -> float:
@@ -182,8 +200,8 @@ QGEMM_SWEEP = (
 
 # engine/qgemm_wgmma.py settings: ring depth, and K splits aimed at more blocks.
 WGMMA_SWEEP = (
-    ("S2", {"STAGES": 2}),
-    ("S4", {"STAGES": 4}),
+    ("S3", {"STAGES": 3}),
+    ("S5", {"STAGES": 5}),
     ("T528", {"TARGET_BLOCKS": 528}),
 )
 
@@ -201,6 +219,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", choices=("qgemm", "wgmma", "both"),
                     help="also the settings of QGEMM_SWEEP and/or WGMMA_SWEEP")
     ap.add_argument("--against", help="another engine/qgemm.py whose kernel is timed beside this one's")
+    ap.add_argument("--against-wgmma", help="another engine/qgemm_wgmma.py, timed beside this one")
     a = ap.parse_args(argv)
     for name in a.shapes.split(","):
         k, n = SHAPES[name]
@@ -249,6 +268,9 @@ def main(argv=None) -> None:
                     with setting(qgemm_wgmma, attrs):
                         us = kernel_us(lambda i: qgemm_wgmma.kernel_output(layers[i % COPIES], x))
                     line.append(f"wgmma{' ' + label if label else ''} {us:7.1f} ({mb / us:.2f} TB/s)")
+                if a.against_wgmma:
+                    us = kernel_us(lambda i: _previous_wgmma(a.against_wgmma, layers[i % COPIES], x))
+                    line.append(f"wgmma {a.against_wgmma} {us:7.1f}")
                 for v in () if a.brief else tuple(WGMMA_CUTS):
                     us = kernel_us(lambda i: qgemm_wgmma.kernel_output(
                         layers[i % COPIES], x, build=lambda smem: _kernel("wgmma", v, smem)))

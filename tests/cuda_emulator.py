@@ -550,14 +550,20 @@ def run_qgemm(workdir: Path) -> list[tuple[str, float]]:
 # 16w..16w+15) and B, read from shared memory through the descriptor: K-major, 128-byte
 # swizzle (rows 128 bytes apart from the start address, SBO between 8-row atoms, the 16-byte
 # chunk bits 4-6 of each address XOR-ed with its bits 7-9; PTX ISA "Matrix Descriptor
-# Format" and "Shared Memory Matrix Layout"). The async parts (fences, commit, wait) are
-# no-ops: outputs are ready when the call returns.
+# Format" and "Shared Memory Matrix Layout"). Asynchrony as late as the PTX rules allow: a
+# wgmma only records its accumulator, A registers and descriptor; commit closes a group, and
+# wait_group N runs the oldest groups until N are left, reading the A registers and shared
+# memory then. So a kernel that rewrites a pending wgmma's A registers, or refills its stage
+# of the ring, before waiting for it gets wrong outputs here, as it may on the GPU.
 WGMMA_PRELUDE = r"""
     alignas(1024) unsigned char smem[1 << 18];
     inline unsigned long long __cvta_generic_to_shared(const void* p) { return (const unsigned char*)p - smem; }
     unsigned wg_a[1024][4]; unsigned long long wg_desc[1024];
-    template <int N, bool BF16> void wgmma(float* d, const unsigned* a, unsigned long long desc) {
-      static_assert(BF16, "the emulation stores bf16 only");
+    struct WgOp { float* d; const unsigned* a; unsigned long long desc; int n; };
+    thread_local std::vector<WgOp> wg_open;
+    thread_local std::vector<std::vector<WgOp>> wg_groups;
+    void wgmma_run(const WgOp& op) {
+      float* d = op.d; const unsigned* a = op.a; const unsigned long long desc = op.desc; const int N = op.n;
       const int tid = threadIdx.x, wg = tid / 128;
       for (int i = 0; i < 4; ++i) wg_a[tid][i] = a[i];
       wg_desc[tid] = desc;
@@ -585,9 +591,18 @@ WGMMA_PRELUDE = r"""
         }
       block_bar->arrive_and_wait();
     }
+    template <int N, bool BF16> void wgmma(float* d, const unsigned* a, unsigned long long desc) {
+      static_assert(BF16, "the emulation stores bf16 only");
+      wg_open.push_back({d, a, desc, N});
+    }
     inline void wgmma_fence() {}
-    inline void wgmma_commit() {}
-    template <int N> void wgmma_wait() {}
+    inline void wgmma_commit() { wg_groups.push_back(wg_open); wg_open.clear(); }
+    template <int N> void wgmma_wait() {  // the whole block waits alike, so its barriers meet
+      while (wg_groups.size() > N) {
+        for (const WgOp& op : wg_groups.front()) wgmma_run(op);
+        wg_groups.erase(wg_groups.begin());
+      }
+    }
     template <int N> void acc_fence(float*) {}
     inline void fence_async_smem() {}
     """

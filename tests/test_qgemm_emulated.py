@@ -75,6 +75,10 @@ WGMMA_BROKEN = [
     ("(x_ok[i] ? m0 + xr + i * X_RSTEP : 0)", "(x_ok[i] ? xr + i * X_RSTEP : 0)"),  # second row tile re-reads the first
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
     ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
+    # the pipelining: a pending wgmma's A registers or stage rewritten, the last group not waited for
+    ("wgmma_wait<3>();\n                unpack(", "wgmma_wait<4>();\n                unpack("),
+    ("wgmma_wait<3>();  // this step's", "wgmma_wait<4>();  // this step's"),
+    ("    wgmma_wait<0>();\n    acc_fence", "    wgmma_wait<1>();\n    acc_fence"),
 ]
 
 
