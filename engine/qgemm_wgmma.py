@@ -9,7 +9,7 @@ shared memory, so the tensor cores read x themselves and the warps only unpack w
 
 A block is two warpgroups (eight warps, 256 threads) and owns FEAT = 128 output features (64,
 the wgmma's M, a warpgroup) of BM = 64 or 128 rows (its N); both warpgroups read the block's
-one copy of x. A cp.async ring (STAGES deep, as in qgemm.py) stages each BK = 128-wide K step:
+one copy of x. A cp.async ring (STAGES_BY_ROWS deep, as in qgemm.py) stages each BK = 128-wide K step:
 x in wgmma's K-major 128-byte swizzle (rows of 64 values, their 16-byte chunks XOR-ed with the
 row mod 8, so the copies are whole 256-byte row runs and their shared-memory stores hit 8
 distinct bank groups), the packed weights row by row, and their scales and biases. Warp w
@@ -38,10 +38,18 @@ from engine.kernel_source import cuda_kernel
 
 MIN_ROWS = 33     # fewer rows: qgemm.py's mma.sync kernel (as fast as bf16's GEMM there)
 MAX_ROWS = 128
-FEAT = 128        # output features per block: two warpgroups of the wgmma's M = 64
+# Output features per block: warpgroups of the wgmma's M = 64. Four for the widest layers
+# (gate|up), so each copy of x in shared memory serves 256 features rather than 128: x is
+# most of what a block reads (a 128-row step: 32 KB of x against 8 KB of weights a 128
+# features), and at 128 features gate|up's blocks read 224 MB of x from L2 for 66 MB of weights.
+WIDE_MIN_FEATURES = 16384
+SMS = 132         # an H100's / H200's SMs: K splits aim at whole waves of blocks
 BK = qgemm.BK     # input features per pipeline step: 8 slabs of 16
-STAGES = 4        # the ring: a step being read, one landing, two in flight (see SOURCE)
-TARGET_BLOCKS = 264   # K splits until the grid has about this many blocks (two per H200 SM)
+# The ring's depth by block height: a step being read, one landing, the rest in flight (see
+# SOURCE). H200, gate|up (eighteenth session): 64 rows 61.6 us at 3 against 73.5 at 4 (more
+# blocks fit an SM); 128 rows 95.7 at 4 against 97.9 at 3 and 96.2 at 5.
+STAGES_BY_ROWS = {64: 3, 128: 4}
+TARGET_BLOCKS = 0     # K splits until the grid has about this many blocks (0: a wave, see target_blocks)
 MIN_STEPS_PER_SPLIT = 8
 
 
@@ -105,7 +113,11 @@ HEADER = qgemm.HEADER + "".join(_wgmma(n, b) for n in (64, 128) for b in (True, 
 # (FEAT rows of BK / 2 bytes), their scales and biases (SB a row, aligned down as in
 # qgemm.py). Rows past M read row 0 with zero-fill; features past N, the weights' first row.
 SOURCE = r"""
-    constexpr int FEAT = 128, THREADS = 256, W_ROW = BK / 2;
+    constexpr int FEAT = 64 * WG, THREADS = 128 * WG, W_ROW = BK / 2;
+    // Chunks whose A registers are held: all four of a step (two warpgroups) or two (four
+    // warpgroups, whose registers would not fit an SM otherwise; the other warpgroups' wgmmas
+    // keep the tensor cores busy while one waits).
+    constexpr int CB = WG == 2 ? 4 : 2;
     constexpr int SB = BK / GS < 2 ? 2 : BK / GS;
     constexpr int X_BYTES = BM * BK * 2, W_BYTES = FEAT * W_ROW, S_BYTES = FEAT * SB * 2;
     constexpr int STAGE = (X_BYTES + W_BYTES + 2 * S_BYTES + 1023) / 1024 * 1024;
@@ -158,9 +170,9 @@ SOURCE = r"""
     };
     const int r0 = 16 * warp + g;               // the lane's features: A's rows g and g + 8
     const unsigned sel = t | ((t + 4) << 4);    // byte t of two words
-    unsigned a[BK / 16][4];  // A of each 16-value slab of a step
+    unsigned a[2 * CB][4];  // A of 16-value slabs: chunk q's two in a[2 (q % CB)], a[2 (q % CB) + 1]
     // Chunk q (32 values, one 16-byte piece of each weight row) of the step in `base` into the
-    // A registers of slabs 2q and 2q + 1.
+    // A registers of its slabs 2q and 2q + 1.
     auto unpack = [&](const unsigned char* base, int q, int k0) {
         unsigned lo[4], hi[4];
         #pragma unroll
@@ -175,8 +187,10 @@ SOURCE = r"""
         }
         // byte j of p holds values 8j + 2t, 8j + 2t + 1 of the chunk: slab 2q's (2t, 2t + 8)
         // pairs are bytes 0 and 1, slab 2q + 1's bytes 2 and 3
-        a[2 * q][0] = lo[0]; a[2 * q][1] = hi[0]; a[2 * q][2] = lo[1]; a[2 * q][3] = hi[1];
-        a[2 * q + 1][0] = lo[2]; a[2 * q + 1][1] = hi[2]; a[2 * q + 1][2] = lo[3]; a[2 * q + 1][3] = hi[3];
+        unsigned* a0 = a[2 * (q % CB)];
+        unsigned* a1 = a[2 * (q % CB) + 1];
+        a0[0] = lo[0]; a0[1] = hi[0]; a0[2] = lo[1]; a0[3] = hi[1];
+        a1[0] = lo[2]; a1[1] = hi[2]; a1[2] = lo[3]; a1[3] = hi[3];
     };
     // Step i's data is waited for (cp.async), made visible to the tensor cores, and shared by
     // the barrier, which also frees the stage of step i - 2 (every thread has waited for its
@@ -199,10 +213,10 @@ SOURCE = r"""
         unpack(smem, 0, k_begin);
     }
     acc_fence<BM / 2>(acc);
-    // The unpacking of each chunk overlaps the wgmmas of the one before: chunk q's two slabs are
-    // one wgmma group, and before chunk q + 1's registers are written again, the group that
-    // last read them (the previous step's, three groups back) has finished (wait_group 3), as
-    // CUTLASS's register-A mainloops do. (Unpacking a whole step before its wgmmas and waiting
+    // The unpacking of each chunk overlaps the wgmmas of the ones before: chunk q's two slabs
+    // are one wgmma group, and before chunk q + 1's registers are written again, the group that
+    // last read them (CB chunks back) has finished (wait_group CB - 1), as CUTLASS's
+    // register-A mainloops do. (Unpacking a whole step before its wgmmas and waiting
     // for them all left the tensor cores idle through the unpacking: seventeenth session.)
     for (int i = 0; i < steps; ++i) {
         const int k0 = k_begin + i * BK;
@@ -212,13 +226,13 @@ SOURCE = r"""
             wgmma_fence();
             #pragma unroll
             for (int kk = 2 * q; kk < 2 * q + 2; ++kk)  // slab kk: 32 bytes into its atom-column's rows
-                wgmma<BM, BF16>(acc, a[kk], smem_desc(base + (kk / 4) * (BM * 128) + (kk % 4) * 32, 1024));
+                wgmma<BM, BF16>(acc, a[kk % (2 * CB)], smem_desc(base + (kk / 4) * (BM * 128) + (kk % 4) * 32, 1024));
             wgmma_commit();
             if (q + 1 < BK / 32) {
-                wgmma_wait<3>();
+                wgmma_wait<CB - 1>();
                 unpack(base, q + 1, k0);
             } else if (i + 1 < steps) {
-                wgmma_wait<3>();  // this step's chunk 0 and the whole previous step are done
+                wgmma_wait<CB - 1>();  // this step's first chunks and the whole previous step are done
                 arrive(i + 1);
                 unpack(smem + ((i + 1) % STAGES) * STAGE, 0, k0 + BK);
             }
@@ -243,17 +257,31 @@ def block_rows(m: int) -> int:
     return 64 if m <= 64 else 128
 
 
-def num_splits(m: int, n: int, k: int) -> int:
+def warpgroups(n: int) -> int:
+    """Warpgroups a block (64 features each) for a layer of n output features."""
+    return 4 if n >= WIDE_MIN_FEATURES else 2
+
+
+def target_blocks(smem: int) -> int:
+    """Blocks in one wave: an SM holds one or two of these blocks, as their shared memory
+    allows (228 KB an SM, 1 KB of it reserved a block)."""
+    return TARGET_BLOCKS or SMS * max(1, min(2, 228 * 1024 // (smem + 1024)))
+
+
+def num_splits(m: int, n: int, k: int, group_size: int = 64) -> int:
     """A power of two dividing the K steps evenly, as qgemm.num_splits for this block shape."""
-    return qgemm.even_splits(-(-m // block_rows(m)) * -(-n // FEAT), k // BK, TARGET_BLOCKS,
+    bm = block_rows(m)
+    tiles = -(-m // bm) * -(-n // (64 * warpgroups(n)))
+    return qgemm.even_splits(tiles, k // BK, target_blocks(shared_bytes(bm, group_size, n)),
                              MIN_STEPS_PER_SPLIT)
 
 
-def shared_bytes(rows: int, group_size: int) -> int:
-    """Dynamic shared memory: STAGES stages of x, weights, scales and biases, each rounded up
-    to 1,024 bytes (the swizzle atoms' alignment)."""
-    sb = max(2, BK // group_size)
-    return STAGES * (-(-(rows * BK * 2 + FEAT * BK // 2 + 2 * FEAT * sb * 2) // 1024) * 1024)
+def shared_bytes(rows: int, group_size: int, n: int) -> int:
+    """Dynamic shared memory for blocks of `rows` rows of a layer of n features: the ring's
+    stages of x, weights, scales and biases, each rounded up to 1,024 bytes (the swizzle
+    atoms' alignment)."""
+    sb, feat = max(2, BK // group_size), 64 * warpgroups(n)
+    return STAGES_BY_ROWS[rows] * (-(-(rows * BK * 2 + feat * BK // 2 + 2 * feat * sb * 2) // 1024) * 1024)
 
 
 @functools.lru_cache(maxsize=None)
@@ -281,15 +309,15 @@ def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
-    bm = block_rows(m)
-    splits = splits or num_splits(m, n, k)
+    bm, wg = block_rows(m), warpgroups(n)
+    splits = splits or num_splits(m, n, k, layer.group_size)
     out = x.dtype if splits == 1 else mx.float32
-    return (build or _kernel)(shared_bytes(bm, layer.group_size))(
+    return (build or _kernel)(shared_bytes(bm, layer.group_size, n))(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("GS", layer.group_size),
                   ("BF16", x.dtype == mx.bfloat16), ("BM", bm), ("BK", BK),
-                  ("STAGES", STAGES), ("FAST", qgemm.FAST_DEQUANT)],
-        grid=(-(-n // FEAT) * 256, -(-m // bm), splits), threadgroup=(256, 1, 1),
+                  ("STAGES", STAGES_BY_ROWS[bm]), ("FAST", qgemm.FAST_DEQUANT), ("WG", wg)],
+        grid=(-(-n // (64 * wg)) * 128 * wg, -(-m // bm), splits), threadgroup=(128 * wg, 1, 1),
         output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
 
 

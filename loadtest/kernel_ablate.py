@@ -200,9 +200,10 @@ QGEMM_SWEEP = (
 
 # engine/qgemm_wgmma.py settings: ring depth, and K splits aimed at more blocks.
 WGMMA_SWEEP = (
-    ("S3", {"STAGES": 3}),
-    ("S5", {"STAGES": 5}),
-    ("T528", {"TARGET_BLOCKS": 528}),
+    ("WG2", {"WIDE_MIN_FEATURES": 1 << 30}),
+    ("WG4", {"WIDE_MIN_FEATURES": 0}),
+    ("S3", {"STAGES_BY_ROWS": {64: 3, 128: 3}}),
+    ("T264", {"TARGET_BLOCKS": 264}),
 )
 
 

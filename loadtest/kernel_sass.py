@@ -243,8 +243,13 @@ def _launch_qgemm():
 def _launch_qgemm_wgmma():
     from engine import qgemm_wgmma
     layer = _quantized(4096, 512, 4)
-    for m in (64, 128):
-        qgemm_wgmma.kernel_output(layer, mx.zeros((m, 4096), mx.bfloat16), splits=1)
+    wide = qgemm_wgmma.WIDE_MIN_FEATURES
+    try:  # both block widths, on a narrow layer
+        for qgemm_wgmma.WIDE_MIN_FEATURES in (wide, 512):
+            for m in (64, 128):
+                qgemm_wgmma.kernel_output(layer, mx.zeros((m, 4096), mx.bfloat16), splits=1)
+    finally:
+        qgemm_wgmma.WIDE_MIN_FEATURES = wide
 
 
 def _launch_qgemv():

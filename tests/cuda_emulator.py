@@ -615,33 +615,36 @@ def qgemm_wgmma_source() -> str:
     from engine import qgemm, qgemm_wgmma
     src = qgemm_wgmma.SOURCE.replace("extern __shared__ __align__(1024) unsigned char smem[];", "")
     assert src != qgemm_wgmma.SOURCE
-    consts = f"constexpr int BK = {qgemm_wgmma.BK}, STAGES = {qgemm_wgmma.STAGES};\n"
+    depth = qgemm_wgmma.STAGES_BY_ROWS
+    consts = (f"constexpr int BK = {qgemm_wgmma.BK};\n"
+              f"constexpr int stages(int bm) {{ return bm <= 64 ? {depth[64]} : {depth[128]}; }}\n")
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + WGMMA_PRELUDE + QUANT_PROBLEM + \
         qgemm.UNPACK + qgemm_wgmma.DESC + consts + r"""
-    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST>
+    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM)>
     void qw(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
             const T* biases, O* y) { """ + src + r""" }
     std::mt19937 rng(11);
-    template <int K, int GS, int BM> void wgmma_case(int M, int N, int S = 1) {
+    template <int K, int GS, int BM, int WG = 2> void wgmma_case(int M, int N, int S = 1) {
       QuantProblem p(rng, M, N, K, 4, GS);
       std::vector<float> parts((long)S * M * N, NAN);
       int xs[2] = {M, K}, ws[2] = {N, K / 8};
-      const int gx = (N + 127) / 128, gy = (M + BM - 1) / BM;
+      const int gx = (N + 64 * WG - 1) / (64 * WG), gy = (M + BM - 1) / BM;
       for (int bz = 0; bz < S; ++bz)
         for (int by = 0; by < gy; ++by) {
           if (S == 1)
-            launch(gx, 256, [&, by] { blockIdx.y = by; qw<bf, bf, K, GS, true, BM, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
+            launch(gx, 128 * WG, [&, by] { blockIdx.y = by; qw<bf, bf, K, GS, true, BM, true, WG>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
           else
-            launch(gx, 256, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qw<bf, float, K, GS, true, BM, true>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
+            launch(gx, 128 * WG, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qw<bf, float, K, GS, true, BM, true, WG>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
         }
       if (S > 1)
         for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; p.y[i] = bf(v); }
-      printf("wgmma BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", BM, K, GS, M, N, S, p.rel_err());
+      printf("wgmma WG %d BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", WG, BM, K, GS, M, N, S, p.rel_err());
     }
     int main() {
       wgmma_case<512, 64, 64>(40, 72); wgmma_case<256, 32, 128>(100, 200);
       wgmma_case<384, 128, 128>(128, 136); wgmma_case<1024, 64, 64>(64, 64, 2);
       wgmma_case<512, 128, 128>(70, 8, 4); wgmma_case<256, 64, 64>(100, 64);  // two row tiles
+      wgmma_case<512, 64, 128, 4>(100, 300); wgmma_case<1024, 32, 64, 4>(40, 256, 2);  // four warpgroups
     }
     """
 

@@ -56,7 +56,8 @@ def test_emulation_catches_broken_bookkeeping(tmp_path):
 
 def test_wgmma_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemm_wgmma(tmp_path)
-    assert len(results) == 6 and {c.split("BM ")[1].split()[0] for c, _ in results} == {"64", "128"}
+    assert len(results) == 8 and {c.split("BM ")[1].split()[0] for c, _ in results} == {"64", "128"}
+    assert {c.split("WG ")[1].split()[0] for c, _ in results} == {"2", "4"}
     assert {c.split("splits ")[1] for c, _ in results} == {"1", "2", "4"}
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
@@ -68,16 +69,16 @@ WGMMA_BROKEN = [
     ("(kk / 4) * (BM * 128)", "(kk % 2) * (BM * 128)"),         # the wrong atom-column
     ("const int r0 = 16 * warp + g;", "const int r0 = 16 * (warp % 4) + g;"),  # both warpgroups on features 0-63
     ("const unsigned sel = t | ((t + 4) << 4);", "const unsigned sel = 0x40;"),  # every lane takes byte 0
-    ("a[2 * q][1] = hi[0];", "a[2 * q][1] = lo[0];"),          # features g + 8 from g
-    ("a[2 * q + 1][0] = lo[2];", "a[2 * q + 1][0] = lo[0];"),  # slab 2q + 1 from slab 2q
+    ("a0[1] = hi[0];", "a0[1] = lo[0];"),                      # features g + 8 from g
+    ("a1[0] = lo[2];", "a1[0] = lo[0];"),                      # slab 2q + 1 from slab 2q
     ("+ 32 * q / GS;", ";"),                                   # one scale for the whole step
     ("const int col = n0 + r0 + (e >> 1) * 8;", "const int col = n0 + r0;"),  # rows g + 8 stored as g
     ("(x_ok[i] ? m0 + xr + i * X_RSTEP : 0)", "(x_ok[i] ? xr + i * X_RSTEP : 0)"),  # second row tile re-reads the first
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
     ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
     # the pipelining: a pending wgmma's A registers or stage rewritten, the last group not waited for
-    ("wgmma_wait<3>();\n                unpack(", "wgmma_wait<4>();\n                unpack("),
-    ("wgmma_wait<3>();  // this step's", "wgmma_wait<4>();  // this step's"),
+    ("wgmma_wait<CB - 1>();\n                unpack(", "wgmma_wait<CB>();\n                unpack("),
+    ("wgmma_wait<CB - 1>();  // this step's", "wgmma_wait<CB>();  // this step's"),
     ("    wgmma_wait<0>();\n    acc_fence", "    wgmma_wait<1>();\n    acc_fence"),
 ]
 
