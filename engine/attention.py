@@ -204,7 +204,11 @@ def rope_store_kernel_matches(n_heads: int, kv_heads: int, head_dim: int, block_
         if not mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=tol, rtol=tol):
             return False
         for a, b in zip(one, two):
-            if not np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))):
+            # The two kernels rotate K with the same formula, but the compiler may contract
+            # it into FMAs differently in each: float32 rows then differ in the last bit
+            # (H200: 2.4e-7 at most), 16-bit ones round to the same values.
+            a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+            if not (np.allclose(a, b, rtol=1e-6, atol=1e-6) if dtype == mx.float32 else np.array_equal(a, b)):
                 return False
     return True
 

@@ -317,26 +317,30 @@ _RING_SLOTS = r"""    extern __shared__ __align__(16) unsigned char smem[];
     const int first = lo + warp * TILE;  // the warp's tiles: first + it * STEP, while <= hi
     const int tiles = first <= hi ? (hi - first) / STEP + 1 : 0;
 """
-# v3's and v4's copy of a warp's tile `it` (16 keys' K rows, then their V rows, whose pool
-# offsets lanes j and j + 16 share by a shuffle) into its ring slot, and the first
-# STAGES - 1 tiles started. A leaner form (each key's 32-bit pool row shuffled once for its K
-# and V rows: 334 instead of 410 SASS instructions a v4 tile) timed within 1% of this one on
-# an H200 (74.7 vs 75.2-75.8 us a layer) and failed the float32 ROPE check there, so it was
-# taken out again (loadtest/RESULTS.md, eighteenth session).
+# v3's and v4's copy of a warp's tile `it` (16 keys' K rows, then their V rows) into its ring
+# slot, and the first STAGES - 1 tiles started. Each key's pool row is shuffled to the lanes
+# that copy it once, as a 32-bit index, for both its K and V rows (it was a 64-bit offset per
+# 16-byte copy: 32 shuffles a tile instead of 8; sm_90a SASS, seventeenth session).
 _RING_ISSUE = r"""    // Copy the warp's tile `it` into its ring slot (keys past hi: zeros); one commit group
     // per call, a tile or not, so that waiting for "all but the last STAGES - 1" is exact.
+    // Lane j (and j + 16) looks up key j's pool row; a lane copies chunk lane % CH of keys
+    // lane / CH, + 32 / CH, ...: each key's K row and V row from one shuffled row index.
+    static_assert(32 % CH == 0, "a warp copies whole rows at a time");
+    const int copy_at = (lane / CH) * RS + (lane % CH) * VEC;  // in a slot, for key lane / CH
+    const long copy_from = (long)g * D + (lane % CH) * VEC;     // in a pool row
     auto issue = [&](int it) {
         const int t0 = first + it * STEP;
         if (it < tiles) {
             const int p = min(t0 + j, hi);
-            const long off = (((long)table[p / BS - first_block] * BS + p % BS) * KVH + g) * D;
-            T* slot = ring + (it % STAGES) * SLOT;
+            const int row = table[p / BS - first_block] * BS + p % BS;
+            T* slot = ring + (it % STAGES) * SLOT + copy_at;
             #pragma unroll
-            for (int i = 0; i < 2 * TILE * CH / 32; ++i) {
-                const int r = (lane + 32 * i) / CH, c = (lane + 32 * i) % CH;  // row r: key r % TILE
-                const long src = __shfl_sync(0xffffffff, off, r % TILE);
-                cp_async<16>(slot + r * RS + c * VEC, (r < TILE ? k_pool : v_pool) + src + c * VEC,
-                             t0 + r % TILE <= hi);
+            for (int i = 0; i < TILE * CH / 32; ++i) {
+                const int r = lane / CH + 32 / CH * i;  // the key, < TILE
+                const long src = (long)__shfl_sync(0xffffffff, row, r) * (KVH * D) + copy_from;
+                const bool ok = t0 + r <= hi;
+                cp_async<16>(slot + 32 / CH * i * RS, k_pool + src, ok);
+                cp_async<16>(slot + (TILE + 32 / CH * i) * RS, v_pool + src, ok);
             }
         }
         cp_async_commit();

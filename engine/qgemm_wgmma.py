@@ -9,7 +9,7 @@ shared memory, so the tensor cores read x themselves and the warps only unpack w
 
 A block is two warpgroups (eight warps, 256 threads) and owns FEAT = 128 output features (64,
 the wgmma's M, a warpgroup) of BM = 64 or 128 rows (its N); both warpgroups read the block's
-one copy of x. A cp.async ring (STAGES_BY_ROWS deep, as in qgemm.py) stages each BK = 128-wide K step:
+one copy of x. A cp.async ring (STAGES deep, as in qgemm.py) stages each BK = 128-wide K step:
 x in wgmma's K-major 128-byte swizzle (rows of 64 values, their 16-byte chunks XOR-ed with the
 row mod 8, so the copies are whole 256-byte row runs and their shared-memory stores hit 8
 distinct bank groups), the packed weights row by row, and their scales and biases. Warp w
@@ -38,17 +38,20 @@ from engine.kernel_source import cuda_kernel
 
 MIN_ROWS = 33     # fewer rows: qgemm.py's mma.sync kernel (as fast as bf16's GEMM there)
 MAX_ROWS = 128
-# Output features per block: warpgroups of the wgmma's M = 64. Four for the widest layers
-# (gate|up), so each copy of x in shared memory serves 256 features rather than 128: x is
-# most of what a block reads (a 128-row step: 32 KB of x against 8 KB of weights a 128
-# features), and at 128 features gate|up's blocks read 224 MB of x from L2 for 66 MB of weights.
+# Output features per block: warpgroups of the wgmma's M = 64. Four for 128-row blocks of the
+# widest layers (gate|up), so each copy of x in shared memory serves 256 features rather than
+# 128: x is most of what a block reads (a 128-row step: 32 KB of x against 8 KB of weights a
+# 128 features), and at 128 features gate|up's blocks read 224 MB of x from L2 for 66 MB of
+# weights. H200 (eighteenth session), gate|up at 128 rows: 81.3 us against 96.5 with two; at
+# 64 rows four were slower (67.2 against 62.2), and so were they for narrower layers.
 WIDE_MIN_FEATURES = 16384
 SMS = 132         # an H100's / H200's SMs: K splits aim at whole waves of blocks
 BK = qgemm.BK     # input features per pipeline step: 8 slabs of 16
-# The ring's depth by block height: a step being read, one landing, the rest in flight (see
-# SOURCE). H200, gate|up (eighteenth session): 64 rows 61.6 us at 3 against 73.5 at 4 (more
-# blocks fit an SM); 128 rows 95.7 at 4 against 97.9 at 3 and 96.2 at 5.
-STAGES_BY_ROWS = {64: 3, 128: 4}
+# The ring's depth by (block rows, warpgroups): a step being read, one landing, the rest in
+# flight (see SOURCE). H200, gate|up (eighteenth session): 64 rows 61.6 us at 3 against 73.5
+# at 4 (more blocks fit an SM); 128 rows, two warpgroups, 95.7 at 4 against 97.9 at 3 and
+# 96.2 at 5; four warpgroups, 81.3 at 3 against 90.4 at 4.
+STAGES = {(64, 2): 3, (128, 2): 4, (128, 4): 3}
 TARGET_BLOCKS = 0     # K splits until the grid has about this many blocks (0: a wave, see target_blocks)
 MIN_STEPS_PER_SPLIT = 8
 
@@ -257,9 +260,9 @@ def block_rows(m: int) -> int:
     return 64 if m <= 64 else 128
 
 
-def warpgroups(n: int) -> int:
-    """Warpgroups a block (64 features each) for a layer of n output features."""
-    return 4 if n >= WIDE_MIN_FEATURES else 2
+def warpgroups(m: int, n: int) -> int:
+    """Warpgroups a block (64 features each) for m rows of a layer of n output features."""
+    return 4 if block_rows(m) == 128 and n >= WIDE_MIN_FEATURES else 2
 
 
 def target_blocks(smem: int) -> int:
@@ -271,17 +274,17 @@ def target_blocks(smem: int) -> int:
 def num_splits(m: int, n: int, k: int, group_size: int = 64) -> int:
     """A power of two dividing the K steps evenly, as qgemm.num_splits for this block shape."""
     bm = block_rows(m)
-    tiles = -(-m // bm) * -(-n // (64 * warpgroups(n)))
-    return qgemm.even_splits(tiles, k // BK, target_blocks(shared_bytes(bm, group_size, n)),
+    tiles = -(-m // bm) * -(-n // (64 * warpgroups(m, n)))
+    return qgemm.even_splits(tiles, k // BK, target_blocks(shared_bytes(m, n, group_size)),
                              MIN_STEPS_PER_SPLIT)
 
 
-def shared_bytes(rows: int, group_size: int, n: int) -> int:
-    """Dynamic shared memory for blocks of `rows` rows of a layer of n features: the ring's
-    stages of x, weights, scales and biases, each rounded up to 1,024 bytes (the swizzle
-    atoms' alignment)."""
-    sb, feat = max(2, BK // group_size), 64 * warpgroups(n)
-    return STAGES_BY_ROWS[rows] * (-(-(rows * BK * 2 + feat * BK // 2 + 2 * feat * sb * 2) // 1024) * 1024)
+def shared_bytes(m: int, n: int, group_size: int) -> int:
+    """Dynamic shared memory for m rows of a layer of n features: the ring's stages of x,
+    weights, scales and biases, each rounded up to 1,024 bytes (the swizzle atoms' alignment)."""
+    rows, wg = block_rows(m), warpgroups(m, n)
+    sb, feat = max(2, BK // group_size), 64 * wg
+    return STAGES[rows, wg] * (-(-(rows * BK * 2 + feat * BK // 2 + 2 * feat * sb * 2) // 1024) * 1024)
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,14 +312,14 @@ def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
-    bm, wg = block_rows(m), warpgroups(n)
+    bm, wg = block_rows(m), warpgroups(m, n)
     splits = splits or num_splits(m, n, k, layer.group_size)
     out = x.dtype if splits == 1 else mx.float32
-    return (build or _kernel)(shared_bytes(bm, layer.group_size, n))(
+    return (build or _kernel)(shared_bytes(m, n, layer.group_size))(
         inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
         template=[("T", x.dtype), ("O", out), ("K", k), ("GS", layer.group_size),
                   ("BF16", x.dtype == mx.bfloat16), ("BM", bm), ("BK", BK),
-                  ("STAGES", STAGES_BY_ROWS[bm]), ("FAST", qgemm.FAST_DEQUANT), ("WG", wg)],
+                  ("STAGES", STAGES[bm, wg]), ("FAST", qgemm.FAST_DEQUANT), ("WG", wg)],
         grid=(-(-n // (64 * wg)) * 128 * wg, -(-m // bm), splits), threadgroup=(128 * wg, 1, 1),
         output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
 

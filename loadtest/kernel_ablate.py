@@ -201,8 +201,7 @@ QGEMM_SWEEP = (
 # engine/qgemm_wgmma.py settings: ring depth, and K splits aimed at more blocks.
 WGMMA_SWEEP = (
     ("WG2", {"WIDE_MIN_FEATURES": 1 << 30}),
-    ("WG4", {"WIDE_MIN_FEATURES": 0}),
-    ("S3", {"STAGES_BY_ROWS": {64: 3, 128: 3}}),
+    ("S4", {"STAGES": {(64, 2): 3, (128, 2): 4, (128, 4): 4}}),
     ("T264", {"TARGET_BLOCKS": 264}),
 )
 

@@ -244,7 +244,7 @@ def _launch_qgemm_wgmma():
     from engine import qgemm_wgmma
     layer = _quantized(4096, 512, 4)
     wide = qgemm_wgmma.WIDE_MIN_FEATURES
-    try:  # both block widths, on a narrow layer
+    try:  # both block widths (four warpgroups at 128 rows only), on a narrow layer
         for qgemm_wgmma.WIDE_MIN_FEATURES in (wide, 512):
             for m in (64, 128):
                 qgemm_wgmma.kernel_output(layer, mx.zeros((m, 4096), mx.bfloat16), splits=1)

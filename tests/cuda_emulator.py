@@ -615,12 +615,12 @@ def qgemm_wgmma_source() -> str:
     from engine import qgemm, qgemm_wgmma
     src = qgemm_wgmma.SOURCE.replace("extern __shared__ __align__(1024) unsigned char smem[];", "")
     assert src != qgemm_wgmma.SOURCE
-    depth = qgemm_wgmma.STAGES_BY_ROWS
+    depth = " : ".join(f"bm == {bm} && wg == {wg} ? {n}" for (bm, wg), n in qgemm_wgmma.STAGES.items())
     consts = (f"constexpr int BK = {qgemm_wgmma.BK};\n"
-              f"constexpr int stages(int bm) {{ return bm <= 64 ? {depth[64]} : {depth[128]}; }}\n")
+              f"constexpr int stages(int bm, int wg) {{ return {depth} : 0; }}\n")
     return PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + WGMMA_PRELUDE + QUANT_PROBLEM + \
         qgemm.UNPACK + qgemm_wgmma.DESC + consts + r"""
-    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM)>
+    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG)>
     void qw(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
             const T* biases, O* y) { """ + src + r""" }
     std::mt19937 rng(11);
@@ -644,7 +644,7 @@ def qgemm_wgmma_source() -> str:
       wgmma_case<512, 64, 64>(40, 72); wgmma_case<256, 32, 128>(100, 200);
       wgmma_case<384, 128, 128>(128, 136); wgmma_case<1024, 64, 64>(64, 64, 2);
       wgmma_case<512, 128, 128>(70, 8, 4); wgmma_case<256, 64, 64>(100, 64);  // two row tiles
-      wgmma_case<512, 64, 128, 4>(100, 300); wgmma_case<1024, 32, 64, 4>(40, 256, 2);  // four warpgroups
+      wgmma_case<512, 64, 128, 4>(100, 300); wgmma_case<1024, 32, 128, 4>(70, 256, 2);  // four warpgroups
     }
     """
 

@@ -54,9 +54,9 @@ def test_emulation_catches_broken_staged_kernels_and_tile_copies(tmp_path):
         ("const bool valid = first + it * STEP + j <= hi;", "const bool valid = true;"),  # keys past hi
         ("const T* ks = ring + (it % STAGES) * SLOT;", "const T* ks = ring;"),  # always slot 0
         # the ring copy v3 and v4 share (_RING_ISSUE, filled into both bodies)
-        ("(r < TILE ? k_pool : v_pool)", "k_pool"),                  # V rows copied from the K pool
-        ("__shfl_sync(0xffffffff, off, r % TILE)", "__shfl_sync(0xffffffff, off, 0)"),  # key 0's row for all
-        ("+ src + c * VEC", "+ src"),                                # every chunk copied from chunk 0
+        ("(TILE + 32 / CH * i) * RS, v_pool", "(32 / CH * i) * RS, v_pool"),  # V rows over K rows
+        ("__shfl_sync(0xffffffff, row, r)", "__shfl_sync(0xffffffff, row, i)"),  # another key's row
+        ("(KVH * D) + copy_from", "(KVH * D)"),                     # every lane copies chunk 0 of head 0
     ]
     programs = cuda_emulator.mutants(paged_decode, "_BODY_V3", broken,
                                      lambda: cuda_emulator.source(("v3",)))
