@@ -7,9 +7,9 @@ faster (RESULTS.md, seventeenth session). This kernel feeds the dequantized weig
 `wgmma.mma_async` as its A operand, straight from registers, and x as its B operand from
 shared memory, so the tensor cores read x themselves and the warps only unpack weights.
 
-A block is two warpgroups (eight warps, 256 threads) and owns FEAT = 128 output features (64,
-the wgmma's M, a warpgroup) of BM = 64 or 128 rows (its N); both warpgroups read the block's
-one copy of x. A cp.async ring (STAGES deep, as in qgemm.py) stages each BK = 128-wide K step:
+A block is WG = 2 or 4 warpgroups (128 threads each) and owns 64 WG output features (64, the
+wgmma's M, a warpgroup) of BM = 64 or 128 rows (its N); its warpgroups read the block's one
+copy of x. A cp.async ring (STAGES deep, as in qgemm.py) stages each BK = 128-wide K step:
 x in wgmma's K-major 128-byte swizzle (rows of 64 values, their 16-byte chunks XOR-ed with the
 row mod 8, so the copies are whole 256-byte row runs and their shared-memory stores hit 8
 distinct bank groups), the packed weights row by row, and their scales and biases. Warp w
@@ -17,7 +17,8 @@ unpacks features 16w + g and 16w + g + 8 (g = lane / 4) for the lane's A fragmen
 layout is mma.m16n8k16's, so lane t needs values 2t, 2t + 1 (and 2t + 8, 2t + 9) of each
 16-value slab, which is byte t of each packed word: one 16-byte load gives four words, three
 byte permutes gather byte t of each, and engine/qgemm.py's unpack8 turns them into the A
-registers of two slabs.
+registers of two slabs. A warpgroup unpacks each 32-value chunk while the wgmmas of the chunks
+before it run (one wgmma group a chunk; see SOURCE).
 
 4-bit, group size 32-128, bf16/fp16 only; used only after qgemm_wgmma_matches_layers has
 shown it equal to dequantize + matmul on the model's own layers (engine/runner.py), so on a
