@@ -111,8 +111,8 @@ __device__ __forceinline__ unsigned long long smem_desc(const void* p, unsigned 
 
 HEADER = qgemm.HEADER + "".join(_wgmma(n, b) for n in (64, 128) for b in (True, False)) + DEVICE + DESC
 
-# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z): features n0..n0+127 (warpgroup wg
-# the 64 from n0 + 64 wg), rows m0..m0+BM-1, K split z. A stage (1,024-byte aligned): x in two
+# y (M, N) = x (M, K) @ dequantize(w)^T. Block (x, y, z): features n0..n0+FEAT-1 (FEAT = 64 WG;
+# warpgroup wg the 64 from n0 + 64 wg), rows m0..m0+BM-1, K split z. A stage (1,024-byte aligned): x in two
 # atoms-columns of BM rows x 64 values (128-byte swizzle, see DESC), the packed weights
 # (FEAT rows of BK / 2 bytes), their scales and biases (SB a row, aligned down as in
 # qgemm.py). Rows past M read row 0 with zero-fill; features past N, the weights' first row.
