@@ -30,6 +30,7 @@ emulated; tests/test_qgemm.py runs the real one on a GPU.
 from __future__ import annotations
 
 import functools
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,6 +56,10 @@ BK = qgemm.BK     # input features per pipeline step: 8 slabs of 16
 STAGES = {(64, 2): 3, (128, 2): 4, (128, 4): 3}
 TARGET_BLOCKS = 0     # K splits until the grid has about this many blocks (0: a wave, see target_blocks)
 MIN_STEPS_PER_SPLIT = 8
+# K splits added up by the kernel's last block of each tile (SOURCE_FUSED) rather than by an
+# MLX sum and cast after it (two more kernels a split layer, and their launches on the host).
+# Off: not yet run on a GPU (eighteenth session); MISTRAL_SERVE_WGMMA_FUSED_SPLITS=1 turns it on.
+FUSED_SPLITS = os.environ.get("MISTRAL_SERVE_WGMMA_FUSED_SPLITS", "0") == "1"
 
 
 def _wgmma(n: int, bf16: bool) -> str:
@@ -244,16 +249,66 @@ SOURCE = r"""
     }
     wgmma_wait<0>();
     acc_fence<BM / 2>(acc);
+    STORE
+"""
+
+# The block's results, D[feature 16w + g (+8)][x row 8j + 2t (+1)]: y, or split z's float
+# partials in y[z].
+_STORE = r"""
     O* dst = y + (long)blockIdx.z * M * N;
     #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
         #pragma unroll
-        for (int e = 0; e < 4; ++e) {  // D[feature 16w + g (+8)][x row 8j + 2t (+1)]
+        for (int e = 0; e < 4; ++e) {
             const int row = m0 + 8 * j + 2 * t + (e & 1);
             const int col = n0 + r0 + (e >> 1) * 8;
             if (row < M && col < N) dst[(long)row * N + col] = static_cast<O>(acc[4 * j + e]);
         }
 """
+# With K splits, the partials added up in the kernel (FUSED_SPLITS): each block stores its
+# float partial in parts[z] and counts itself in its tile's counter; the tile's last block
+# adds up all the tile's partials (read from L2: other SMs wrote them) and writes y,
+# then sets the counter back to 0 for the next launch. The counters belong to one layer
+# (counters_for), whose launches run one after another on the stream. The threadfences order
+# a block's partial before its count, and the count before the last block's reads (CUDA
+# Programming Guide, "Memory Fence Functions": the sum-of-blocks example).
+_STORE_FUSED = r"""
+    float* part = parts + (long)blockIdx.z * M * N;
+    #pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = m0 + 8 * j + 2 * t + (e & 1);
+            const int col = n0 + r0 + (e >> 1) * 8;
+            if (row < M && col < N) part[(long)row * N + col] = acc[4 * j + e];
+        }
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (tid == 0) {
+        int* count = const_cast<int*>(counters) + blockIdx.y * gridDim.x + blockIdx.x;
+        last = atomicAdd(count, 1) == (int)gridDim.z - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    #pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = m0 + 8 * j + 2 * t + (e & 1);
+            const int col = n0 + r0 + (e >> 1) * 8;
+            if (row < M && col < N) {  // its own partial too, so acc need not stay live
+                const long at = (long)row * N + col;
+                float sum = 0.f;
+                for (int z = 0; z < (int)gridDim.z; ++z) sum += __ldcg(parts + z * (long)M * N + at);
+                y[at] = static_cast<O>(sum);
+            }
+        }
+"""
+SOURCE_FUSED = SOURCE.replace("STORE", _STORE_FUSED)
+SOURCE = SOURCE.replace("STORE", _STORE)
 
 
 def block_rows(m: int) -> int:
@@ -294,6 +349,27 @@ def _kernel(smem: int):
                        output_names=["y"], source=SOURCE, header=HEADER, shared_memory=smem)
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_kernel(smem: int):
+    return cuda_kernel(name=f"qgemm_wgmma_fused_{smem}",
+                       input_names=["x", "w", "scales", "biases", "counters"],
+                       output_names=["y", "parts"], source=SOURCE_FUSED, header=HEADER,
+                       shared_memory=smem)
+
+
+_COUNTERS: dict[int, mx.array] = {}
+MAX_TILES = 1024  # a layer's tiles: up to 128 rows of 65,536 features
+
+
+def counters_for(layer: nn.Module) -> mx.array:
+    """The layer's own tile counters for FUSED_SPLITS (zeros; each launch leaves them so).
+    One set a layer, so that only launches that follow one another share them."""
+    if id(layer) not in _COUNTERS:
+        _COUNTERS[id(layer)] = mx.zeros((MAX_TILES,), mx.int32)
+        mx.eval(_COUNTERS[id(layer)])
+    return _COUNTERS[id(layer)]
+
+
 def applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether qgemm_wgmma() computes layer(x): MIN_ROWS..MAX_ROWS rows of a 4-bit layer in
     the format qgemm.tensor_core_format accepts."""
@@ -309,20 +385,30 @@ def qgemm_wgmma(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0) -> mx.a
 
 def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
                   build=None) -> mx.array:
-    """The kernel's own output: (m, n) in x's dtype, or (splits, m, n) float partials."""
+    """The kernel's own output: (m, n) in x's dtype, or (splits, m, n) float partials (unless
+    FUSED_SPLITS adds them up; `build`, another kernel of SOURCE's signature, never does)."""
     k = x.shape[-1]
     m = x.size // k
     n = layer.weight.shape[0]
     bm, wg = block_rows(m), warpgroups(m, n)
     splits = splits or num_splits(m, n, k, layer.group_size)
-    out = x.dtype if splits == 1 else mx.float32
-    return (build or _kernel)(shared_bytes(m, n, layer.group_size))(
-        inputs=[x.reshape(m, k), layer.weight, layer.scales, layer.biases],
+    fused = FUSED_SPLITS and splits > 1 and build is None
+    out = x.dtype if splits == 1 or fused else mx.float32
+    inputs = [x.reshape(m, k), layer.weight, layer.scales, layer.biases]
+    shapes, dtypes = [(m, n) if splits == 1 or fused else (splits, m, n)], [out]
+    if fused:
+        assert -(-n // (64 * wg)) * -(-m // bm) <= MAX_TILES
+        inputs.append(counters_for(layer))
+        shapes.append((splits, m, n))
+        dtypes.append(mx.float32)
+    kernel = _fused_kernel if fused else build or _kernel
+    return kernel(shared_bytes(m, n, layer.group_size))(
+        inputs=inputs,
         template=[("T", x.dtype), ("O", out), ("K", k), ("GS", layer.group_size),
                   ("BF16", x.dtype == mx.bfloat16), ("BM", bm), ("BK", BK),
                   ("STAGES", STAGES[bm, wg]), ("FAST", qgemm.FAST_DEQUANT), ("WG", wg)],
         grid=(-(-n // (64 * wg)) * 128 * wg, -(-m // bm), splits), threadgroup=(128 * wg, 1, 1),
-        output_shapes=[(m, n) if splits == 1 else (splits, m, n)], output_dtypes=[out])[0]
+        output_shapes=shapes, output_dtypes=dtypes)[0]
 
 
 def check_cases() -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine import paged_decode, paged_prefill, qgemv
+from engine import paged_decode, paged_prefill, qgemm_wgmma, qgemv
 from engine.attention import (AttentionGroup, AttentionMetadata, decode_kernel_matches_portable,
                               prefill_kernel_matches_portable, rope_store_kernel_matches)
 from engine.config import ModelArgs
@@ -465,7 +465,8 @@ def _choose_plan(model: Mistral, args: ModelArgs, decode_kernel: bool = False,
     9-128 rows of a quantized layer run as engine/qgemm.py's tensor-core kernel (4-bit batch-64
     step 1.85x faster on an H200 with its first version; MISTRAL_SERVE_QGEMM=0 turns it off);
     on a Hopper GPU 33-128 rows of a 4-bit layer run as engine/qgemm_wgmma.py's kernel instead
-    (MISTRAL_SERVE_QGEMM_WGMMA=0 turns it off), and
+    (MISTRAL_SERVE_QGEMM_WGMMA=0 turns it off; MISTRAL_SERVE_WGMMA_FUSED_SPLITS=1 has it add up
+    its K splits itself, not yet run on a GPU), and
     more rows dequantize with engine/dequant.py's kernel (5-20% faster than mx.dequantize + GEMM
     there; MISTRAL_SERVE_DEQUANT_KERNEL=0 for MLX's).
     """
@@ -500,6 +501,10 @@ def _choose_plan(model: Mistral, args: ModelArgs, decode_kernel: bool = False,
     deq = _switched_on("MISTRAL_SERVE_DEQUANT_KERNEL", dequantize_matches_layers, quantized)
     qg = _switched_on("MISTRAL_SERVE_QGEMM", qgemm_matches_layers, quantized)
     qw = _switched_on("MISTRAL_SERVE_QGEMM_WGMMA", qgemm_wgmma_matches_layers, quantized)
+    if qw and qgemm_wgmma.FUSED_SPLITS:  # every layer's tile counters, before any step is compiled
+        for layer in model.modules():
+            if type(layer) is nn.QuantizedLinear:
+                qgemm_wgmma.counters_for(layer)
     if quantized:
         log.info("many-row quantized matmuls: %s%s%s + GEMM",
                  f"CUDA tensor-core kernel up to {QGEMM_MAX_ROWS} rows, " if qg else "",

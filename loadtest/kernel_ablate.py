@@ -268,6 +268,12 @@ def main(argv=None) -> None:
                     with setting(qgemm_wgmma, attrs):
                         us = kernel_us(lambda i: qgemm_wgmma.kernel_output(layers[i % COPIES], x))
                     line.append(f"wgmma{' ' + label if label else ''} {us:7.1f} ({mb / us:.2f} TB/s)")
+                # the whole layer: the kernel and, with K splits, the sum of its partials (an
+                # MLX sum and cast, or the kernel's own with FUSED_SPLITS)
+                for label, fused in (("+ sums", False), ("fused sums", True)):
+                    with setting(qgemm_wgmma, {"FUSED_SPLITS": fused}):
+                        us = kernel_us(lambda i: qgemm_wgmma.qgemm_wgmma(layers[i % COPIES], x))
+                    line.append(f"wgmma {label} {us:7.1f}")
                 if a.against_wgmma:
                     us = kernel_us(lambda i: _previous_wgmma(a.against_wgmma, layers[i % COPIES], x))
                     line.append(f"wgmma {a.against_wgmma} {us:7.1f}")

@@ -243,13 +243,15 @@ def _launch_qgemm():
 def _launch_qgemm_wgmma():
     from engine import qgemm_wgmma
     layer = _quantized(4096, 512, 4)
-    wide = qgemm_wgmma.WIDE_MIN_FEATURES
-    try:  # both block widths (four warpgroups at 128 rows only), on a narrow layer
-        for qgemm_wgmma.WIDE_MIN_FEATURES in (wide, 512):
-            for m in (64, 128):
-                qgemm_wgmma.kernel_output(layer, mx.zeros((m, 4096), mx.bfloat16), splits=1)
+    wide, fused = qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.FUSED_SPLITS
+    try:  # both block widths (four warpgroups at 128 rows only, here on a narrow layer), and
+        # the form that adds up its K splits itself
+        for qgemm_wgmma.FUSED_SPLITS, splits in ((False, 1), (True, 2)):
+            for qgemm_wgmma.WIDE_MIN_FEATURES in (wide, 512):
+                for m in (64, 128):
+                    qgemm_wgmma.kernel_output(layer, mx.zeros((m, 4096), mx.bfloat16), splits=splits)
     finally:
-        qgemm_wgmma.WIDE_MIN_FEATURES = wide
+        qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.FUSED_SPLITS = wide, fused
 
 
 def _launch_qgemv():

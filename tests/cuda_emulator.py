@@ -615,6 +615,7 @@ def qgemm_wgmma_source() -> str:
     from engine import qgemm, qgemm_wgmma
     src = qgemm_wgmma.SOURCE.replace("extern __shared__ __align__(1024) unsigned char smem[];", "")
     assert src != qgemm_wgmma.SOURCE
+    fused = qgemm_wgmma.SOURCE_FUSED.replace("extern __shared__ __align__(1024) unsigned char smem[];", "")
     depth = " : ".join(f"bm == {bm} && wg == {wg} ? {n}" for (bm, wg), n in qgemm_wgmma.STAGES.items())
     consts = (f"constexpr int BK = {qgemm_wgmma.BK};\n"
               f"constexpr int stages(int bm, int wg) {{ return {depth} : 0; }}\n")
@@ -623,24 +624,52 @@ def qgemm_wgmma_source() -> str:
     template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG)>
     void qw(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
             const T* biases, O* y) { """ + src + r""" }
+    // The fused form's last-block sums: blocks run one after another here, so the
+    // atomic and the fences only have to count.
+    inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+    inline void __threadfence() {}
+    inline float __ldcg(const float* p) { return *p; }
+    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG)>
+    void qwf(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
+             const T* biases, const int* counters, O* y, float* parts) { """ + fused + r""" }
     std::mt19937 rng(11);
+    int mode = 0;  // argv[1]: "plain" runs only SOURCE, "fused" only SOURCE_FUSED (both: two warpgroups)
     template <int K, int GS, int BM, int WG = 2> void wgmma_case(int M, int N, int S = 1) {
+      if (WG == 4 && mode != 0) return;  // the broken forms' runs: two warpgroups are enough
       QuantProblem p(rng, M, N, K, 4, GS);
       std::vector<float> parts((long)S * M * N, NAN);
       int xs[2] = {M, K}, ws[2] = {N, K / 8};
       const int gx = (N + 64 * WG - 1) / (64 * WG), gy = (M + BM - 1) / BM;
-      for (int bz = 0; bz < S; ++bz)
+      for (int bz = 0; bz < S && mode != 2; ++bz)
         for (int by = 0; by < gy; ++by) {
           if (S == 1)
             launch(gx, 128 * WG, [&, by] { blockIdx.y = by; qw<bf, bf, K, GS, true, BM, true, WG>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
           else
             launch(gx, 128 * WG, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qw<bf, float, K, GS, true, BM, true, WG>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
         }
-      if (S > 1)
-        for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; p.y[i] = bf(v); }
-      printf("wgmma WG %d BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", WG, BM, K, GS, M, N, S, p.rel_err());
+      if (mode != 2) {
+        if (S > 1)
+          for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; p.y[i] = bf(v); }
+        printf("wgmma WG %d BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", WG, BM, K, GS, M, N, S, p.rel_err());
+      }
+      if (S == 1 || mode == 1) return;
+      // The fused form, launched twice on the same counters: the second launch is right only
+      // if the first left every counter at 0. Blocks run z-major, so each tile's last block
+      // is a different one from the first launch's when the splits run in reverse.
+      std::vector<int> counters(gx * gy, 0);
+      for (int run = 0; run < 2; ++run) {
+        std::fill(p.y.begin(), p.y.end(), bf(NAN));
+        std::fill(parts.begin(), parts.end(), NAN);
+        for (int zz = 0; zz < S; ++zz) {
+          const int bz = run ? S - 1 - zz : zz;
+          for (int by = 0; by < gy; ++by)
+            launch(gx, 128 * WG, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qwf<bf, bf, K, GS, true, BM, true, WG>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), counters.data(), p.y.data(), parts.data()); }, gy, S);
+        }
+        printf("wgmma fused run %d WG %d BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", run, WG, BM, K, GS, M, N, S, p.rel_err());
+      }
     }
-    int main() {
+    int main(int argc, char** argv) {
+      if (argc > 1) mode = std::string(argv[1]) == "plain" ? 1 : 2;
       wgmma_case<512, 64, 64>(40, 72); wgmma_case<256, 32, 128>(100, 200);
       wgmma_case<384, 128, 128>(128, 136); wgmma_case<1024, 64, 64>(64, 64, 2);
       wgmma_case<512, 128, 128>(70, 8, 4); wgmma_case<256, 64, 64>(100, 64);  // two row tiles

@@ -140,6 +140,25 @@ def test_wgmma_kernel_matches_dequantize_matmul_on_7b_shapes(group_size, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_wgmma_fused_split_sums_match(monkeypatch, dtype):
+    # the kernel adding up its own K splits: each 7B shape at every split count it may run,
+    # twice on the same counters (the second launch is right only if the first reset them)
+    _wgmma_runs()
+    monkeypatch.setattr(qgemm_wgmma, "FUSED_SPLITS", True)
+    for k, n in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)):
+        layer = quantized_linear(k, n, 4, 64, dtype)
+        for rows in (64, 100, 128):
+            x = mx.random.normal((rows, k)).astype(dtype)
+            want = _reference(layer, x)
+            for splits in (2, 4, qgemm_wgmma.num_splits(rows, n, k)):
+                for _ in range(2):
+                    got = qgemm_wgmma.qgemm_wgmma(layer, x, splits).astype(mx.float32)
+                    err = mx.abs(got - want).max().item()
+                    assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, splits, err)
+
+
+@cuda
 def test_wgmma_self_check_and_project():
     _wgmma_runs()
     layer = quantized_linear(4096, 4096, 4)

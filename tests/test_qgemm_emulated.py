@@ -56,11 +56,33 @@ def test_emulation_catches_broken_bookkeeping(tmp_path):
 
 def test_wgmma_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemm_wgmma(tmp_path)
-    assert len(results) == 8 and {c.split("BM ")[1].split()[0] for c, _ in results} == {"64", "128"}
-    assert {c.split("WG ")[1].split()[0] for c, _ in results} == {"2", "4"}
-    assert {c.split("splits ")[1] for c, _ in results} == {"1", "2", "4"}
+    plain = [r for r in results if "fused" not in r[0]]
+    assert len(plain) == 8 and {c.split("BM ")[1].split()[0] for c, _ in plain} == {"64", "128"}
+    assert {c.split("WG ")[1].split()[0] for c, _ in plain} == {"2", "4"}
+    assert {c.split("splits ")[1] for c, _ in plain} == {"1", "2", "4"}
+    # the fused form: every split case, launched twice on the same counters
+    assert len(results) - len(plain) == 2 * sum(c.split("splits ")[1] != "1" for c, _ in plain)
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
+
+
+WGMMA_FUSED_BROKEN = [
+    ("if (last) *count = 0;", ""),                               # counters left set: the next launch never sums
+    ("== (int)gridDim.z - 1;", "== (int)gridDim.z;"),            # no block ever the last: y never written
+    ("for (int z = 0; z < (int)gridDim.z; ++z) sum +=", "for (int z = 1; z < (int)gridDim.z; ++z) sum +="),  # split 0 left out
+]
+
+
+# Blocks run one after another in the emulation, so a block that sums a tile's partials
+# before the other splits have written them is not caught here (the device tests run it).
+def test_wgmma_emulation_catches_broken_fused_sums(tmp_path):
+    from engine import qgemm_wgmma
+    programs = cuda_emulator.mutants(qgemm_wgmma, "SOURCE_FUSED", WGMMA_FUSED_BROKEN,
+                                     cuda_emulator.qgemm_wgmma_source)
+    runs = cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs, ("fused",))
+    for pair, results in zip(WGMMA_FUSED_BROKEN, runs):
+        fused = [err for case, err in results if "fused" in case]
+        assert fused and not all(err < 5e-2 for err in fused), pair  # NaN (y never written) fails too
 
 
 WGMMA_BROKEN = [
@@ -90,6 +112,6 @@ def test_wgmma_emulation_catches_broken_kernels(tmp_path):
     # the descriptor's fields as the PTX ISA lays them out: SBO from bit 32
     programs += cuda_emulator.mutants(qgemm_wgmma, "DESC", [("<< 32)", "<< 30)")],
                                       cuda_emulator.qgemm_wgmma_source)
-    runs = cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs)
+    runs = cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs, ("plain",))
     for pair, results in zip(WGMMA_BROKEN + [("<< 32)", "<< 30)")], runs):
         assert results and max(err for _, err in results) > 5e-2, pair
