@@ -15,7 +15,8 @@ global memory after the first stages (`no-loads-no-sync` also drops qgemm's per-
 barrier), `no-fence` drops the wgmma kernel's proxy fence, `serial` makes it wait for each
 chunk's wgmmas before unpacking the next, `no-x-loads` gives qgemv constants for x. If taking a part out barely changes the time, that part is not what bounds it. qgemv
 is timed at the settings of QGEMV_SWEEP, and its cuts apply to its direct kernel; `--sweep`
-adds QGEMM_SWEEP's and WGMMA_SWEEP's settings. Kernel times come from CUPTI through
+adds QGEMM_SWEEP's and WGMMA_SWEEP's settings. The wgmma kernel is also timed as the whole
+layer, with its K-split partials added up after it ("+ sums") or by itself ("fused sums"). Kernel times come from CUPTI through
 torch.profiler (the GPU machines ship torch), so host launch costs do not count.
 """
 
@@ -74,7 +75,7 @@ GEMV_CUTS = {
 
 WGMMA_CUTS = {
     "no-fence": ("fence_async_smem();", ""),
-    "serial": ("wgmma_wait<3>();", "wgmma_wait<0>();"),  # no unpacking under the wgmmas
+    "serial": ("wgmma_wait<CB - 1>();", "wgmma_wait<0>();"),  # no unpacking under the wgmmas
     "no-unpack": ("unpack8<4, BF16, FAST>(&p, s, b, h ? hi : lo);",
                   "(h ? hi : lo)[0] = p; (h ? hi : lo)[1] = p ^ s; (h ? hi : lo)[2] = p ^ b; (h ? hi : lo)[3] = p + 1u;"),
     "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
