@@ -283,8 +283,9 @@ _STORE_FUSED = r"""
             if (row < M && col < N) part[(long)row * N + col] = acc[4 * j + e];
         }
     __threadfence();
-    __syncthreads();
-    __shared__ int last;
+    __syncthreads();  // every wgmma has retired: the ring is free (a static __shared__ here
+                      // could shift the dynamic ring off its 1,024-byte alignment)
+    int& last = *reinterpret_cast<int*>(smem);
     if (tid == 0) {
         int* count = const_cast<int*>(counters) + blockIdx.y * gridDim.x + blockIdx.x;
         last = atomicAdd(count, 1) == (int)gridDim.z - 1;
