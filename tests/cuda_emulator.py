@@ -617,8 +617,10 @@ WGMMA_PRELUDE = r"""
 
 def qgemm_wgmma_source() -> str:
     """The C++ program for engine/qgemm_wgmma.py's kernel (bf16) against a double-precision
-    reference: both block heights, group sizes 32-128 (a 128 group at an odd offset), rows
-    and features that part-fill a block, K splits and a ring that wraps."""
+    reference: both block heights, two and four warpgroups, group sizes 32-128 (a 128 group
+    at an odd offset), rows and features that part-fill a block, K splits and a ring that
+    wraps; and each split case again through SOURCE_FUSED, twice on the same counters. Its
+    argument "plain" or "fused" runs only that form (two warpgroups), for the broken forms."""
     from engine import qgemm, qgemm_wgmma
     src = qgemm_wgmma.SOURCE.replace("extern __shared__ __align__(1024) unsigned char smem[];", "")
     assert src != qgemm_wgmma.SOURCE
