@@ -125,7 +125,6 @@ def _call(kind: str, variant: str, layer, x):
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _module(path: str, name: str):
     """Another copy of an engine module (say, the last commit's), loaded under its own name."""
     import importlib.util
@@ -136,24 +135,22 @@ def _module(path: str, name: str):
     return old
 
 
-def _previous_qgemm(path: str, smem: int):
-    """The qgemm kernel of another copy of engine/qgemm.py, launched as this one is: the same
-    template arguments and grid, so the file's SOURCE must take them. For timing a rewrite
-    against what it replaces in one process."""
-    old = _module(path, "previous_qgemm")
-    return cuda_kernel(name=f"prev_qgemm_{smem}", input_names=["x", "w", "scales", "biases"],
+@functools.lru_cache(maxsize=None)
+def _previous_kernel(path: str, module: str, smem: int):
+    """The kernel of another copy of engine/<module>.py (qgemm or qgemm_wgmma), under a name of
+    its own, for timing a rewrite against what it replaces in one process. It is launched as
+    the current one is (qgemm: the same template arguments and grid, so the file's SOURCE must
+    take them) or by that copy itself (qgemm_wgmma: its own stages, shared memory, splits)."""
+    old = _module(path, f"previous_{module}")
+    return cuda_kernel(name=f"prev_{module}_{smem}", input_names=["x", "w", "scales", "biases"],
                        output_names=["y"], source=old.SOURCE, header=old.HEADER,
                        shared_memory=smem)
 
 
 def _previous_wgmma(path: str, layer, x):
-    """Another copy of engine/qgemm_wgmma.py's kernel, launched by that copy (its own
-    STAGES, shared memory and splits) under a kernel name of its own."""
-    old = _module(path, "previous_qgemm_wgmma")
-    build = functools.lru_cache(maxsize=None)(lambda smem: cuda_kernel(
-        name=f"prev_wgmma_{smem}", input_names=["x", "w", "scales", "biases"], output_names=["y"],
-        source=old.SOURCE, header=old.HEADER, shared_memory=smem))
-    return old.kernel_output(layer, x, build=build)
+    """layer(x)'s kernel output by another copy of engine/qgemm_wgmma.py."""
+    return _module(path, "previous_qgemm_wgmma").kernel_output(
+        layer, x, build=lambda smem: _previous_kernel(path, "qgemm_wgmma", smem))
 
 
 def kernel_us(fn, reps: int = 21) -> float:
@@ -255,7 +252,7 @@ def main(argv=None) -> None:
             elif qgemm.MIN_ROWS <= rows <= qgemm.MAX_ROWS:
                 if a.against:
                     us = kernel_us(lambda i: qgemm.kernel_output(
-                        layers[i % COPIES], x, build=lambda smem: _previous_qgemm(a.against, smem)))
+                        layers[i % COPIES], x, build=lambda smem: _previous_kernel(a.against, "qgemm", smem)))
                     line.append(f"qgemm {a.against} {us:7.1f}")
                 for v in ("as written",) + (() if a.brief else tuple(QGEMM_CUTS)):
                     us = kernel_us(lambda i: _call("qgemm", v, layers[i % COPIES], x))
