@@ -249,21 +249,25 @@ SOURCE = r"""
     }
     wgmma_wait<0>();
     acc_fence<BM / 2>(acc);
+    // f(offset in an M x N output, index in acc) for each result the lane holds inside M x N:
+    // D[feature 16w + g (+8)][x row 8j + 2t (+1)].
+    auto each_result = [&](auto f) {
+        #pragma unroll
+        for (int j = 0; j < BM / 8; ++j)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + 8 * j + 2 * t + (e & 1);
+                const int col = n0 + r0 + (e >> 1) * 8;
+                if (row < M && col < N) f((long)row * N + col, 4 * j + e);
+            }
+    };
     STORE
 """
 
-# The block's results, D[feature 16w + g (+8)][x row 8j + 2t (+1)]: y, or split z's float
-# partials in y[z].
+# The block's results: y, or split z's float partials in y[z].
 _STORE = r"""
     O* dst = y + (long)blockIdx.z * M * N;
-    #pragma unroll
-    for (int j = 0; j < BM / 8; ++j)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = m0 + 8 * j + 2 * t + (e & 1);
-            const int col = n0 + r0 + (e >> 1) * 8;
-            if (row < M && col < N) dst[(long)row * N + col] = static_cast<O>(acc[4 * j + e]);
-        }
+    each_result([&](long at, int i) { dst[at] = static_cast<O>(acc[i]); });
 """
 # With K splits, the partials added up in the kernel (FUSED_SPLITS): each block stores its
 # float partial in parts[z] and counts itself in its tile's counter; the tile's last block
@@ -274,14 +278,7 @@ _STORE = r"""
 # Programming Guide, "Memory Fence Functions": the sum-of-blocks example).
 _STORE_FUSED = r"""
     float* part = parts + (long)blockIdx.z * M * N;
-    #pragma unroll
-    for (int j = 0; j < BM / 8; ++j)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = m0 + 8 * j + 2 * t + (e & 1);
-            const int col = n0 + r0 + (e >> 1) * 8;
-            if (row < M && col < N) part[(long)row * N + col] = acc[4 * j + e];
-        }
+    each_result([&](long at, int i) { part[at] = acc[i]; });
     __threadfence();
     __syncthreads();  // every wgmma has retired: the ring is free (a static __shared__ here
                       // could shift the dynamic ring off its 1,024-byte alignment)
@@ -294,19 +291,17 @@ _STORE_FUSED = r"""
     __syncthreads();
     if (!last) return;
     __threadfence();
-    #pragma unroll
-    for (int j = 0; j < BM / 8; ++j)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = m0 + 8 * j + 2 * t + (e & 1);
-            const int col = n0 + r0 + (e >> 1) * 8;
-            if (row < M && col < N) {  // its own partial too, so acc need not stay live
-                const long at = (long)row * N + col;
-                float sum = 0.f;
-                for (int z = 0; z < (int)gridDim.z; ++z) sum += __ldcg(parts + z * (long)M * N + at);
-                y[at] = static_cast<O>(sum);
-            }
+    // The whole tile, its own partial too (so acc need not stay live), row by row: consecutive
+    // threads read consecutive features.
+    for (int idx = tid; idx < BM * FEAT; idx += THREADS) {
+        const int row = m0 + idx / FEAT, col = n0 + idx % FEAT;
+        if (row < M && col < N) {
+            const long at = (long)row * N + col;
+            float sum = 0.f;
+            for (int z = 0; z < (int)gridDim.z; ++z) sum += __ldcg(parts + z * (long)M * N + at);
+            y[at] = static_cast<O>(sum);
         }
+    }
 """
 SOURCE_FUSED = SOURCE.replace("STORE", _STORE_FUSED)
 SOURCE = SOURCE.replace("STORE", _STORE)
