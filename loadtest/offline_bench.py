@@ -204,6 +204,10 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="run ours once more under cProfile; print its N costliest functions")
     ap.add_argument("--repeat", type=int, default=1, help="run ours this many times (the spread)")
+    ap.add_argument("--dense-too", action="store_true",
+                    help="with --bits: also an engine on the same weights unquantized; each run of "
+                         "the quantized engine (also under --set) is paired with one of it, the "
+                         "pair's order alternating, so that drift in the card or host hits both")
     ap.add_argument("--warmup", choices=["short", "full"], default="short",
                     help="short: 4 prompts of 8 tokens; full: the measured workload once, untimed "
                          "(both engines: every step shape of the run has been seen once)")
@@ -222,22 +226,38 @@ def main(argv=None) -> None:
         args = ModelArgs.from_dict(SHAPES[a.shape])
         model, weights = random_weights(args, DTYPES[a.dtype], a.bits, a.seed)
         bits = a.bits
+    if a.dense_too and not bits:
+        raise SystemExit("--dense-too needs a quantized model (--bits, or a quantized --model)")
     rng = np.random.default_rng(a.seed)
     prompts = [rng.integers(0, args.vocab_size, a.input_len).tolist() for _ in range(a.num_prompts)]
     warm = [rng.integers(0, args.vocab_size, a.input_len).tolist() for _ in range(4)]
     kv_gib = a.kv_cache_memory or kv_cache_gib(args, DTYPES[a.dtype], min(a.num_prompts, a.max_num_seqs),
                                                a.input_len + a.output_len)
 
+    config = EngineConfig(kv_cache_memory_gib=kv_gib, max_num_seqs=a.max_num_seqs,
+                          max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=False)
+    dense = a.dense_too and LLMEngine(*dense_model(model, args), _NoTokenizer(args), config)
     t0 = time.perf_counter()
-    engine = LLMEngine(model, args, _NoTokenizer(args), EngineConfig(
-        kv_cache_memory_gib=kv_gib, max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=False))
+    engine = LLMEngine(model, args, _NoTokenizer(args), config)
     startup = time.perf_counter() - t0  # on CUDA: the kernel self-checks compile every variant
     results = []
     warm, warm_len = (prompts, a.output_len) if a.warmup == "full" else (warm, 8)
     run_ours(engine, warm, warm_len)
+
+    def measured(label: str = "mistral-serve"):
+        """One run of ours, or with --dense-too a pair: the dense engine first every other time."""
+        pair = [(engine, f"{label} {bits}-bit" if dense else label)]
+        if dense:
+            pair.insert(measured.n % 2, (dense, f"{label} dense"))
+            measured.n += 1
+        for eng, name in pair:
+            results.append(dataclasses.replace(run_ours(eng, prompts, a.output_len, a.step_log),
+                                               engine=name))
+    measured.n = 0
+    if dense:
+        run_ours(dense, warm, warm_len)
     for _ in range(a.repeat):
-        results.append(run_ours(engine, prompts, a.output_len, a.step_log))
+        measured()
     if a.profile:  # where the host's Python time goes (MLX's encoding shows as async_eval)
         import cProfile
         import pstats
@@ -251,8 +271,7 @@ def main(argv=None) -> None:
                 print(f"-- {spec}")
             run_ours(engine, warm, warm_len)
             for _ in range(a.repeat):
-                results.append(dataclasses.replace(
-                    run_ours(engine, prompts, a.output_len, a.step_log), engine=f"  {spec}"))
+                measured(f"  {spec}")
     ours = len(results)
     if not a.no_peer:
         peer = build_peer(args, weights, bits)
@@ -270,6 +289,13 @@ def main(argv=None) -> None:
     print(f"{'engine':<40} {'output tok/s':>14} {'seconds':>9}")
     for r in results:
         print(f"{r.engine:<40} {r.output_tok_s:>14.1f} {r.seconds:>9.2f}")
+    if dense:  # each quantized run over the dense run of its pair
+        for label in dict.fromkeys(r.engine.rsplit(" ", 1)[0] for r in results[:ours]):
+            q = [r.output_tok_s for r in results[:ours] if r.engine == f"{label} {bits}-bit"]
+            d = [r.output_tok_s for r in results[:ours] if r.engine == f"{label} dense"]
+            ratios = [x / y for x, y in zip(q, d)]
+            print(f"{label.strip()}: {bits}-bit / dense, pair by pair: "
+                  f"{', '.join(f'{x:.3f}' for x in ratios)}; mean {sum(ratios) / len(ratios):.3f}x")
     if len(results) > ours:
         best_peer = max(results[ours:], key=lambda r: r.output_tok_s)
         print(f"ratio vs best peer ({best_peer.engine}): "
@@ -279,6 +305,22 @@ def main(argv=None) -> None:
             json.dump({"args": vars(a), "device": device, "startup_s": startup,
                        "results": [{**asdict(r), "output_tok_s": r.output_tok_s} for r in results]},
                       f, indent=2)
+
+
+def dense_model(model: Mistral, args: ModelArgs) -> tuple[Mistral, ModelArgs]:
+    """`model` with its weights dequantized: the same numbers, every matmul dense (before an
+    engine has fused the model's projections)."""
+    params = dict(tree_flatten(model.parameters()))
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            params[f"{name}.weight"] = mx.dequantize(module.weight, module.scales, module.biases,
+                                                     module.group_size, module.bits)
+            del params[f"{name}.scales"], params[f"{name}.biases"]
+    args = dataclasses.replace(args, quantization=None)
+    dense = Mistral(args)
+    dense.load_weights(list(params.items()))
+    mx.eval(dense.parameters())
+    return dense, args
 
 
 class _NoTokenizer:
