@@ -291,16 +291,39 @@ _STORE_FUSED = r"""
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // The whole tile, its own partial too (so acc need not stay live), row by row: consecutive
-    // threads read consecutive features.
-    for (int idx = tid; idx < BM * FEAT; idx += THREADS) {
-        const int row = m0 + idx / FEAT, col = n0 + idx % FEAT;
-        if (row < M && col < N) {
-            const long at = (long)row * N + col;
-            float sum = 0.f;
-            for (int z = 0; z < (int)gridDim.z; ++z) sum += __ldcg(parts + z * (long)M * N + at);
-            y[at] = static_cast<O>(sum);
+    // The whole tile, its own partial too (so acc need not stay live): four consecutive
+    // features a thread at a time, U of those quads at once, so that U loads from L2 are in
+    // flight together. (One value at a time, the loop's serial round trips to L2 made this
+    // slower than the MLX sum it replaces: H200, nineteenth session.)
+    constexpr int QUADS = FEAT / 4, ITEMS = BM * QUADS / THREADS, U = WG == 2 ? 8 : 4;
+    static_assert(BM * QUADS % THREADS == 0 && ITEMS % U == 0, "whole batches");
+    #pragma unroll 1
+    for (int i0 = 0; i0 < ITEMS; i0 += U) {
+        float4 sum[U];
+        long at[U];
+        bool ok[U];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int idx = (i0 + u) * THREADS + tid;
+            const int row = m0 + idx / QUADS, col = n0 + 4 * (idx % QUADS);
+            ok[u] = row < M && col < N;  // N % 4 == 0: a quad is inside N or past it
+            at[u] = ok[u] ? (long)row * N + col : 0;
+            sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
         }
+        for (int z = 0; z < (int)gridDim.z; ++z)
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const float4 v = __ldcg(reinterpret_cast<const float4*>(parts + z * (long)M * N + at[u]));
+                sum[u].x += v.x; sum[u].y += v.y; sum[u].z += v.z; sum[u].w += v.w;
+            }
+        #pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (ok[u]) {
+                y[at[u]] = static_cast<O>(sum[u].x);
+                y[at[u] + 1] = static_cast<O>(sum[u].y);
+                y[at[u] + 2] = static_cast<O>(sum[u].z);
+                y[at[u] + 3] = static_cast<O>(sum[u].w);
+            }
     }
 """
 SOURCE_FUSED = SOURCE.replace("STORE", _STORE_FUSED)
@@ -388,7 +411,7 @@ def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
     n = layer.weight.shape[0]
     bm, wg = block_rows(m), warpgroups(m, n)
     splits = splits or num_splits(m, n, k, layer.group_size)
-    fused = FUSED_SPLITS and splits > 1 and build is None
+    fused = FUSED_SPLITS and splits > 1 and build is None and n % 4 == 0  # whole quads
     out = x.dtype if splits == 1 or fused else mx.float32
     inputs = [x.reshape(m, k), layer.weight, layer.scales, layer.biases]
     shapes, dtypes = [(m, n) if splits == 1 or fused else (splits, m, n)], [out]

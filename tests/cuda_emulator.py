@@ -638,6 +638,9 @@ def qgemm_wgmma_source() -> str:
     inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
     inline void __threadfence() {}
     inline float __ldcg(const float* p) { return *p; }
+    struct alignas(16) float4 { float x, y, z, w; };
+    inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+    inline float4 __ldcg(const float4* p) { return *p; }
     template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG)>
     void qwf(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
              const T* biases, const int* counters, O* y, float* parts) { """ + fused + r""" }
@@ -682,6 +685,7 @@ def qgemm_wgmma_source() -> str:
       wgmma_case<512, 64, 64>(40, 72); wgmma_case<256, 32, 128>(100, 200);
       wgmma_case<384, 128, 128>(128, 136); wgmma_case<1024, 64, 64>(64, 64, 2);
       wgmma_case<512, 128, 128>(70, 8, 4); wgmma_case<256, 64, 64>(100, 64);  // two row tiles
+      wgmma_case<512, 64, 64>(100, 64, 2);  // two row tiles, split
       wgmma_case<512, 64, 128, 4>(100, 300); wgmma_case<1024, 32, 128, 4>(70, 256, 2);  // four warpgroups
     }
     """
