@@ -136,11 +136,6 @@ SOURCE = r"""
     const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * FEAT;
     const int k_len = K / gridDim.z, k_begin = blockIdx.z * k_len, steps = k_len / BK;
-    // Blocks take their split's K steps in rotated orders, so that the blocks running at once
-    // read different slices of x: in step with each other, every SM asked L2 for the same
-    // 16-32 KB of x at once. (Only the order of each output's sum changes.)
-    const int rot = steps ? blockIdx.x % steps : 0;
-    auto k_at = [&](int i) { return k_begin + ((i + rot) % steps) * BK; };
     float acc[BM / 2];
     #pragma unroll
     for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
@@ -215,16 +210,16 @@ SOURCE = r"""
         fence_async_smem();
         __syncthreads();
         const int next = i + STAGES - 2;
-        if (next < steps) load(next % STAGES, k_at(next));
+        if (next < steps) load(next % STAGES, k_begin + next * BK);
         cp_async_commit();
     };
     for (int s = 0; s < STAGES - 2; ++s) {
-        if (s < steps) load(s, k_at(s));
+        if (s < steps) load(s, k_begin + s * BK);
         cp_async_commit();
     }
     if (steps > 0) {
         arrive(0);
-        unpack(smem, 0, k_at(0));
+        unpack(smem, 0, k_begin);
     }
     acc_fence<BM / 2>(acc);
     // The unpacking of each chunk overlaps the wgmmas of the ones before: chunk q's two slabs
@@ -233,7 +228,7 @@ SOURCE = r"""
     // register-A mainloops do. (Unpacking a whole step before its wgmmas and waiting
     // for them all left the tensor cores idle through the unpacking: seventeenth session.)
     for (int i = 0; i < steps; ++i) {
-        const int k0 = k_at(i);
+        const int k0 = k_begin + i * BK;
         const unsigned char* base = smem + (i % STAGES) * STAGE;
         #pragma unroll
         for (int q = 0; q < BK / 32; ++q) {
@@ -248,7 +243,7 @@ SOURCE = r"""
             } else if (i + 1 < steps) {
                 wgmma_wait<CB - 1>();  // this step's first chunks and the whole previous step are done
                 arrive(i + 1);
-                unpack(smem + ((i + 1) % STAGES) * STAGE, 0, k_at(i + 1));
+                unpack(smem + ((i + 1) % STAGES) * STAGE, 0, k0 + BK);
             }
         }
     }

@@ -34,7 +34,6 @@ QGEMM_BROKEN = [
     ("(long)i * W_STEP * (K / PER_WORD)", "(long)i * W_STEP"),  # a thread's later weight rows
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
     ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
-    ("const int k0 = k_at(i);", "const int k0 = k_begin + i * BK;"),  # scales of the unrotated step
     ("(xch ^ ((xch >> 3) << 1) ^ (xr & 1)) * 16", "xch * 16"),  # x's swizzle mismatch
     ("__byte_perm(w, w4, 0x7531)", "__byte_perm(w, w4, 0x5410)"),  # 4-bit pair (q2, q3) misbuilt
     ("+ 32 * t / GS;", ";"),                                   # every lane reads group 0's scale
@@ -101,7 +100,6 @@ WGMMA_BROKEN = [
     ("(x_ok[i] ? m0 + xr + i * X_RSTEP : 0)", "(x_ok[i] ? xr + i * X_RSTEP : 0)"),  # second row tile re-reads the first
     ("k_begin = blockIdx.z * k_len", "k_begin = 0 * k_len"),  # every split sums the first part
     ("load(next % STAGES", "load(i % STAGES"),                # the ring overwrites the live stage
-    ("const int k0 = k_at(i);", "const int k0 = k_begin + i * BK;"),  # scales of the unrotated step
     # the pipelining: a pending wgmma's A registers or stage rewritten, the last group not waited for
     ("wgmma_wait<CB - 1>();\n                unpack(", "wgmma_wait<CB>();\n                unpack("),
     ("wgmma_wait<CB - 1>();  // this step's", "wgmma_wait<CB>();  // this step's"),
