@@ -79,6 +79,8 @@ WGMMA_CUTS = {
     "no-unpack": ("unpack8<4, BF16, FAST>(&p, s, b, h ? hi : lo);",
                   "(h ? hi : lo)[0] = p; (h ? hi : lo)[1] = p ^ s; (h ? hi : lo)[2] = p ^ b; (h ? hi : lo)[3] = p + 1u;"),
     "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
+    # the per-step barrier left out (wrong sums): what the warpgroups' lockstep costs
+    "no-sync": ("        __syncthreads();\n        const int next", "        const int next"),
     # the tensor cores left out: each would-be wgmma folds its A registers into acc instead
     "no-mma": ("wgmma<BM, BF16>(acc, a[kk % (2 * CB)], smem_desc(",
                "no_wgmma(acc, a[kk % (2 * CB)], smem_desc(",
