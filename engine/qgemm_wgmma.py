@@ -58,7 +58,8 @@ TARGET_BLOCKS = 0     # K splits until the grid has about this many blocks (0: a
 MIN_STEPS_PER_SPLIT = 8
 # K splits added up by the kernel's last block of each tile (SOURCE_FUSED) rather than by an
 # MLX sum and cast after it (two more kernels a split layer, and their launches on the host).
-# Off: not yet run on a GPU (eighteenth session); MISTRAL_SERVE_WGMMA_FUSED_SPLITS=1 turns it on.
+# Off: on an H200 (nineteenth session) it took 1-5 us off a split layer's 17-52 us, but whole w1
+# runs showed no difference within their noise; MISTRAL_SERVE_WGMMA_FUSED_SPLITS=1 turns it on.
 FUSED_SPLITS = os.environ.get("MISTRAL_SERVE_WGMMA_FUSED_SPLITS", "0") == "1"
 
 
