@@ -201,8 +201,9 @@ def recording():
     """Every engine kernel built inside the block is a recorder (a list of them is yielded)."""
     from engine import (dequant, fused_ops, gemv, kernel_source, paged_decode, paged_prefill,
                         qgemm, qgemm_wgmma, qgemv)
+    from loadtest import wgmma_phases
     modules = (kernel_source, dequant, fused_ops, gemv, paged_decode, paged_prefill, qgemm,
-               qgemm_wgmma, qgemv)
+               qgemm_wgmma, qgemv, wgmma_phases)
     recorders = []
 
     def fake(*, source, header="", **kwargs):
@@ -252,6 +253,19 @@ def _launch_qgemm_wgmma():
                     qgemm_wgmma.kernel_output(layer, mx.zeros((m, 4096), mx.bfloat16), splits=splits)
     finally:
         qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.FUSED_SPLITS = wide, fused
+
+
+def _launch_wgmma_phases():  # loadtest/wgmma_phases.py's marked copy of the wgmma kernel
+    from engine import qgemm_wgmma
+    from loadtest import wgmma_phases
+    layer = _quantized(4096, 512, 4)
+    wide = qgemm_wgmma.WIDE_MIN_FEATURES
+    try:
+        for qgemm_wgmma.WIDE_MIN_FEATURES in (wide, 512):
+            for m in (64, 128):
+                wgmma_phases.run(layer, mx.zeros((m, 4096), mx.bfloat16), [])
+    finally:
+        qgemm_wgmma.WIDE_MIN_FEATURES = wide
 
 
 def _launch_qgemv():
@@ -312,7 +326,8 @@ def _launch_quant_other():
 
 LAUNCHES = {"qgemm": _launch_qgemm, "qgemm_wgmma": _launch_qgemm_wgmma, "qgemv": _launch_qgemv,
             "decode": _launch_decode, "decode_rope": _launch_decode_rope,
-            "prefill": _launch_prefill, "fused": _launch_fused, "dequant_gemv": _launch_quant_other}
+            "prefill": _launch_prefill, "fused": _launch_fused, "dequant_gemv": _launch_quant_other,
+            "wgmma_phases": _launch_wgmma_phases}
 
 
 def builds(kernels=tuple(LAUNCHES), arch: str = ARCH, sass: bool = True) -> list[Build]:
