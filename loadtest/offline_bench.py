@@ -205,9 +205,10 @@ def main(argv=None) -> None:
                     help="run ours once more under cProfile; print its N costliest functions")
     ap.add_argument("--repeat", type=int, default=1, help="run ours this many times (the spread)")
     ap.add_argument("--dense-too", action="store_true",
-                    help="with --bits: also an engine on the same weights unquantized; each run of "
-                         "the quantized engine (also under --set) is paired with one of it, the "
-                         "pair's order alternating, so that drift in the card or host hits both")
+                    help="with --bits: also an engine on the same weights dequantized; each run of "
+                         "the quantized engine (also under --set, whose settings are its own) is "
+                         "paired with one of it, the pair's order alternating, so that drift in "
+                         "the card or host hits both")
     ap.add_argument("--warmup", choices=["short", "full"], default="short",
                     help="short: 4 prompts of 8 tokens; full: the measured workload once, untimed "
                          "(both engines: every step shape of the run has been seen once)")
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
 
     config = EngineConfig(kv_cache_memory_gib=kv_gib, max_num_seqs=a.max_num_seqs,
                           max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=False)
-    dense = a.dense_too and LLMEngine(*dense_model(model, args), _NoTokenizer(args), config)
+    dense = LLMEngine(*dense_model(model, args), _NoTokenizer(args), config) if a.dense_too else None
     t0 = time.perf_counter()
     engine = LLMEngine(model, args, _NoTokenizer(args), config)
     startup = time.perf_counter() - t0  # on CUDA: the kernel self-checks compile every variant
@@ -245,15 +246,14 @@ def main(argv=None) -> None:
     run_ours(engine, warm, warm_len)
 
     def measured(label: str = "mistral-serve"):
-        """One run of ours, or with --dense-too a pair: the dense engine first every other time."""
-        pair = [(engine, f"{label} {bits}-bit" if dense else label)]
+        """One run of ours; with --dense-too a pair, the dense engine first in every other pair
+        (until the peer runs, results hold only these pairs)."""
+        runs = [(engine, f"{label} {bits}-bit" if dense else label)]
         if dense:
-            pair.insert(measured.n % 2, (dense, f"{label} dense"))
-            measured.n += 1
-        for eng, name in pair:
+            runs.insert(len(results) // 2 % 2, (dense, f"{label} dense"))
+        for eng, name in runs:
             results.append(dataclasses.replace(run_ours(eng, prompts, a.output_len, a.step_log),
                                                engine=name))
-    measured.n = 0
     if dense:
         run_ours(dense, warm, warm_len)
     for _ in range(a.repeat):
@@ -298,8 +298,9 @@ def main(argv=None) -> None:
                   f"{', '.join(f'{x:.3f}' for x in ratios)}; mean {sum(ratios) / len(ratios):.3f}x")
     if len(results) > ours:
         best_peer = max(results[ours:], key=lambda r: r.output_tok_s)
+        first = next(r for r in results if not r.engine.endswith(" dense"))
         print(f"ratio vs best peer ({best_peer.engine}): "
-              f"{results[0].output_tok_s / best_peer.output_tok_s:.2f}x")
+              f"{first.output_tok_s / best_peer.output_tok_s:.2f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "device": device, "startup_s": startup,

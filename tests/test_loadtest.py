@@ -433,3 +433,31 @@ def test_scheduler_cost_times_steady_decode_steps(options):
     assert all(tokens == [1] * 6 for tokens, _ in timed)
     if options.get("window"):  # ceil(64 / 16) + 1 blocks a sequence at most, plus the new one
         assert max(used for _, used in timed) <= 6 * (64 // 16 + 2)
+
+
+def test_offline_bench_dense_too_pairs_each_quantized_run_with_its_dequantized_twin(tmp_path):
+    """--dense-too: an engine on the same weights dequantized, its runs paired with the
+    quantized engine's in alternating order; the twin computes what the quantized layers do."""
+    import json
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from engine.config import ModelArgs
+    from loadtest.offline_bench import SHAPES, dense_model, main, random_weights
+
+    args = ModelArgs.from_dict(SHAPES["tiny"])
+    model, _ = random_weights(args, mx.float32, 4)
+    dense, dense_args = dense_model(model, args)
+    assert dense_args.quantization is None
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in dense.named_modules())
+    x = mx.random.normal((3, args.hidden_size))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert mx.allclose(q_proj(x), dense.model.layers[0].self_attn.q_proj(x), atol=1e-4)
+
+    out = tmp_path / "pairs.json"
+    main(["--shape", "tiny", "--bits", "4", "--dense-too", "--repeat", "3", "--num-prompts", "2",
+          "--input-len", "8", "--output-len", "2", "--no-peer", "--json", str(out)])
+    names = [r["engine"] for r in json.loads(out.read_text())["results"]]
+    assert names == ["mistral-serve dense", "mistral-serve 4-bit", "mistral-serve 4-bit",
+                     "mistral-serve dense", "mistral-serve dense", "mistral-serve 4-bit"]
