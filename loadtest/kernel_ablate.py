@@ -213,6 +213,13 @@ WGMMA_SWEEP = (
 )
 
 
+def layer_copies(shapes: str):
+    """(name, k, n, COPIES random 4-bit k -> n layers) for each comma-separated SHAPES name."""
+    for name in shapes.split(","):
+        k, n = SHAPES[name]
+        yield name, k, n, [layer_4bit(k, n) for _ in range(COPIES)]
+
+
 def setting(module, attrs: dict):
     """module's attributes set to attrs inside the block, restored after."""
     return settings.constants({(module, name): value for name, value in attrs.items()})
@@ -228,9 +235,7 @@ def main(argv=None) -> None:
     ap.add_argument("--against", help="another engine/qgemm.py whose kernel is timed beside this one's")
     ap.add_argument("--against-wgmma", help="another engine/qgemm_wgmma.py, timed beside this one")
     a = ap.parse_args(argv)
-    for name in a.shapes.split(","):
-        k, n = SHAPES[name]
-        layers = [layer_4bit(k, n) for _ in range(COPIES)]
+    for name, k, n, layers in layer_copies(a.shapes):
         layer = layers[0]
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4)
         dense = nn.Linear(k, n, bias=False)

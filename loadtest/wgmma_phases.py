@@ -28,8 +28,7 @@ import numpy as np
 
 from engine import qgemm_wgmma
 from engine.kernel_source import cuda_kernel
-from loadtest.kernel_ablate import COPIES, SHAPES, _cut, kernel_us
-from loadtest.quant_kernels import layer_4bit
+from loadtest.kernel_ablate import COPIES, _cut, kernel_us, layer_copies
 
 PHASES = ("data", "barrier", "loads", "unpack", "issue", "wait", "other")
 NP = len(PHASES) + 2  # the phases, the kernel's cycles from first mark to last, its K steps
@@ -124,11 +123,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default="64,128")
     ap.add_argument("--shapes", default="gate|up,down,qkv,o")
     a = ap.parse_args(argv)
-    for name in a.shapes.split(","):
-        k, n = SHAPES[name]
-        layers = [layer_4bit(k, n) for _ in range(COPIES)]
+    for name, k, n, layers in layer_copies(a.shapes):
         for rows in (int(r) for r in a.rows.split(",")):
-            x = (mx.random.normal((rows, k)) * 0.5).astype(mx.bfloat16)
+            x = mx.random.normal((rows, k)).astype(mx.bfloat16)
             sink: list = []
             plain = kernel_us(lambda i: qgemm_wgmma.kernel_output(layers[i % COPIES], x))
             marked = kernel_us(lambda i: run(layers[i % COPIES], x, sink))
