@@ -61,6 +61,12 @@ MIN_STEPS_PER_SPLIT = 8
 # Off: on an H200 (nineteenth session) it took 1-5 us off a split layer's 17-52 us, but whole w1
 # runs showed no difference within their noise; MISTRAL_SERVE_WGMMA_FUSED_SPLITS=1 turns it on.
 FUSED_SPLITS = os.environ.get("MISTRAL_SERVE_WGMMA_FUSED_SPLITS", "0") == "1"
+# A producer warp per block makes all the copies and mbarriers hand the stages over (WS in
+# SOURCE), so the warpgroups no longer meet at a barrier every K step: the cut without that
+# barrier was 10% faster on gate|up at 128 rows (H200, nineteenth session). Off: not yet run on
+# a GPU; MISTRAL_SERVE_WGMMA_PRODUCER=1 turns it on (not with FUSED_SPLITS, whose sums need
+# every thread of the block).
+PRODUCER_WARP = os.environ.get("MISTRAL_SERVE_WGMMA_PRODUCER", "0") == "1"
 
 
 def _wgmma(n: int, bf16: bool) -> str:
@@ -97,6 +103,24 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 template <int N> __device__ __forceinline__ void acc_fence(float* d) {
   #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+// mbarriers in shared memory (WS): `count` arrivals complete a phase; a wait names the parity
+// of the phase it waits for; cp_async_mbar_arrive arrives once the thread's copies so far land.
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned long long* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(smem_u32(bar)) : "memory");
 }
 // cp.async writes through the generic proxy and wgmma reads through the async one.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -147,7 +171,9 @@ SOURCE = r"""
     constexpr int X_CH = BK / 8, X_RSTEP = THREADS / X_CH, X_PER = BM / X_RSTEP;
     constexpr int W_CH = W_ROW / 16, W_STEP = THREADS / W_CH, W_PER = FEAT / W_STEP;
     const int xr = tid / X_CH, xc = tid % X_CH;
-    const int x_at = (xc / 8) * (BM * 128) + xr * 128 + (((xc % 8) ^ (xr % 8)) * 16);
+    // where x's 16-byte chunk c of block row r goes in a stage: its atom-column, row, swizzle
+    auto x_place = [](int r, int c) { return (c / 8) * (BM * 128) + r * 128 + (((c % 8) ^ (r % 8)) * 16); };
+    const int x_at = x_place(xr, xc);
     const T* x_src = x + xc * 8;
     bool x_ok[X_PER];
     long x_row[X_PER];
@@ -178,6 +204,30 @@ SOURCE = r"""
             cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + tid * SB * 2, ok ? biases + at : biases, ok);
         }
     };
+    // WS: lane `lane` of the producer warp's share of a step's copies (the same chunks as
+    // load's, in a loop: one warp cannot keep every address of a stage in registers).
+    auto produce = [&](int stage, int k0, int lane) {
+        unsigned char* base = smem + stage * STAGE;
+        #pragma unroll 4
+        for (int c = lane; c < BM * X_CH; c += 32) {
+            const int r = c / X_CH;
+            const bool ok = m0 + r < M;
+            cp_async<16>(base + x_place(r, c % X_CH), x + (long)(ok ? m0 + r : 0) * K + k0 + (c % X_CH) * 8, ok);
+        }
+        #pragma unroll 4
+        for (int c = lane; c < FEAT * W_CH; c += 32) {
+            const int r = c / W_CH;
+            const bool ok = n0 + r < N;
+            cp_async<16>(base + X_BYTES + r * W_ROW + (c % W_CH) * 16,
+                         ok ? w + (long)(n0 + r) * (K / 8) + k0 / 8 + (c % W_CH) * 4 : w, ok);
+        }
+        for (int r = lane; r < FEAT; r += 32) {
+            const bool ok = n0 + r < N;
+            const long at = ((long)(n0 + r) * (K / GS) + k0 / GS) & ~(long)(SB - 1);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + r * SB * 2, ok ? scales + at : scales, ok);
+            cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + r * SB * 2, ok ? biases + at : biases, ok);
+        }
+    };
     const int r0 = 16 * warp + g;               // the lane's features: A's rows g and g + 8
     const unsigned sel = t | ((t + 4) << 4);    // byte t of two words
     unsigned a[2 * CB][4];  // A of 16-value slabs: chunk q's two in a[2 (q % CB)], a[2 (q % CB) + 1]
@@ -205,18 +255,48 @@ SOURCE = r"""
     // Step i's data is waited for (cp.async), made visible to the tensor cores, and shared by
     // the barrier, which also frees the stage of step i - 2 (every thread has waited for its
     // wgmmas by then), so the copy of step i + STAGES - 2 goes there.
+    // WS: a thread frees step i - 2's stage on its `empty` mbarrier (its wgmmas of that step are
+    // done) and waits on step i's `full` one for the producer's copies, so no barrier lines
+    // the warpgroups up at each step: one may run ahead while another unpacks.
     static_assert(STAGES >= 3, "a step read, one landing");
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + STAGES * STAGE);
+    unsigned long long* empty = full + STAGES;
     auto arrive = [&](int i) {
-        cp_async_wait<STAGES - 3>();
-        fence_async_smem();
-        __syncthreads();
-        const int next = i + STAGES - 2;
-        if (next < steps) load(next % STAGES, k_begin + next * BK);
-        cp_async_commit();
+        if constexpr (WS) {
+            if (i >= 2) mbar_arrive(empty + (i - 2) % STAGES);
+            mbar_wait(full + i % STAGES, (i / STAGES) & 1);
+            fence_async_smem();
+        } else {
+            cp_async_wait<STAGES - 3>();
+            fence_async_smem();
+            __syncthreads();
+            const int next = i + STAGES - 2;
+            if (next < steps) load(next % STAGES, k_begin + next * BK);
+            cp_async_commit();
+        }
     };
-    for (int s = 0; s < STAGES - 2; ++s) {
-        if (s < steps) load(s, k_begin + s * BK);
-        cp_async_commit();
+    if constexpr (WS) {
+        if (tid == 0)
+            for (int s = 0; s < STAGES; ++s) {
+                mbar_init(full + s, 32);
+                mbar_init(empty + s, THREADS);
+            }
+        __syncthreads();
+        if (tid >= THREADS) {  // the producer warp: a stage is refilled once every thread freed it
+            for (int j = 0; j < steps; ++j) {
+                if (j >= STAGES) mbar_wait(empty + j % STAGES, (j / STAGES - 1) & 1);
+                produce(j % STAGES, k_begin + j * BK, tid - THREADS);
+                cp_async_mbar_arrive(full + j % STAGES);
+            }
+            cp_async_commit();  // wait_group covers committed copies only
+            cp_async_wait<0>();
+            return;
+        }
+    } else {
+        for (int s = 0; s < STAGES - 2; ++s) {
+            if (s < steps) load(s, k_begin + s * BK);
+            cp_async_commit();
+        }
     }
     if (steps > 0) {
         arrive(0);
@@ -360,7 +440,9 @@ def shared_bytes(m: int, n: int, group_size: int) -> int:
     weights, scales and biases, each rounded up to 1,024 bytes (the swizzle atoms' alignment)."""
     rows, wg = block_rows(m), warpgroups(m, n)
     sb, feat = max(2, BK // group_size), 64 * wg
-    return STAGES[rows, wg] * (-(-(rows * BK * 2 + feat * BK // 2 + 2 * feat * sb * 2) // 1024) * 1024)
+    stages = STAGES[rows, wg]
+    ring = stages * (-(-(rows * BK * 2 + feat * BK // 2 + 2 * feat * sb * 2) // 1024) * 1024)
+    return ring + (16 * stages if PRODUCER_WARP else 0)  # WS: a full and an empty mbarrier a stage
 
 
 @functools.lru_cache(maxsize=None)
@@ -411,8 +493,9 @@ def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
     m = x.size // k
     n = layer.weight.shape[0]
     bm, wg = block_rows(m), warpgroups(m, n)
+    threads = 128 * wg + (32 if PRODUCER_WARP else 0)  # WS: the producer warp
     splits = splits or num_splits(m, n, k, layer.group_size)
-    fused = FUSED_SPLITS and splits > 1 and build is None and n % 4 == 0  # whole quads
+    fused = FUSED_SPLITS and splits > 1 and build is None and n % 4 == 0 and not PRODUCER_WARP  # whole quads
     out = x.dtype if splits == 1 or fused else mx.float32
     inputs = [x.reshape(m, k), layer.weight, layer.scales, layer.biases]
     shapes, dtypes = [(m, n) if splits == 1 or fused else (splits, m, n)], [out]
@@ -426,8 +509,9 @@ def kernel_output(layer: nn.QuantizedLinear, x: mx.array, splits: int = 0,
         inputs=inputs,
         template=[("T", x.dtype), ("O", out), ("K", k), ("GS", layer.group_size),
                   ("BF16", x.dtype == mx.bfloat16), ("BM", bm), ("BK", BK),
-                  ("STAGES", STAGES[bm, wg]), ("FAST", qgemm.FAST_DEQUANT), ("WG", wg)],
-        grid=(-(-n // (64 * wg)) * 128 * wg, -(-m // bm), splits), threadgroup=(128 * wg, 1, 1),
+                  ("STAGES", STAGES[bm, wg]), ("FAST", qgemm.FAST_DEQUANT), ("WG", wg),
+                  ("WS", PRODUCER_WARP)],
+        grid=(-(-n // (64 * wg)) * threads, -(-m // bm), splits), threadgroup=(threads, 1, 1),
         output_shapes=shapes, output_dtypes=dtypes)[0]
 
 

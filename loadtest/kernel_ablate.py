@@ -80,7 +80,7 @@ WGMMA_CUTS = {
                   "(h ? hi : lo)[0] = p; (h ? hi : lo)[1] = p ^ s; (h ? hi : lo)[2] = p ^ b; (h ? hi : lo)[3] = p + 1u;"),
     "no-loads": ("if (next < steps) load(", "if (next < STAGES - 1) load("),
     # the per-step barrier left out (wrong sums): what the warpgroups' lockstep costs
-    "no-sync": ("        __syncthreads();\n        const int next", "        const int next"),
+    "no-sync": ("            __syncthreads();\n            const int next", "            const int next"),
     # the tensor cores left out: each would-be wgmma folds its A registers into acc instead
     "no-mma": ("wgmma<BM, BF16>(acc, a[kk % (2 * CB)], smem_desc(",
                "no_wgmma(acc, a[kk % (2 * CB)], smem_desc(",
@@ -210,6 +210,7 @@ WGMMA_SWEEP = (
     ("WG2", {"WIDE_MIN_FEATURES": 1 << 30}),
     ("S4", {"STAGES": {(64, 2): 3, (128, 2): 4, (128, 4): 4}}),
     ("T264", {"TARGET_BLOCKS": 264}),
+    ("WS", {"PRODUCER_WARP": True}),  # a producer warp, stages handed over by mbarrier
 )
 
 

@@ -244,28 +244,30 @@ def _launch_qgemm():
 def _launch_qgemm_wgmma():
     from engine import qgemm_wgmma
     layer = _quantized(4096, 512, 4)
-    wide, fused = qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.FUSED_SPLITS
-    try:  # both block widths (four warpgroups at 128 rows only, here on a narrow layer), and
-        # the form that adds up its K splits itself
-        for qgemm_wgmma.FUSED_SPLITS, splits in ((False, 1), (True, 2)):
-            for qgemm_wgmma.WIDE_MIN_FEATURES in (wide, 512):
+    saved = qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.FUSED_SPLITS, qgemm_wgmma.PRODUCER_WARP
+    try:  # both block widths (four warpgroups at 128 rows only, here on a narrow layer), the
+        # form that adds up its K splits itself, and the one with a producer warp
+        for qgemm_wgmma.FUSED_SPLITS, qgemm_wgmma.PRODUCER_WARP, splits in (
+                (False, False, 1), (True, False, 2), (False, True, 1)):
+            for qgemm_wgmma.WIDE_MIN_FEATURES in (saved[0], 512):
                 for m in (64, 128):
                     qgemm_wgmma.kernel_output(layer, mx.zeros((m, 4096), mx.bfloat16), splits=splits)
     finally:
-        qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.FUSED_SPLITS = wide, fused
+        qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.FUSED_SPLITS, qgemm_wgmma.PRODUCER_WARP = saved
 
 
 def _launch_wgmma_phases():  # loadtest/wgmma_phases.py's marked copy of the wgmma kernel
     from engine import qgemm_wgmma
     from loadtest import wgmma_phases
     layer = _quantized(4096, 512, 4)
-    wide = qgemm_wgmma.WIDE_MIN_FEATURES
+    saved = qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.PRODUCER_WARP
     try:
-        for qgemm_wgmma.WIDE_MIN_FEATURES in (wide, 512):
-            for m in (64, 128):
-                wgmma_phases.run(layer, mx.zeros((m, 4096), mx.bfloat16), [])
+        for qgemm_wgmma.PRODUCER_WARP in (False, True):
+            for qgemm_wgmma.WIDE_MIN_FEATURES in (saved[0], 512):
+                for m in (64, 128):
+                    wgmma_phases.run(layer, mx.zeros((m, 4096), mx.bfloat16), [])
     finally:
-        qgemm_wgmma.WIDE_MIN_FEATURES = wide
+        qgemm_wgmma.WIDE_MIN_FEATURES, qgemm_wgmma.PRODUCER_WARP = saved
 
 
 def _launch_qgemv():

@@ -1,12 +1,13 @@
 """Where the 4-bit wgmma GEMM's K steps spend their time, read from clock64() inside the kernel.
 
-    python -m loadtest.wgmma_phases [--rows 64,128] [--shapes gate|up,down,qkv,o]
+    python -m loadtest.wgmma_phases [--rows 64,128] [--shapes gate|up,down,qkv,o] [--producer]
 
 engine/qgemm_wgmma.py's kernel with marks added: one lane of each warpgroup adds up the
 cycles between consecutive marks, by what it did between them:
-  data     waiting for its cp.async copies of the next step (cp.async.wait_group)
+  data     waiting for its cp.async copies of the next step (cp.async.wait_group), or with
+           --producer (PRODUCER_WARP) for the producer warp's, on the stage's mbarrier
   barrier  the proxy fence and the block's barrier (every warpgroup's copies have landed)
-  loads    issuing the copies of a later step
+  loads    issuing the copies of a later step (none with --producer)
   unpack   turning a chunk's packed weights into wgmma's A registers
   issue    issuing a chunk's wgmmas
   wait     wgmma.wait_group: the tensor cores are behind
@@ -28,6 +29,7 @@ import numpy as np
 
 from engine import qgemm_wgmma
 from engine.kernel_source import cuda_kernel
+from loadtest import settings
 from loadtest.kernel_ablate import COPIES, _cut, kernel_us, layer_copies
 
 PHASES = ("data", "barrier", "loads", "unpack", "issue", "wait", "other")
@@ -43,12 +45,18 @@ MARKS = (
     "    const long long begin = mark;\n"
     "    auto tick = [&](int p) { const long long now = clock64(); phase[p] += now - mark; mark = now; };\n",
 
-    "        cp_async_wait<STAGES - 3>();\n        fence_async_smem();\n        __syncthreads();\n",
-    "        tick(OTHER);\n        cp_async_wait<STAGES - 3>();\n        tick(DATA);\n"
-    "        fence_async_smem();\n        __syncthreads();\n        tick(BARRIER);\n",
+    "    auto arrive = [&](int i) {\n",
+    "    auto arrive = [&](int i) {\n        tick(OTHER);\n",
 
-    "        cp_async_commit();\n    };\n",
-    "        cp_async_commit();\n        tick(LOADS);\n    };\n",
+    "            mbar_wait(full + i % STAGES, (i / STAGES) & 1);\n",
+    "            mbar_wait(full + i % STAGES, (i / STAGES) & 1);\n            tick(DATA);\n",
+
+    "            cp_async_wait<STAGES - 3>();\n            fence_async_smem();\n            __syncthreads();\n",
+    "            cp_async_wait<STAGES - 3>();\n            tick(DATA);\n"
+    "            fence_async_smem();\n            __syncthreads();\n            tick(BARRIER);\n",
+
+    "            cp_async_commit();\n        }\n    };\n",
+    "            cp_async_commit();\n            tick(LOADS);\n        }\n    };\n",
 
     "        unpack(smem, 0, k_begin);\n",
     "        unpack(smem, 0, k_begin);\n        tick(UNPACK);\n",
@@ -122,7 +130,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="64,128")
     ap.add_argument("--shapes", default="gate|up,down,qkv,o")
+    ap.add_argument("--producer", action="store_true", help="the form with a producer warp (WS)")
     a = ap.parse_args(argv)
+    with settings.constants({(qgemm_wgmma, "PRODUCER_WARP"): a.producer}):
+        _profile(a)
+
+
+def _profile(a) -> None:
     for name, k, n, layers in layer_copies(a.shapes):
         for rows in (int(r) for r in a.rows.split(",")):
             x = mx.random.normal((rows, k)).astype(mx.bfloat16)

@@ -57,7 +57,7 @@ PRELUDE = r"""
     struct dim3 { int x, y, z; };
     thread_local dim3 threadIdx, blockIdx;
     dim3 gridDim, blockDim;
-    std::barrier<>* block_bar; std::barrier<>* warp_bar[32];
+    std::barrier<>* block_bar; std::barrier<>* warp_bar[32]; std::barrier<>* wg_bar[8];
     float shfl_buf[32][32];
     #define __shared__ static
     #define __align__(n) alignas(n)
@@ -93,10 +93,12 @@ PRELUDE = r"""
       for (int b = 0; b < blocks; ++b) {
         std::barrier<> bb(threads); block_bar = &bb;
         for (int w = 0; w < threads / 32; ++w) warp_bar[w] = new std::barrier<>(32);
+        for (int w = 0; w < threads / 128; ++w) wg_bar[w] = new std::barrier<>(128);  // warpgroups
         std::vector<std::thread> ts;
         for (int t = 0; t < threads; ++t) ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; f(); });
         for (auto& t : ts) t.join();
         for (int w = 0; w < threads / 32; ++w) delete warp_bar[w];
+        for (int w = 0; w < threads / 128; ++w) delete wg_bar[w];
       }
     }
     """
@@ -574,7 +576,7 @@ WGMMA_PRELUDE = r"""
       const int tid = threadIdx.x, wg = tid / 128;
       for (int i = 0; i < 4; ++i) wg_a[tid][i] = a[i];
       wg_desc[tid] = desc;
-      block_bar->arrive_and_wait();
+      wg_bar[wg]->arrive_and_wait();
       if (wg_desc[128 * wg] != desc) { printf("wgmma: descriptors differ across the warpgroup\n"); abort(); }
       if (desc >> 62 != 1 || ((desc >> 49) & 7) || ((desc >> 16) & 0x3FFF) != 1) {
         printf("wgmma: not the 128-byte swizzle with base offset 0\n"); abort(); }
@@ -596,7 +598,7 @@ WGMMA_PRELUDE = r"""
           for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
           d[4 * j + e] += s;
         }
-      block_bar->arrive_and_wait();
+      wg_bar[wg]->arrive_and_wait();
     }
     template <int N, bool BF16> void wgmma(float* d, const unsigned* a, unsigned long long desc) {
       static_assert(BF16, "the emulation stores bf16 only");
@@ -612,6 +614,23 @@ WGMMA_PRELUDE = r"""
     }
     template <int N> void acc_fence(float*) {}
     inline void fence_async_smem() {}
+    // mbarriers: bit 63 the phase, bits 32-62 the arrivals a phase needs, bits 0-31 those still
+    // missing. Copies land at once here, so a cp.async arrival is an arrival.
+    inline void mbar_init(unsigned long long* bar, unsigned count) {
+      std::atomic_ref<unsigned long long>(*bar).store(((unsigned long long)count << 32) | count); }
+    inline void mbar_arrive(unsigned long long* bar) {
+      std::atomic_ref<unsigned long long> a(*bar);
+      unsigned long long v = a.load(), nv;
+      do {
+        const unsigned long long left = (v & 0xFFFFFFFFull) - 1, count = (v >> 32) & 0x7FFFFFFFull;
+        nv = left ? (v & ~0xFFFFFFFFull) | left : ((v ^ (1ull << 63)) & ~0xFFFFFFFFull) | count;
+      } while (!a.compare_exchange_weak(v, nv));
+    }
+    inline void mbar_wait(unsigned long long* bar, unsigned parity) {  // until phase `parity` is over
+      std::atomic_ref<unsigned long long> a(*bar);
+      while ((a.load() >> 63) == parity) std::this_thread::yield();
+    }
+    inline void cp_async_mbar_arrive(unsigned long long* bar) { mbar_arrive(bar); }
     """
 
 
@@ -620,7 +639,8 @@ def qgemm_wgmma_source() -> str:
     reference: both block heights, two and four warpgroups, group sizes 32-128 (a 128 group
     at an odd offset), rows and features that part-fill a block, K splits and a ring that
     wraps; and each split case again through SOURCE_FUSED, twice on the same counters. Its
-    argument "plain" or "fused" runs only that form (two warpgroups), for the broken forms."""
+    argument "plain" or "fused" runs only that form (two warpgroups), "ws" only the cases with a
+    producer warp (WS), for the broken forms."""
     from engine import qgemm, qgemm_wgmma
     src = qgemm_wgmma.SOURCE.replace("extern __shared__ __align__(1024) unsigned char smem[];", "")
     assert src != qgemm_wgmma.SOURCE
@@ -630,7 +650,7 @@ def qgemm_wgmma_source() -> str:
               f"constexpr int stages(int bm, int wg) {{ return {depth} : 0; }}\n")
     return UNOPTIMIZED + PRELUDE + pd.VEC_HEADER + QGEMM_PRELUDE + WGMMA_PRELUDE + QUANT_PROBLEM + \
         qgemm.UNPACK + qgemm_wgmma.DESC + consts + r"""
-    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG)>
+    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG), bool WS = false>
     void qw(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
             const T* biases, O* y) { """ + src + r""" }
     // The fused form's last-block sums: blocks run one after another here, so the
@@ -641,13 +661,15 @@ def qgemm_wgmma_source() -> str:
     struct alignas(16) float4 { float x, y, z, w; };
     inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
     inline float4 __ldcg(const float4* p) { return *p; }
-    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG)>
+    template <typename T, typename O, int K, int GS, bool BF16, int BM, bool FAST, int WG, int STAGES = stages(BM, WG), bool WS = false>
     void qwf(const T* x, const int* x_shape, const unsigned* w, const int* w_shape, const T* scales,
              const T* biases, const int* counters, O* y, float* parts) { """ + fused + r""" }
     std::mt19937 rng(11);
-    int mode = 0;  // argv[1]: "plain" runs only SOURCE, "fused" only SOURCE_FUSED (both: two warpgroups)
-    template <int K, int GS, int BM, int WG = 2> void wgmma_case(int M, int N, int S = 1) {
-      if (WG == 4 && mode != 0) return;  // the broken forms' runs: two warpgroups are enough
+    // argv[1]: "plain" runs only SOURCE, "fused" only SOURCE_FUSED (both: two warpgroups), "ws"
+    // only SOURCE with its producer warp (WS)
+    int mode = 0;
+    template <int K, int GS, int BM, int WG = 2, bool WS = false> void wgmma_case(int M, int N, int S = 1) {
+      if (mode != 0 && (WS != (mode == 3) || (WG == 4 && mode != 3))) return;
       QuantProblem p(rng, M, N, K, 4, GS);
       std::vector<float> parts((long)S * M * N, NAN);
       int xs[2] = {M, K}, ws[2] = {N, K / 8};
@@ -655,16 +677,16 @@ def qgemm_wgmma_source() -> str:
       for (int bz = 0; bz < S && mode != 2; ++bz)
         for (int by = 0; by < gy; ++by) {
           if (S == 1)
-            launch(gx, 128 * WG, [&, by] { blockIdx.y = by; qw<bf, bf, K, GS, true, BM, true, WG>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
+            launch(gx, 128 * WG + 32 * WS, [&, by] { blockIdx.y = by; qw<bf, bf, K, GS, true, BM, true, WG, stages(BM, WG), WS>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), p.y.data()); }, gy, S);
           else
-            launch(gx, 128 * WG, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qw<bf, float, K, GS, true, BM, true, WG>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
+            launch(gx, 128 * WG + 32 * WS, [&, by, bz] { blockIdx.y = by; blockIdx.z = bz; qw<bf, float, K, GS, true, BM, true, WG, stages(BM, WG), WS>(p.x.data(), xs, p.w.data(), ws, p.s.data(), p.c.data(), parts.data()); }, gy, S);
         }
       if (mode != 2) {
         if (S > 1)
           for (long i = 0; i < (long)M * N; ++i) { float v = 0.f; for (int z = 0; z < S; ++z) v += parts[z * (long)M * N + i]; p.y[i] = bf(v); }
-        printf("wgmma WG %d BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", WG, BM, K, GS, M, N, S, p.rel_err());
+        printf("wgmma%s WG %d BM %d K %d GS %d M %d N %d splits %d: rel err %.2e\n", WS ? " producer" : "", WG, BM, K, GS, M, N, S, p.rel_err());
       }
-      if (S == 1 || mode == 1) return;
+      if (S == 1 || mode == 1 || WS) return;
       // The fused form, launched twice on the same counters: the second launch is right only
       // if the first left every counter at 0. Blocks run z-major, so each tile's last block
       // is a different one from the first launch's when the splits run in reverse.
@@ -681,12 +703,15 @@ def qgemm_wgmma_source() -> str:
       }
     }
     int main(int argc, char** argv) {
-      if (argc > 1) mode = std::string(argv[1]) == "plain" ? 1 : 2;
+      if (argc > 1) mode = std::string(argv[1]) == "plain" ? 1 : std::string(argv[1]) == "fused" ? 2 : 3;
       wgmma_case<512, 64, 64>(40, 72); wgmma_case<256, 32, 128>(100, 200);
       wgmma_case<384, 128, 128>(128, 136); wgmma_case<1024, 64, 64>(64, 64, 2);
       wgmma_case<512, 128, 128>(70, 8, 4); wgmma_case<256, 64, 64>(100, 64);  // two row tiles
       wgmma_case<512, 64, 64>(100, 64, 2);  // two row tiles, split
       wgmma_case<512, 64, 128, 4>(100, 300); wgmma_case<1024, 32, 128, 4>(70, 256, 2);  // four warpgroups
+      // a producer warp: rings that wrap, both heights, two row tiles, four warpgroups and a split
+      wgmma_case<512, 64, 64, 2, true>(100, 72); wgmma_case<1024, 128, 128, 2, true>(128, 136);
+      wgmma_case<1024, 32, 128, 4, true>(70, 256, 2);
     }
     """
 

@@ -159,6 +159,27 @@ def test_wgmma_fused_split_sums_match(monkeypatch, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_wgmma_producer_warp_matches(monkeypatch, dtype):
+    # the form whose producer warp makes the copies and hands stages over by mbarrier: each
+    # 7B shape, both block heights and widths, one split and its own split count, several
+    # launches in a row (an mbarrier phase or a stage handed over wrongly shows as a wrong sum
+    # or a hang)
+    _wgmma_runs()
+    monkeypatch.setattr(qgemm_wgmma, "PRODUCER_WARP", True)
+    for k, n in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)):
+        layer = quantized_linear(k, n, 4, 64, dtype)
+        for rows in (40, 64, 100, 128):
+            x = mx.random.normal((rows, k)).astype(dtype)
+            want = _reference(layer, x)
+            for splits in (1, qgemm_wgmma.num_splits(rows, n, k)):
+                for _ in range(2):
+                    got = qgemm_wgmma.qgemm_wgmma(layer, x, splits).astype(mx.float32)
+                    err = mx.abs(got - want).max().item()
+                    assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, splits, err)
+
+
+@cuda
 def test_wgmma_self_check_and_project():
     _wgmma_runs()
     layer = quantized_linear(4096, 4096, 4)

@@ -56,12 +56,15 @@ def test_emulation_catches_broken_bookkeeping(tmp_path):
 
 def test_wgmma_kernel_matches_reference(tmp_path):
     results = cuda_emulator.run_qgemm_wgmma(tmp_path)
-    plain = [r for r in results if "fused" not in r[0]]
+    producer = [r for r in results if "producer" in r[0]]
+    plain = [r for r in results if "fused" not in r[0] and "producer" not in r[0]]
+    assert len(producer) == 3 and {c.split("WG ")[1].split()[0] for c, _ in producer} == {"2", "4"}
+    assert {c.split("BM ")[1].split()[0] for c, _ in producer} == {"64", "128"}
     assert len(plain) == 9 and {c.split("BM ")[1].split()[0] for c, _ in plain} == {"64", "128"}
     assert {c.split("WG ")[1].split()[0] for c, _ in plain} == {"2", "4"}
     assert {c.split("splits ")[1] for c, _ in plain} == {"1", "2", "4"}
     # the fused form: every split case, launched twice on the same counters
-    assert len(results) - len(plain) == 2 * sum(c.split("splits ")[1] != "1" for c, _ in plain)
+    assert len(results) - len(plain) - len(producer) == 2 * sum(c.split("splits ")[1] != "1" for c, _ in plain)
     bad = [r for r in results if not r[1] < BF16_OUT]
     assert not bad, bad
 
@@ -88,7 +91,7 @@ def test_wgmma_emulation_catches_broken_fused_sums(tmp_path):
 
 
 WGMMA_BROKEN = [
-    ("(((xc % 8) ^ (xr % 8)) * 16)", "((xc % 8) * 16)"),     # x stored unswizzled
+    ("(((c % 8) ^ (r % 8)) * 16)", "((c % 8) * 16)"),        # x stored unswizzled
     ("(kk % 4) * 32, 1024)", "(kk % 4) * 16, 1024)"),           # slabs 16 bytes apart, not 32
     ("(kk / 4) * (BM * 128)", "(kk % 2) * (BM * 128)"),         # the wrong atom-column
     ("const int r0 = 16 * warp + g;", "const int r0 = 16 * (warp % 4) + g;"),  # both warpgroups on features 0-63
@@ -117,3 +120,24 @@ def test_wgmma_emulation_catches_broken_kernels(tmp_path):
     runs = cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs, ("plain",))
     for pair, results in zip(WGMMA_BROKEN + [("<< 32)", "<< 30)")], runs):
         assert results and max(err for _, err in results) > 5e-2, pair
+
+
+# The producer warp's copies (WS; PRODUCER_WARP), run on the cases that have one. A broken
+# hand-over (a wait skipped, a phase's parity wrong) hangs here rather than miscomputing, as it
+# may on the GPU, so it is left to the device test.
+WGMMA_WS_BROKEN = [
+    ("produce(j % STAGES, k_begin + j * BK, tid - THREADS);",
+     "produce(j % STAGES, k_begin + j * BK, 0);"),                         # every lane copies lane 0's chunks
+    ("x + (long)(ok ? m0 + r : 0) * K + k0", "x + (long)(ok ? r : 0) * K + k0"),  # second row tile reads the first's x
+    ("const long at = ((long)(n0 + r) * (K / GS) + k0 / GS)", "const long at = ((long)(n0 + r) * (K / GS))"),  # step 0's scales
+]
+
+
+def test_wgmma_emulation_catches_broken_producer_warp(tmp_path):
+    from engine import qgemm_wgmma
+    programs = cuda_emulator.mutants(qgemm_wgmma, "SOURCE", WGMMA_WS_BROKEN,
+                                     cuda_emulator.qgemm_wgmma_source)
+    runs = cuda_emulator.run_all(tmp_path, programs, cuda_emulator.rel_errs, ("ws",))
+    for pair, results in zip(WGMMA_WS_BROKEN, runs):
+        assert results and all("producer" in case for case, _ in results), pair
+        assert max(err for _, err in results) > 5e-2, pair
