@@ -139,44 +139,41 @@ def test_wgmma_kernel_matches_dequantize_matmul_on_7b_shapes(group_size, dtype):
             assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, err)
 
 
-@cuda
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_wgmma_fused_split_sums_match(monkeypatch, dtype):
-    # the kernel adding up its own K splits: each 7B shape at every split count it may run,
-    # twice on the same counters (the second launch is right only if the first reset them)
-    _wgmma_runs()
-    monkeypatch.setattr(qgemm_wgmma, "FUSED_SPLITS", True)
+def _wgmma_matches_at_7b_shapes(dtype, row_counts, split_counts):
+    """qgemm_wgmma against dequantize + matmul on each 7B shape, for each row count and each of
+    split_counts(rows, n, k), twice in a row (what a launch leaves behind, tile counters or
+    mbarrier phases, must not spoil the next)."""
     for k, n in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)):
         layer = quantized_linear(k, n, 4, 64, dtype)
-        for rows in (64, 100, 128):
+        for rows in row_counts:
             x = mx.random.normal((rows, k)).astype(dtype)
             want = _reference(layer, x)
-            for splits in (2, 4, qgemm_wgmma.num_splits(rows, n, k)):
+            for splits in split_counts(rows, n, k):
                 for _ in range(2):
                     got = qgemm_wgmma.qgemm_wgmma(layer, x, splits).astype(mx.float32)
                     err = mx.abs(got - want).max().item()
                     assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, splits, err)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_wgmma_fused_split_sums_match(monkeypatch, dtype):
+    # the kernel adding up its own K splits, at every split count it may run
+    _wgmma_runs()
+    monkeypatch.setattr(qgemm_wgmma, "FUSED_SPLITS", True)
+    _wgmma_matches_at_7b_shapes(dtype, (64, 100, 128),
+                                lambda rows, n, k: (2, 4, qgemm_wgmma.num_splits(rows, n, k)))
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_wgmma_producer_warp_matches(monkeypatch, dtype):
-    # the form whose producer warp makes the copies and hands stages over by mbarrier: each
-    # 7B shape, both block heights and widths, one split and its own split count, several
-    # launches in a row (an mbarrier phase or a stage handed over wrongly shows as a wrong sum
-    # or a hang)
+    # the form whose producer warp makes the copies and hands stages over by mbarrier, both
+    # block heights and widths (a stage handed over wrongly shows as a wrong sum or a hang)
     _wgmma_runs()
     monkeypatch.setattr(qgemm_wgmma, "PRODUCER_WARP", True)
-    for k, n in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)):
-        layer = quantized_linear(k, n, 4, 64, dtype)
-        for rows in (40, 64, 100, 128):
-            x = mx.random.normal((rows, k)).astype(dtype)
-            want = _reference(layer, x)
-            for splits in (1, qgemm_wgmma.num_splits(rows, n, k)):
-                for _ in range(2):
-                    got = qgemm_wgmma.qgemm_wgmma(layer, x, splits).astype(mx.float32)
-                    err = mx.abs(got - want).max().item()
-                    assert err <= 2e-2 * max(mx.abs(want).max().item(), 1.0), (k, n, rows, splits, err)
+    _wgmma_matches_at_7b_shapes(dtype, (40, 64, 100, 128),
+                                lambda rows, n, k: (1, qgemm_wgmma.num_splits(rows, n, k)))
 
 
 @cuda
