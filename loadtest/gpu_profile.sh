@@ -1,6 +1,6 @@
 # GPU measurements in few calls (needs the CUDA build of MLX; see ../shared/device/README.md):
 #   OUT=results bash loadtest/gpu_profile.sh STEP...
-# STEPs: diag tests ktests ftests ptests dtests qtests qkern q4deq q4qgemm ablate qvtests q4rep atrace fusedab trace why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
+# STEPs: diag tests ktests ftests ptests dtests qtests qkern q4deq q4qgemm ablate producer qvtests q4rep atrace fusedab trace why ops gemv splits qmm step overlap q4launch single w1 w2 q4 q4single grpc window (benchmarks run mlx-lm in the same process).
 set -u
 # 4-bit steps allow for start-up on a fresh machine: the self-checks compile every kernel
 # variant a run can launch (49-76 s on an H200, tenth session; MLX caches only its own JIT
@@ -34,6 +34,12 @@ for s in "$@"; do echo "== $s"; t0=$(date +%s); case $s in
   q4qgemm) timeout 240 python3 -m loadtest.gpu_trace --shape 7b --dtype bfloat16 --bits 4 --batch 64,128 --context 256 --steps 10 --variants chosen,qgemm
          for v in 0 1; do echo "4-bit w1, MISTRAL_SERVE_QGEMM=$v"; MISTRAL_SERVE_QGEMM=$v timeout 240 $B --bits 4 --num-prompts 128 --input-len 256 --output-len 128 --max-num-seqs 128 --no-peer --json $OUT/w1_4bit_qgemm$v.json | tail -1; done ;;
   ablate) timeout 200 python3 -m loadtest.kernel_ablate --rows ${ABLATE_ROWS:-1,4,16,64,128} ;;
+  # the wgmma GEMM's K-step phases, then its producer-warp form: correct (a broken mbarrier
+  # hand-over hangs, hence the timeouts), profiled, and timed against the plain form ("WS")
+  producer) timeout 150 python3 -m loadtest.wgmma_phases --rows 64,128 --shapes "gate|up,down"
+            timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_qgemm.py -k producer 2>&1 | tail -5
+            timeout 150 python3 -m loadtest.wgmma_phases --rows 64,128 --shapes "gate|up,down" --producer
+            timeout 200 python3 -m loadtest.kernel_ablate --rows 64,128 --shapes "gate|up,down,qkv,o" --brief --sweep wgmma ;;
   ktests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gemv.py 2>&1 | tail -8 ;;
   gemv) for bits in "" "--bits 4"; do timeout 200 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 $bits --gemv-rows 1,4 --bandwidth $BW; done ;;
   splits) timeout 100 python3 -m loadtest.op_profile --shape 7b --dtype bfloat16 --splits --batch 1,8,64 --context 1024 ;;
