@@ -185,7 +185,15 @@ SOURCE = r"""
     const int wr = tid / W_CH, wch = tid % W_CH;
     const unsigned* w_src = w + (long)(n0 + wr) * (K / 8) + wch * 4;
     const int w_at = X_BYTES + wr * W_ROW + wch * 16;
+    // feature r's scales and biases for the step at k0 (SB values, aligned down as in
+    // qgemm.py); its row of groups starts at `groups`, (n0 + r) K / GS
     const long s_row = (long)(n0 + tid) * (K / GS);
+    auto copy_scales = [&](unsigned char* base, int r, long groups, int k0) {
+        const bool ok = n0 + r < N;
+        const long at = (groups + k0 / GS) & ~(long)(SB - 1);
+        cp_async<SB * 2>(base + X_BYTES + W_BYTES + r * SB * 2, ok ? scales + at : scales, ok);
+        cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + r * SB * 2, ok ? biases + at : biases, ok);
+    };
     auto load = [&](int stage, int k0) {
         unsigned char* base = smem + stage * STAGE;
         #pragma unroll
@@ -197,12 +205,7 @@ SOURCE = r"""
             cp_async<16>(base + w_at + i * W_STEP * W_ROW,
                          ok ? w_src + (long)i * W_STEP * (K / 8) + k0 / 8 : w, ok);
         }
-        if (tid < FEAT) {
-            const bool ok = n0 + tid < N;
-            const long at = (s_row + k0 / GS) & ~(long)(SB - 1);
-            cp_async<SB * 2>(base + X_BYTES + W_BYTES + tid * SB * 2, ok ? scales + at : scales, ok);
-            cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + tid * SB * 2, ok ? biases + at : biases, ok);
-        }
+        if (tid < FEAT) copy_scales(base, tid, s_row, k0);
     };
     // WS: lane `lane` of the producer warp's share of a step's copies (the same chunks as
     // load's, in a loop: one warp cannot keep every address of a stage in registers).
@@ -221,12 +224,7 @@ SOURCE = r"""
             cp_async<16>(base + X_BYTES + r * W_ROW + (c % W_CH) * 16,
                          ok ? w + (long)(n0 + r) * (K / 8) + k0 / 8 + (c % W_CH) * 4 : w, ok);
         }
-        for (int r = lane; r < FEAT; r += 32) {
-            const bool ok = n0 + r < N;
-            const long at = ((long)(n0 + r) * (K / GS) + k0 / GS) & ~(long)(SB - 1);
-            cp_async<SB * 2>(base + X_BYTES + W_BYTES + r * SB * 2, ok ? scales + at : scales, ok);
-            cp_async<SB * 2>(base + X_BYTES + W_BYTES + S_BYTES + r * SB * 2, ok ? biases + at : biases, ok);
-        }
+        for (int r = lane; r < FEAT; r += 32) copy_scales(base, r, (long)(n0 + r) * (K / GS), k0);
     };
     const int r0 = 16 * warp + g;               // the lane's features: A's rows g and g + 8
     const unsigned sel = t | ((t + 4) << 4);    // byte t of two words

@@ -466,7 +466,8 @@ def _choose_plan(model: Mistral, args: ModelArgs, decode_kernel: bool = False,
     step 1.85x faster on an H200 with its first version; MISTRAL_SERVE_QGEMM=0 turns it off);
     on a Hopper GPU 33-128 rows of a 4-bit layer run as engine/qgemm_wgmma.py's kernel instead
     (MISTRAL_SERVE_QGEMM_WGMMA=0 turns it off; MISTRAL_SERVE_WGMMA_FUSED_SPLITS=1 has it add up
-    its K splits itself, not yet run on a GPU), and
+    its K splits itself, MISTRAL_SERVE_WGMMA_PRODUCER=1 gives its blocks a producer warp: both
+    off, see qgemm_wgmma.py), and
     more rows dequantize with engine/dequant.py's kernel (5-20% faster than mx.dequantize + GEMM
     there; MISTRAL_SERVE_DEQUANT_KERNEL=0 for MLX's).
     """

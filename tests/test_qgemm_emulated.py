@@ -129,7 +129,7 @@ WGMMA_WS_BROKEN = [
     ("produce(j % STAGES, k_begin + j * BK, tid - THREADS);",
      "produce(j % STAGES, k_begin + j * BK, 0);"),                         # every lane copies lane 0's chunks
     ("x + (long)(ok ? m0 + r : 0) * K + k0", "x + (long)(ok ? r : 0) * K + k0"),  # second row tile reads the first's x
-    ("const long at = ((long)(n0 + r) * (K / GS) + k0 / GS)", "const long at = ((long)(n0 + r) * (K / GS))"),  # step 0's scales
+    ("copy_scales(base, r, (long)(n0 + r) * (K / GS), k0);", "copy_scales(base, r, (long)(n0 + r) * (K / GS), 0);"),  # step 0's scales
 ]
 
 
